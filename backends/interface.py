@@ -1,0 +1,272 @@
+"""The seam between the hardware-agnostic core and one vendor's hardware.
+
+Core and models talk to a device only through `Backend`. A vendor ships a subclass (in tree under
+backends/<vendor>/ or out of tree as a plugin) and never needs to patch the core: if the core needs
+something vendor-specific, it becomes a member here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Result of a backend's probe: whether it can run here, and a reason either way."""
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go and what they attend to; built once per step by the model runner.
+
+    The batch is ragged: sequence b contributes query tokens query_start_loc[b]:query_start_loc[b+1]
+    (a prefill chunk or a single decode token), which sit at the last positions of its context of
+    seq_lens[b] tokens. Query token i of sequence b attends causally to context positions
+    0 .. seq_lens[b] - query_len[b] + i. Keys and values of the whole context live in the paged cache,
+    reached through block_tables; the new tokens' keys and values are written first, at slot_mapping
+    (slot = block_id * block_size + offset; -1 means a padding token that writes nothing).
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    # Whatever the backend's attention precomputes once per step (see Attention.prepare).
+    prepared: Any = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class Attention(ABC):
+    """Paged attention: write the new K/V into the cache, then attend over cached context + new tokens."""
+
+    @abstractmethod
+    def prepare(self, meta: AttentionMetadata) -> Any:
+        """Precompute per-step index tensors shared by every layer; the result lands in meta.prepared."""
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # the backend's kv_cache_shape
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Write key/value at meta.slot_mapping, then return the attention output for every query token."""
+
+
+class Communicator(ABC):
+    """Collectives over one group of ranks. With a world of one, every call is the identity."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        self.rank = rank
+        self.world_size = world_size
+
+    @abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor: ...
+
+    @abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor: ...
+
+    @abstractmethod
+    def barrier(self) -> None: ...
+
+
+class SingleRankCommunicator(Communicator):
+    """The communicator of a world of one rank: nothing to exchange."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        return None
+
+
+class TorchDistributedCommunicator(Communicator):
+    """Collectives through torch.distributed; the backend picks the process-group backend by name."""
+
+    def __init__(self, rank: int, world_size: int, group: Any = None) -> None:
+        super().__init__(rank, world_size)
+        self.group = group
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        torch.distributed.broadcast(tensor, src=src, group=self.group)
+        return tensor
+
+    def barrier(self) -> None:
+        torch.distributed.barrier(group=self.group)
+
+
+@dataclass
+class BackendFacts:
+    """What `paged info` and the compatibility matrix print for a backend."""
+
+    name: str
+    available: bool
+    reason: str
+    device_type: str
+    dist_backend: str
+    dtypes: list[str] = field(default_factory=list)
+    graphs: bool = False
+    source: str = "built-in"
+
+
+class Backend(ABC):
+    """One vendor's hardware. Subclasses fill in the class facts and the abstract methods."""
+
+    name: ClassVar[str]
+    device_type: ClassVar[str]  # torch device type: "cpu", "cuda", "xla", "hpu"
+    dist_backend: ClassVar[str]  # torch.distributed backend: "gloo", "nccl", "hccl", ...
+    visible_devices_env: ClassVar[str | None] = None  # e.g. CUDA_VISIBLE_DEVICES
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
+    supported_block_sizes: ClassVar[tuple[int, ...]] = (16,)
+    supported_quantizations: ClassVar[tuple[str, ...]] = ("gguf",)
+    # Whether the KV cache is sized from a fixed byte budget (host memory) or from a fraction of the
+    # device memory left after profiling one forward pass.
+    kv_cache_from_device_memory: ClassVar[bool] = True
+
+    # --- probing (class methods: they run before the backend is instantiated) ---
+
+    @classmethod
+    @abstractmethod
+    def is_available(cls) -> Availability:
+        """Whether this backend can run here. Must not initialise a device, and says why not."""
+
+    # --- device facts ---
+
+    @abstractmethod
+    def device_count(self) -> int: ...
+
+    @abstractmethod
+    def device_name(self, index: int = 0) -> str: ...
+
+    @abstractmethod
+    def total_memory(self, index: int = 0) -> int: ...
+
+    @abstractmethod
+    def free_memory(self, index: int = 0) -> int: ...
+
+    def peak_memory(self) -> int:
+        """Bytes of device memory in use at the peak since reset_peak_memory (for KV cache sizing)."""
+        return 0
+
+    def reset_peak_memory(self) -> None:
+        return None
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device(self.device_type, index)
+
+    def set_device(self, index: int) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def empty_cache(self) -> None:
+        return None
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def default_dtype(self) -> torch.dtype:
+        """The compute dtype that `dtype="auto"` resolves to when the model's own is not supported."""
+        return self.supported_dtypes[0]
+
+    def fp8_dtype(self) -> torch.dtype | None:
+        return None
+
+    # --- paged attention and the KV cache ---
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """Layout of one layer's KV cache; the default is [2 (K, V), blocks, block_size, kv_heads, head_dim]."""
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    @abstractmethod
+    def attention(self, max_model_len: int) -> Attention:
+        """The paged attention for models of this context length (split-K kernels size from it)."""
+
+    def validate(self, head_dim: int, block_size: int, dtype: torch.dtype) -> list[str]:
+        """Reasons this backend cannot run a model of these facts (empty when it can)."""
+        reasons = []
+        if block_size not in self.supported_block_sizes:
+            reasons.append(f"block size {block_size} not in {list(self.supported_block_sizes)}")
+        if dtype not in self.supported_dtypes:
+            reasons.append(f"dtype {dtype} not in {[str(d) for d in self.supported_dtypes]}")
+        return reasons
+
+    # --- faster layer ops ---
+
+    def ops(self) -> dict[str, Callable[..., Any]]:
+        """Faster versions of layer ops by name ("rms_norm", "add_rms_norm", "rotary", "silu_and_mul").
+
+        Models fall back to their plain-torch forward_native for any name missing here.
+        """
+        return {}
+
+    # --- collectives ---
+
+    def communicator(self, rank: int = 0, world_size: int = 1) -> Communicator:
+        if world_size == 1:
+            return SingleRankCommunicator()
+        return TorchDistributedCommunicator(rank, world_size)
+
+    # --- graphs ---
+
+    supports_graphs: ClassVar[bool] = False
+
+    def capture_graph(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Record fn once and return a replay callable (only where supports_graphs)."""
+        raise NotImplementedError(f"backend {self.name} cannot capture graphs")
+
+    @classmethod
+    def facts(cls, source: str = "built-in") -> BackendFacts:
+        probe = cls.is_available()
+        return BackendFacts(
+            name=cls.name,
+            available=probe.ok,
+            reason=probe.reason,
+            device_type=cls.device_type,
+            dist_backend=cls.dist_backend,
+            dtypes=[str(d).removeprefix("torch.") for d in cls.supported_dtypes],
+            graphs=cls.supports_graphs,
+            source=source,
+        )

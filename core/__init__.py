@@ -1,0 +1,23 @@
+"""paged: LLM inference and serving over a paged KV cache with continuous batching."""
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported lazily so `paged info` and `import paged.backends` stay quick.
+    if name == "LLM":
+        from paged.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from paged.sampling_params import SamplingParams
+
+        return SamplingParams
+    if name in ("RequestOutput", "CompletionOutput"):
+        from paged import outputs
+
+        return getattr(outputs, name)
+    raise AttributeError(name)

@@ -1,0 +1,38 @@
+"""Engine flags shared by every subcommand that starts an engine, named as vLLM names them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from paged.config import EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    group.add_argument("--tokenizer", help="tokenizer folder, if not the model's")
+    group.add_argument("--device", help="backend name (cpu, cuda, rocm, tpu, gaudi, or a plugin); default: detect")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "half", "bf16"])
+    group.add_argument("--max-model-len", type=int)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--kv-cache-memory", default=str(EngineConfig.model_fields["kv_cache_memory"].default),
+                       help="KV cache size for host-memory backends, e.g. 4GiB")
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    group.add_argument("--max-num-seqs", type=int, default=256)
+    group.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    group.add_argument("--max-logprobs", type=int, default=20)
+    group.add_argument("--enforce-eager", action="store_true", help="never replay captured graphs")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    group.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = [
+        "model", "tokenizer", "device", "dtype", "max_model_len", "seed", "block_size", "enable_prefix_caching",
+        "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_logprobs",
+        "enforce_eager", "tensor_parallel_size", "chat_template",
+    ]
+    return {name: getattr(args, name) for name in names}

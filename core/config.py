@@ -1,0 +1,60 @@
+"""Engine configuration: one pydantic model, validated once at start-up."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Accept 4294967296, 4e9 or '4GiB' / '512MiB' / '4G'."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a memory size: {value!r} (examples: 4GiB, 512MiB, 1073741824)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+class EngineConfig(BaseModel):
+    """Everything the engine needs to start; names follow vLLM's engine arguments."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
+    device: str | None = None  # None: detect
+    seed: int = 0
+    max_model_len: int | None = Field(default=None, gt=0)
+    block_size: int = Field(default=16, gt=0)
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int = 4 << 30  # bytes, for backends whose KV cache lives in host memory
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    num_gpu_blocks_override: int | None = Field(default=None, gt=0)
+    max_num_seqs: int = Field(default=256, gt=0)
+    max_num_batched_tokens: int = Field(default=8192, gt=0)
+    max_logprobs: int = Field(default=20, ge=0)
+    enforce_eager: bool = False
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    chat_template: str | None = None
+    generation_config: str = "auto"  # "auto": sampling defaults from the model; "vllm": none
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _bytes(cls, value: int | float | str) -> int:
+        return parse_bytes(value)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        aliases = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
+        value = aliases.get(value, value)
+        if value not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("dtype must be one of auto, float32, bfloat16, float16")
+        return value

@@ -1,0 +1,433 @@
+"""The engine: requests in, one scheduled step at a time, outputs out.
+
+`step()` schedules, runs the model once, samples, detokenizes and checks stop conditions. Everything
+that touches a device goes through the backend picked at start-up; nothing here knows which it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from pydantic import ValidationError
+
+from paged.backends.interface import Backend
+from paged.backends.registry import load_backend
+from paged.block_manager import BlockManager
+from paged.config import EngineConfig
+from paged.detokenizer import IncrementalDetokenizer
+from paged.errors import UserError
+from paged.model_loading import build_model
+from paged.model_runner import ModelRunner, StepResult
+from paged.model_source import resolve_model
+from paged.outputs import CompletionOutput, Logprob, RequestOutput
+from paged.request import Request, RequestStatus
+from paged.sampling_params import SamplingParams
+from paged.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RequestGroup:
+    """One user request: n sequences sampled from the same prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    prompt_logprobs: list | None = None
+    finished_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.status.finished for c in self.children)
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges the server turns into metrics."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    finished_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.backend: Backend = load_backend(config.device)
+        self.source = resolve_model(config.model, config.tokenizer)
+        hf_config = self.source.hf_config
+        self.tokenizer = self.source.load_tokenizer()
+        self.dtype = self._resolve_dtype()
+        self.max_model_len = self._resolve_max_model_len(hf_config)
+        problems = self.backend.validate(self._head_dim(hf_config), config.block_size, self.dtype)
+        if problems:
+            raise UserError(f"backend {self.backend.name} cannot run this model: {'; '.join(problems)}")
+        self.backend.seed(config.seed)
+        self.model = build_model(self.source, self.backend, self.dtype, self.max_model_len)
+        self.num_blocks = self._size_kv_cache(hf_config)
+        kv_caches = self._allocate_kv_cache(hf_config)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            self.model, self.backend, kv_caches, config.block_size, config.max_num_batched_tokens,
+            config.max_num_seqs, self.max_model_len, hf_config.vocab_size, config.seed,
+        )
+        self.vocab_size = hf_config.vocab_size
+        self.eos_token_ids = self._eos_token_ids()
+        self.groups: dict[str, RequestGroup] = {}
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self._next_id = 0
+        tokens = self.num_blocks * config.block_size
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens; up to %.1f requests of %d tokens at once",
+            self.num_blocks, config.block_size, tokens, tokens / self.max_model_len, self.max_model_len,
+        )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> LLMEngine:
+        try:
+            config = EngineConfig(**kwargs)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise UserError(f"invalid engine argument {where}: {first['msg']}", param=where) from None
+        return cls(config)
+
+    # --- start-up -----------------------------------------------------------------------------
+
+    def _resolve_dtype(self) -> torch.dtype:
+        if self.config.dtype != "auto":
+            return DTYPES[self.config.dtype]
+        saved = self.source.config_dtype()
+        return saved if saved in self.backend.supported_dtypes else self.backend.default_dtype()
+
+    @staticmethod
+    def _head_dim(hf_config) -> int:
+        return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+    def _resolve_max_model_len(self, hf_config) -> int:
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True) and window < limit:
+            logger.warning("sliding-window attention is not implemented: context capped at the window, %d", window)
+            limit = window
+        asked = self.config.max_model_len
+        if asked is not None and asked > limit:
+            raise UserError(f"max_model_len {asked} exceeds the model's context of {limit} tokens", param="max_model_len")
+        return asked or limit
+
+    def _kv_heads(self, hf_config) -> int:
+        return hf_config.num_key_value_heads // self.config.tensor_parallel_size
+
+    def _bytes_per_block(self, hf_config) -> int:
+        per_layer = 2 * self.config.block_size * self._kv_heads(hf_config) * self._head_dim(hf_config)
+        return per_layer * hf_config.num_hidden_layers * self.dtype.itemsize
+
+    def _size_kv_cache(self, hf_config) -> int:
+        if self.config.num_gpu_blocks_override:
+            return self.config.num_gpu_blocks_override
+        if self.backend.kv_cache_from_device_memory:
+            budget = self._device_kv_budget()
+        else:
+            budget = self.config.kv_cache_memory
+        num_blocks = budget // self._bytes_per_block(hf_config)
+        needed = -(-self.max_model_len // self.config.block_size)
+        if num_blocks < needed:
+            raise UserError(
+                f"the KV cache holds {num_blocks * self.config.block_size} tokens, fewer than one request of "
+                f"max_model_len={self.max_model_len}: give it more memory or lower max_model_len"
+            )
+        return int(num_blocks)
+
+    def _device_kv_budget(self) -> int:
+        """What is left for KV blocks after weights and the peak activations of the largest step."""
+        self.backend.synchronize()
+        self.backend.empty_cache()
+        self.backend.reset_peak_memory()
+        peak_activations = self._profile_run()
+        total = self.backend.total_memory()
+        in_use_elsewhere = total - self.backend.free_memory() - self.backend.peak_memory()
+        budget = int(total * self.config.gpu_memory_utilization) - peak_activations - max(in_use_elsewhere, 0)
+        logger.info("device memory: %.1f GiB total, %.2f GiB peak in the profile run, %.2f GiB for the KV cache",
+                    total / 2**30, peak_activations / 2**30, budget / 2**30)
+        return budget
+
+    def _profile_run(self) -> int:
+        """Run one forward pass of max_num_batched_tokens tokens; returns the peak bytes it needed."""
+        from paged.profiling import profile_forward
+
+        return profile_forward(self)
+
+    def _allocate_kv_cache(self, hf_config) -> list[torch.Tensor]:
+        # Zeroed: padded cache slots are read (and masked) by attention, and garbage there could be NaN.
+        shape = self.backend.kv_cache_shape(
+            self.num_blocks, self.config.block_size, self._kv_heads(hf_config), self._head_dim(hf_config)
+        )
+        return [
+            torch.zeros(shape, dtype=self.dtype, device=self.backend.device())
+            for _ in range(hf_config.num_hidden_layers)
+        ]
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        extra = self.source.generation_defaults().get("eos_token_id")
+        ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+        return frozenset(ids)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        """A prompt as text, token ids or {"prompt_token_ids": [...]} / {"prompt": "..."}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise UserError("a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise UserError("a prompt is a string or a list of token ids", param="prompt")
+        return None, list(prompt)
+
+    def render_chat(
+        self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (the model's, or a given one)."""
+        template = chat_template or self.config.chat_template
+        if template and os.path.isfile(template):
+            with open(template) as f:
+                template = f.read()
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as e:  # jinja2 and transformers raise many types for a bad template or messages
+            raise UserError(f"cannot apply the chat template: {e}", param="messages") from None
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise UserError("the prompt is empty", param="prompt")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", param="prompt")
+        if len(token_ids) >= self.max_model_len:
+            raise UserError(
+                f"the prompt is {len(token_ids)} tokens, which leaves no room to generate within "
+                f"max_model_len={self.max_model_len}",
+                param="prompt",
+            )
+
+    def add_request(
+        self, request_id: str | None, prompt: str | list[int] | dict, params: SamplingParams | None = None
+    ) -> str:
+        params = params or SamplingParams()
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.check_prompt(token_ids)
+        for k in (params.logprobs, params.prompt_logprobs):
+            if k is not None and k > self.config.max_logprobs:
+                raise UserError(f"at most {self.config.max_logprobs} logprobs may be asked for, got {k}",
+                                param="logprobs")
+        room = self.max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        params = replace(params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens),
+                         eos_token_ids=self.eos_token_ids)
+        if request_id is None:
+            request_id = str(self._next_id)
+            self._next_id += 1
+        if request_id in self.groups:
+            raise UserError(f"request id {request_id!r} is already in use")
+        children = []
+        for index in range(params.n):
+            child_params = params.for_child(index)
+            child = Request(f"{request_id}#{index}" if params.n > 1 else request_id, token_ids, child_params, text,
+                            group_id=request_id, index=index)
+            if params.detokenize:
+                child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
+            if child_params.seed is not None:
+                child.generator = torch.Generator(device=self.backend.device()).manual_seed(child_params.seed)
+            if child_params.logprobs is not None:
+                child.logprobs = []
+            children.append(child)
+        self.groups[request_id] = RequestGroup(request_id, text, token_ids, children,
+                                               [None] if params.prompt_logprobs is not None else None)
+        for child in children:
+            self.requests[child.request_id] = child
+            self.scheduler.add(child)
+        self.stats.prompt_tokens += len(token_ids)
+        return request_id
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            group = self.groups.pop(request_id, None)
+            for child in group.children if group else []:
+                if not child.status.finished:
+                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+                    self._count_finish(child)
+                self.requests.pop(child.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        touched = self._apply(sched, result)
+        outputs = [self._output(self.groups[gid]) for gid in touched]
+        for out in outputs:
+            if out.finished:
+                self._forget(out.request_id)
+        return outputs
+
+    def _apply(self, sched, result: StepResult) -> list[str]:
+        """Advance every scheduled request by what the step computed; returns the touched group ids."""
+        now = time.monotonic()
+        sampled = result.sampled
+        host = {}
+        if sampled is not None:
+            host["tokens"] = sampled.token_ids.tolist()
+            if sampled.logprobs is not None:
+                host["logprobs"] = sampled.logprobs.tolist()
+                host["ranks"] = sampled.ranks.tolist()
+                host["top_ids"] = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+                host["top_logprobs"] = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        touched: dict[str, None] = {}
+        row = 0
+        for s in sched.scheduled:
+            request = s.request
+            completes = s.completes
+            request.num_computed_tokens += s.num_new_tokens
+            chunk = result.prompt_logprobs.get(request.request_id)
+            if chunk is not None:
+                self._add_prompt_logprobs(self.groups[request.group_id], chunk)
+            if not completes:
+                continue
+            self._append_token(request, host, row, now)
+            row += 1
+            touched[request.group_id] = None
+        self.stats.num_running = len(self.scheduler.running)
+        self.stats.num_waiting = len(self.scheduler.waiting)
+        self.stats.kv_cache_usage = self.block_manager.usage()
+        self.stats.num_preemptions = self.scheduler.num_preemptions
+        self.stats.prefix_cache_queries = self.block_manager.prefix_queries
+        self.stats.prefix_cache_hits = self.block_manager.prefix_hits
+        return list(touched)
+
+    def _append_token(self, request: Request, host: dict, row: int, now: float) -> None:
+        token = host["tokens"][row]
+        request.token_ids.append(token)
+        self.stats.generation_tokens += 1
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.last_token_time = now
+        if request.logprobs is not None:
+            request.logprobs.append(self._position_logprobs(token, host, row, request.params.logprobs))
+        stop_string = request.detokenizer.append(token) if request.detokenizer is not None else None
+        status = self._stop_status(request, token, stop_string)
+        if status is not None:
+            self.scheduler.finish(request, status)
+            self._count_finish(request)
+
+    def _stop_status(self, request: Request, token: int, stop_string: str | None) -> RequestStatus | None:
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in params.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if stop_string is not None:
+                request.stop_reason = stop_string
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _count_finish(self, request: Request) -> None:
+        reason = request.finish_reason
+        self.stats.finished_reasons[reason] = self.stats.finished_reasons.get(reason, 0) + 1
+
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _position_logprobs(self, token: int, host: dict, row: int, k: int) -> dict[int, Logprob]:
+        out = {token: Logprob(host["logprobs"][row], host["ranks"][row], self._decode_token(token))}
+        if host.get("top_ids") is not None:
+            for rank, (tid, lp) in enumerate(zip(host["top_ids"][row][:k], host["top_logprobs"][row][:k]), start=1):
+                out.setdefault(tid, Logprob(lp, rank, self._decode_token(tid)))
+        return out
+
+    def _add_prompt_logprobs(self, group: RequestGroup, chunk) -> None:
+        if group.prompt_logprobs is None or len(group.prompt_logprobs) != chunk.first_position:
+            return  # another child of the group already scored these positions
+        lps, ranks = chunk.token_logprobs.tolist(), chunk.ranks.tolist()
+        top_ids = chunk.top_ids.tolist() if chunk.top_ids is not None else None
+        top_lps = chunk.top_logprobs.tolist() if chunk.top_logprobs is not None else None
+        for i, (lp, rank) in enumerate(zip(lps, ranks)):
+            token = group.prompt_token_ids[chunk.first_position + i]
+            entry = {token: Logprob(lp, rank, self._decode_token(token))}
+            for r, (tid, tlp) in enumerate(zip(top_ids[i], top_lps[i]) if top_ids else (), start=1):
+                entry.setdefault(tid, Logprob(tlp, r, self._decode_token(tid)))
+            group.prompt_logprobs.append(entry)
+
+    def _output(self, group: RequestGroup) -> RequestOutput:
+        finished = group.finished
+        completions = []
+        for child in group.children:
+            logprobs = child.logprobs
+            cumulative = sum(next(iter(p.values())).logprob for p in logprobs) if logprobs else None
+            detok = child.detokenizer
+            completions.append(CompletionOutput(
+                index=child.index,
+                text=detok.visible_text(child.status.finished) if detok is not None else "",
+                token_ids=child.output_token_ids,
+                cumulative_logprob=cumulative,
+                logprobs=logprobs,
+                finish_reason=child.finish_reason,
+                stop_reason=child.stop_reason,
+            ))
+        first = group.children[0]
+        metrics = {
+            "arrival_time": first.arrival_time,
+            "first_scheduled_time": first.first_scheduled_time or 0.0,
+            "first_token_time": first.first_token_time or 0.0,
+            "last_token_time": max((c.last_token_time or 0.0) for c in group.children),
+        }
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            prompt_logprobs=group.prompt_logprobs,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics=metrics,
+        )
+
+    def _forget(self, request_id: str) -> None:
+        group = self.groups.pop(request_id)
+        for child in group.children:
+            self.requests.pop(child.request_id, None)

@@ -1,0 +1,154 @@
+"""Building blocks shared by every architecture, written for tensor parallelism from the start.
+
+Linear layers are column- or row-parallel over the backend's communicator: each rank holds a slice of
+the weight and loads only that slice, and a row-parallel layer all-reduces its partial sums. With a
+world of one rank the collectives are identities, so tensor parallelism is a configuration change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from paged.backends.interface import Communicator
+
+
+class WeightLoading:
+    """Mixin for layers whose checkpoint tensors need slicing or packing into one parameter."""
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
+        raise NotImplementedError
+
+
+class ColumnParallelLinear(nn.Module, WeightLoading):
+    """y = x W^T with W's output rows split over ranks; the output stays split.
+
+    Several checkpoint matrices can be packed into one (q/k/v, gate/up): out_sizes names each part's
+    full size, and shard `i` of the checkpoint lands in part i of this rank's slice.
+    """
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, comm: Communicator) -> None:
+        super().__init__()
+        for size in out_sizes:
+            if size % comm.world_size:
+                raise ValueError(f"output size {size} is not divisible by the tensor-parallel size {comm.world_size}")
+        self.comm = comm
+        self.local_sizes = [size // comm.world_size for size in out_sizes]
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(sum(self.local_sizes)), requires_grad=False) if bias else None
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
+        index = shard or 0
+        size = self.local_sizes[index]
+        offset = sum(self.local_sizes[:index])
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.comm.rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module, WeightLoading):
+    """y = x W^T with W's input columns split over ranks; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, comm: Communicator) -> None:
+        super().__init__()
+        if in_features % comm.world_size:
+            raise ValueError(f"input size {in_features} is not divisible by the tensor-parallel size {comm.world_size}")
+        self.comm = comm
+        self.local_in = in_features // comm.world_size
+        self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
+        if param is self.bias:
+            param.data.copy_(loaded)
+        else:
+            param.data.copy_(loaded.narrow(1, self.comm.rank * self.local_in, self.local_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.comm.all_reduce(nn.functional.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module, WeightLoading):
+    """Embedding rows split over ranks by vocabulary range; each rank fills its rows and they are summed."""
+
+    def __init__(self, vocab_size: int, hidden: int, comm: Communicator) -> None:
+        super().__init__()
+        self.comm = comm
+        self.vocab_size = vocab_size
+        self.local_vocab = math.ceil(vocab_size / comm.world_size)
+        self.start = comm.rank * self.local_vocab
+        self.weight = nn.Parameter(torch.zeros(self.local_vocab, hidden), requires_grad=False)
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
+        rows = loaded[self.start : self.start + self.local_vocab]
+        param.data[: rows.shape[0]].copy_(rows)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.comm.world_size == 1:
+            return nn.functional.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.local_vocab)
+        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits over the vocabulary, each rank computing its range and gathering the rest."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = nn.functional.linear(hidden, self.weight)
+        return self.comm.all_gather(local, dim=-1)[:, : self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, ops: dict) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
+        self.eps = eps
+        self._norm = ops["rms_norm"]
+        self._add_norm = ops["add_rms_norm"]
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without a residual: the norm. With one: (norm(x + residual), x + residual)."""
+        if residual is None:
+            return self._norm(x, self.weight, self.eps)
+        return self._add_norm(x, residual, self.weight, self.eps)
+
+
+def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
+    """Inverse frequencies of rotary embedding, with Llama 3's long-context scaling when configured."""
+    theta = float(rope.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(rope["factor"])
+    if kind == "llama3":
+        factor = float(rope["factor"])
+        low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        old_len = float(rope["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3 are)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin for every position up to the context length, applied by the rotary op."""
+
+    def __init__(self, head_dim: int, max_positions: int, rope: dict, ops: dict) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(head_dim, rope))
+        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+        self._rotary = ops["rotary"]
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        return self._rotary(positions, q, k, self.cos_sin)

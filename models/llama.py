@@ -1,0 +1,178 @@
+"""The Llama family: Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5.
+
+They differ only in facts the config carries (grouped-query heads, tied embeddings, q/k/v bias, rope
+scaling), so one module serves all three architectures.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from paged.backends.interface import Attention, AttentionMetadata, Communicator
+from paged.models.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    WeightLoading,
+)
+
+
+def rope_parameters(config) -> dict:
+    """Rope settings from either transformers 5's rope_parameters or the older rope_theta + rope_scaling."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, comm: Communicator, attention: Attention, ops: dict, max_positions: int, qkv_bias: bool):
+        super().__init__()
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if heads % comm.world_size or kv_heads % comm.world_size:
+            raise ValueError(f"{heads} heads / {kv_heads} KV heads do not split over {comm.world_size} ranks")
+        self.num_heads, self.num_kv_heads = heads // comm.world_size, kv_heads // comm.world_size
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        d = self.head_dim
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [heads * d, kv_heads * d, kv_heads * d], qkv_bias, comm)
+        self.o_proj = RowParallelLinear(heads * d, config.hidden_size, getattr(config, "attention_bias", False), comm)
+        self.rotary = RotaryEmbedding(d, max_positions, rope_parameters(config), ops)
+        self.attn = attention
+
+    def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary(positions, q, k)
+        tokens = hidden.shape[0]
+        out = self.attn.forward(
+            q.reshape(tokens, self.num_heads, self.head_dim),
+            k.reshape(tokens, self.num_kv_heads, self.head_dim),
+            v.reshape(tokens, self.num_kv_heads, self.head_dim),
+            kv_cache,
+            meta,
+            self.scale,
+        )
+        return self.o_proj(out.reshape(tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, comm: Communicator, ops: dict):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        inter = config.intermediate_size
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"activation {config.hidden_act!r} is not supported (silu is)")
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter], bias, comm)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, comm)
+        self._act = ops["silu_and_mul"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self._act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, comm, attention, ops, max_positions, qkv_bias):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, comm, attention, ops, max_positions, qkv_bias)
+        self.mlp = LlamaMLP(config, comm, ops)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+    def forward(self, positions, hidden, residual, kv_cache, meta):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, comm, attention, ops, max_positions, qkv_bias):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, comm, attention, ops, max_positions, qkv_bias)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias = False
+    # checkpoint name fragment -> (our packed parameter fragment, shard index)
+    packed = {
+        ".q_proj.": (".qkv_proj.", 0),
+        ".k_proj.": (".qkv_proj.", 1),
+        ".v_proj.": (".qkv_proj.", 2),
+        ".gate_proj.": (".gate_up_proj.", 0),
+        ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(self, config, comm: Communicator, attention: Attention, ops: dict, max_positions: int):
+        super().__init__()
+        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
+        self.config = config
+        self.model = LlamaModel(config, comm, attention, ops, max_positions, qkv_bias)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm)
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (Hugging Face names) into this rank's parameters; returns names loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (self.tied and name == "lm_head.weight"):
+                continue
+            target, shard = name, None
+            for fragment, (packed, index) in self.packed.items():
+                if fragment in name:
+                    target, shard = name.replace(fragment, packed), index
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            param = params[target]
+            module = modules[target.rsplit(".", 1)[0]]
+            if isinstance(module, WeightLoading):
+                module.load_shard(param, tensor, shard)
+            else:
+                param.data.copy_(tensor)
+            loaded.add(target)
+        missing = {n for n in params if n not in loaded} - ({"lm_head.weight"} if self.tied else set())
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        return loaded
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias = True

@@ -1,0 +1,69 @@
+"""Layer ops by name, each with its plain-torch version.
+
+A backend's `ops()` returns faster versions under the same names; `bind_ops` picks them once at model
+construction, so the model's forward never asks which backend it runs on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """[tokens, hidden] -> [tokens, hidden], computed in float32 like the reference models."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add fused with the next norm: returns (rms_norm(x + residual), x + residual)."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotary(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate query [tokens, heads * head_dim] and key [tokens, kv_heads * head_dim] (neox layout).
+
+    cos_sin is [max_positions, head_dim]: cos in the first half, sin in the second.
+    """
+    half = cos_sin.shape[-1] // 2
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.view(shape[0], -1, 2 * half)
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype).view(shape)
+
+    return rotate(query), rotate(key)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[tokens, 2 * inter] -> [tokens, inter]: silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+NATIVE: dict[str, Callable[..., Any]] = {
+    "rms_norm": rms_norm,
+    "add_rms_norm": add_rms_norm,
+    "rotary": rotary,
+    "silu_and_mul": silu_and_mul,
+}
+
+
+def bind_ops(faster: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    """The op table a model uses: the backend's version where it has one, the native one otherwise."""
+    unknown = set(faster) - set(NATIVE)
+    if unknown:
+        raise ValueError(f"backend offers ops no model uses: {sorted(unknown)}")
+    return {name: faster.get(name, native) for name, native in NATIVE.items()}
