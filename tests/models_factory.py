@@ -1,0 +1,50 @@
+"""Tiny random checkpoints of each supported architecture, saved as Hugging Face folders with a tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 512
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
+    "llama3-scaled": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64), rope_theta=500000.0)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None, num_key_value_heads=1)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True, use_sliding_window=False)),
+}
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over "w0".."w{VOCAB-1}" so prompts and outputs round-trip as text."""
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return fast
+
+
+def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> torch.nn.Module:
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = config_cls(**{**SHAPE, **extra})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return model

@@ -1,0 +1,38 @@
+"""End to end on the CPU: greedy token ids equal transformers' own greedy decoding, exactly, in fp32."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from paged import LLM, SamplingParams
+from tests.models_factory import ARCHS, VOCAB, save_tiny_model
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def tiny(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    reference = save_tiny_model(request.param, folder, seed=random.randrange(1 << 30))
+    return folder, reference
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_matches_transformers(tiny):
+    folder, reference = tiny
+    lengths = [1, 7, 16, 17, 40, 95]
+    prompts = [[random.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
+    llm = LLM(model=str(folder), dtype="float32", device="cpu", max_num_batched_tokens=64, kv_cache_memory="64MiB")
+    params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24)  # as min_new_tokens: EOS banned
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 24)
