@@ -195,6 +195,10 @@ class Backend(ABC):
     def device(self, index: int = 0) -> torch.device:
         return torch.device(self.device_type, index)
 
+    def host_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host staging buffer for uploads; devices that can DMA from pinned memory pin it."""
+        return torch.zeros(shape, dtype=dtype)
+
     def set_device(self, index: int) -> None:
         return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -44,6 +45,8 @@ class EngineConfig(BaseModel):
     tensor_parallel_size: int = Field(default=1, ge=1)
     chat_template: str | None = None
     generation_config: str = "auto"  # "auto": sampling defaults from the model; "vllm": none
+    load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights, for benchmarks of a shape
+    skip_tokenizer_init: bool = False  # token ids in, token ids out
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod

@@ -70,22 +70,28 @@ class LLMEngine:
         self.backend: Backend = load_backend(config.device)
         self.source = resolve_model(config.model, config.tokenizer)
         hf_config = self.source.hf_config
-        self.tokenizer = self.source.load_tokenizer()
+        self.tokenizer = None if config.skip_tokenizer_init else self.source.load_tokenizer()
         self.dtype = self._resolve_dtype()
         self.max_model_len = self._resolve_max_model_len(hf_config)
         problems = self.backend.validate(self._head_dim(hf_config), config.block_size, self.dtype)
         if problems:
             raise UserError(f"backend {self.backend.name} cannot run this model: {'; '.join(problems)}")
         self.backend.seed(config.seed)
-        self.model = build_model(self.source, self.backend, self.dtype, self.max_model_len)
+        self.model = build_model(self.source, self.backend, self.dtype, self.max_model_len,
+                                 load_format=config.load_format)
+        self.runner = ModelRunner(
+            self.model, self.backend, config.block_size, config.max_num_batched_tokens, config.max_num_seqs,
+            self.max_model_len, hf_config.vocab_size, config.seed,
+        )
         self.num_blocks = self._size_kv_cache(hf_config)
-        kv_caches = self._allocate_kv_cache(hf_config)
+        self.runner.kv_caches = self._allocate_kv_cache(hf_config, self.num_blocks)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(
-            self.model, self.backend, kv_caches, config.block_size, config.max_num_batched_tokens,
-            config.max_num_seqs, self.max_model_len, hf_config.vocab_size, config.seed,
-        )
+        if self.backend.supports_graphs and not config.enforce_eager:
+            start = time.monotonic()
+            sizes = self.runner.capture_graphs()
+            logger.info("captured decode graphs for %d batch sizes up to %d in %.1f s", len(sizes), sizes[-1],
+                        time.monotonic() - start)
         self.vocab_size = hf_config.vocab_size
         self.eos_token_ids = self._eos_token_ids()
         self.groups: dict[str, RequestGroup] = {}
@@ -155,28 +161,32 @@ class LLMEngine:
         return int(num_blocks)
 
     def _device_kv_budget(self) -> int:
-        """What is left for KV blocks after weights and the peak activations of the largest step."""
-        self.backend.synchronize()
-        self.backend.empty_cache()
-        self.backend.reset_peak_memory()
-        peak_activations = self._profile_run()
-        total = self.backend.total_memory()
-        in_use_elsewhere = total - self.backend.free_memory() - self.backend.peak_memory()
-        budget = int(total * self.config.gpu_memory_utilization) - peak_activations - max(in_use_elsewhere, 0)
-        logger.info("device memory: %.1f GiB total, %.2f GiB peak in the profile run, %.2f GiB for the KV cache",
-                    total / 2**30, peak_activations / 2**30, budget / 2**30)
+        """Device memory left for KV blocks under gpu_memory_utilization, after the weights, the peak
+        activations of the largest step the scheduler can make, and whatever other processes hold."""
+        backend, hf_config = self.backend, self.source.hf_config
+        backend.synchronize()
+        backend.empty_cache()
+        backend.reset_peak_memory()
+        total = backend.total_memory()
+        used_before = total - backend.free_memory()
+        ours_before = backend.peak_memory()  # the weights
+        one_block = backend.kv_cache_shape(-(-self.max_model_len // self.config.block_size), self.config.block_size,
+                                           self._kv_heads(hf_config), self._head_dim(hf_config))
+        self.runner.profile_run(self.config.max_num_batched_tokens, hf_config.num_hidden_layers, one_block,
+                                self.dtype)
+        peak = backend.peak_memory()
+        others = max(used_before - ours_before, 0)  # other processes and the runtime's own context
+        budget = int(total * self.config.gpu_memory_utilization) - peak - others
+        backend.empty_cache()
+        logger.info("device memory: %.1f GiB total, weights %.2f GiB, peak step %.2f GiB, others %.2f GiB; "
+                    "%.2f GiB for the KV cache", total / 2**30, ours_before / 2**30, (peak - ours_before) / 2**30,
+                    others / 2**30, budget / 2**30)
         return budget
 
-    def _profile_run(self) -> int:
-        """Run one forward pass of max_num_batched_tokens tokens; returns the peak bytes it needed."""
-        from paged.profiling import profile_forward
-
-        return profile_forward(self)
-
-    def _allocate_kv_cache(self, hf_config) -> list[torch.Tensor]:
+    def _allocate_kv_cache(self, hf_config, num_blocks: int) -> list[torch.Tensor]:
         # Zeroed: padded cache slots are read (and masked) by attention, and garbage there could be NaN.
         shape = self.backend.kv_cache_shape(
-            self.num_blocks, self.config.block_size, self._kv_heads(hf_config), self._head_dim(hf_config)
+            num_blocks, self.config.block_size, self._kv_heads(hf_config), self._head_dim(hf_config)
         )
         return [
             torch.zeros(shape, dtype=self.dtype, device=self.backend.device())
@@ -185,10 +195,12 @@ class LLMEngine:
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        extra = self.source.generation_defaults().get("eos_token_id")
-        ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+        for found in (
+            self.tokenizer.eos_token_id if self.tokenizer is not None else None,
+            getattr(self.source.hf_config, "eos_token_id", None),
+            self.source.generation_defaults().get("eos_token_id"),
+        ):
+            ids.update(found if isinstance(found, list) else [found] if found is not None else [])
         return frozenset(ids)
 
     # --- requests -----------------------------------------------------------------------------
@@ -203,6 +215,9 @@ class LLMEngine:
             else:
                 raise UserError("a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise UserError("text prompts need a tokenizer; this engine runs with skip_tokenizer_init",
+                                param="prompt")
             return prompt, self.tokenizer(prompt).input_ids
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
             raise UserError("a prompt is a string or a list of token ids", param="prompt")
@@ -261,7 +276,7 @@ class LLMEngine:
             child_params = params.for_child(index)
             child = Request(f"{request_id}#{index}" if params.n > 1 else request_id, token_ids, child_params, text,
                             group_id=request_id, index=index)
-            if params.detokenize:
+            if params.detokenize and self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
             if child_params.seed is not None:
                 child.generator = torch.Generator(device=self.backend.device()).manual_seed(child_params.seed)

@@ -15,7 +15,12 @@ from paged.models.registry import model_class
 
 
 def build_model(
-    source: ModelSource, backend: Backend, dtype: torch.dtype, max_model_len: int, comm: Communicator | None = None
+    source: ModelSource,
+    backend: Backend,
+    dtype: torch.dtype,
+    max_model_len: int,
+    comm: Communicator | None = None,
+    load_format: str = "auto",
 ) -> torch.nn.Module:
     try:
         cls = model_class(source.hf_config)
@@ -27,9 +32,23 @@ def build_model(
                             bind_ops(backend.ops()), max_model_len)
         finally:
             torch.set_default_dtype(previous)
-        weights = tqdm(source.iter_weights(dtype), desc="Loading weights", unit=" tensors", file=sys.stderr,
-                       disable=None, leave=False)
-        model.load_weights(weights)
+        if load_format == "dummy":
+            init_random(model)
+        else:
+            weights = tqdm(source.iter_weights(dtype), desc="Loading weights", unit=" tensors", file=sys.stderr,
+                           disable=None, leave=False)
+            model.load_weights(weights)
     except ValueError as e:
         raise UserError(f"cannot load {source.path}: {e}") from None
     return model.eval()
+
+
+@torch.no_grad()
+def init_random(model: torch.nn.Module) -> None:
+    """Random weights of a realistic scale, for measuring a shape without its checkpoint."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if param.dim() > 1:
+            param.normal_(0.0, 0.02, generator=generator)
+        elif name.endswith("bias"):
+            param.zero_()

@@ -1,12 +1,16 @@
 """Turns a scheduler decision into tensors, runs the model and samples: generic over backends.
 
-Inputs are assembled on the host with NumPy and copied once per step into persistent device buffers,
-so a backend that replays captured graphs finds them at fixed addresses.
+Inputs are assembled on the host with NumPy in staging buffers (pinned where the backend has such a
+thing) and copied once per step into persistent device buffers. Decode-only steps can replay a graph
+captured for the next larger batch size of a ladder: the padding rows write nothing (slot -1) and
+attend to nothing (context length 0), and their logits are dropped.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -14,6 +18,12 @@ import torch
 from paged.backends.interface import AttentionMetadata, Backend
 from paged.sampler import Sampler, SamplerOutput, build_sampling_batch, gather_logprobs
 from paged.scheduler import SchedulerOutput
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes to capture: fine steps where batches are small, coarser above."""
+    ladder = [1, 2, 4, 8, 16, 24, 32] + list(range(48, 513, 16))
+    return [b for b in ladder if b < max_num_seqs] + [max_num_seqs]
 
 
 @dataclass
@@ -33,12 +43,61 @@ class StepResult:
     prompt_logprobs: dict[str, PromptLogprobChunk]
 
 
+@dataclass
+class HostInputs:
+    """One step's inputs as host arrays, rows in scheduling order."""
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    block_tables: np.ndarray
+    max_query_len: int
+
+
+class InputBuffers:
+    """Device tensors at fixed addresses, and host staging arrays to fill them from."""
+
+    def __init__(self, backend: Backend, max_tokens: int, max_seqs: int, max_blocks: int) -> None:
+        shapes = {
+            "input_ids": ((max_tokens,), torch.int64),
+            "positions": ((max_tokens,), torch.int64),
+            "slot_mapping": ((max_tokens,), torch.int64),
+            "query_start_loc": ((max_seqs + 1,), torch.int32),
+            "seq_lens": ((max_seqs,), torch.int32),
+            "block_tables": ((max_seqs, max_blocks), torch.int32),
+        }
+        device = backend.device()
+        self.device = {k: torch.zeros(s, dtype=d, device=device) for k, (s, d) in shapes.items()}
+        self.host = {k: backend.host_tensor(s, d) for k, (s, d) in shapes.items()}
+
+    def upload(self, name: str, values: np.ndarray) -> torch.Tensor:
+        """Copy values into the front of the named buffer (through its staging array); returns that view."""
+        index = tuple(slice(0, n) for n in values.shape)
+        staging = self.host[name][index]
+        staging.numpy()[...] = values
+        view = self.device[name][index]
+        view.copy_(staging, non_blocking=True)
+        return view
+
+    def metadata(self, inputs: HostInputs, block_size: int, max_seq_len: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.upload("slot_mapping", inputs.slot_mapping),
+            query_start_loc=self.upload("query_start_loc", inputs.query_start_loc),
+            seq_lens=self.upload("seq_lens", inputs.seq_lens),
+            block_tables=self.upload("block_tables", inputs.block_tables),
+            max_query_len=inputs.max_query_len,
+            max_seq_len=max_seq_len,
+            block_size=block_size,
+        )
+
+
 class ModelRunner:
     def __init__(
         self,
         model: torch.nn.Module,
         backend: Backend,
-        kv_caches: list[torch.Tensor],
         block_size: int,
         max_num_tokens: int,
         max_num_seqs: int,
@@ -49,36 +108,31 @@ class ModelRunner:
         self.model = model
         self.backend = backend
         self.attention = model.model.layers[0].self_attn.attn
-        self.kv_caches = kv_caches
+        self.kv_caches: list[torch.Tensor] = []
         self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
         self.vocab_size = vocab_size
         self.device = backend.device()
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.buffers = {
-            "input_ids": torch.zeros(max_num_tokens, dtype=torch.int64, device=self.device),
-            "positions": torch.zeros(max_num_tokens, dtype=torch.int64, device=self.device),
-            "slot_mapping": torch.zeros(max_num_tokens, dtype=torch.int64, device=self.device),
-            "query_start_loc": torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=self.device),
-            "seq_lens": torch.zeros(max_num_seqs, dtype=torch.int32, device=self.device),
-            "block_tables": torch.zeros(max_num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
-        }
+        self.buffers = InputBuffers(backend, max_num_tokens, max_num_seqs, self.max_blocks_per_seq)
+        self.graphs: dict[int, Callable[[], torch.Tensor]] = {}
+        self.graph_buffers: InputBuffers | None = None
 
-    def _upload(self, name: str, host: np.ndarray) -> torch.Tensor:
-        """Copy a host array into the front of its persistent buffer and return that view."""
-        view = self.buffers[name][tuple(slice(0, n) for n in host.shape)]
-        view.copy_(torch.from_numpy(host), non_blocking=True)
-        return view
+    # --- inputs ---------------------------------------------------------------------------------
 
-    def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def host_inputs(self, sched: SchedulerOutput, pad_to: int | None = None) -> HostInputs:
         scheduled = sched.scheduled
+        rows = pad_to or len(scheduled)
         starts = np.fromiter((s.request.num_computed_tokens for s in scheduled), np.int64, len(scheduled))
         counts = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, len(scheduled))
-        seq_lens = starts + counts
-        query_start_loc = np.zeros(len(scheduled) + 1, np.int32)
-        np.cumsum(counts, out=query_start_loc[1:])
-        num_tokens = int(query_start_loc[-1])
+        seq_lens = np.zeros(rows, np.int32)
+        seq_lens[: len(scheduled)] = starts + counts
+        query_start_loc = np.arange(rows + 1, dtype=np.int32)  # padding rows: one (ignored) query token each
+        np.cumsum(counts, out=query_start_loc[1 : len(scheduled) + 1])
+        num_tokens = int(query_start_loc[len(scheduled)])
 
         token_ids: list[int] = []
         for s in scheduled:
@@ -87,50 +141,63 @@ class ModelRunner:
         seq_of_token = np.repeat(np.arange(len(scheduled)), counts)
         positions = np.arange(num_tokens, dtype=np.int64) - query_start_loc[:-1][seq_of_token] + starts[seq_of_token]
 
-        width = int(-(-seq_lens.max() // self.block_size))
-        block_tables = np.zeros((len(scheduled), width), np.int32)
+        width = self.max_blocks_per_seq if pad_to else int(-(-seq_lens.max() // self.block_size))
+        block_tables = np.zeros((rows, width), np.int32)
         for row, s in enumerate(scheduled):
             ids = s.request.block_ids
             block_tables[row, : len(ids)] = ids
         slots = block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
         slots += positions % self.block_size
 
-        meta = AttentionMetadata(
-            slot_mapping=self._upload("slot_mapping", slots),
-            query_start_loc=self._upload("query_start_loc", query_start_loc),
-            seq_lens=self._upload("seq_lens", seq_lens.astype(np.int32)),
-            block_tables=self._upload("block_tables", block_tables),
+        padding = rows - len(scheduled)
+        return HostInputs(
+            input_ids=np.concatenate([np.asarray(token_ids, np.int64), np.zeros(padding, np.int64)]),
+            positions=np.concatenate([positions, np.zeros(padding, np.int64)]),
+            slot_mapping=np.concatenate([slots, np.full(padding, -1, np.int64)]),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
             max_query_len=int(counts.max()),
-            max_seq_len=int(seq_lens.max()),
-            block_size=self.block_size,
         )
+
+    def prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        inputs = self.host_inputs(sched)
+        meta = self.buffers.metadata(inputs, self.block_size, int(inputs.seq_lens.max()))
         meta.prepared = self.attention.prepare(meta)
-        input_ids = self._upload("input_ids", np.asarray(token_ids, dtype=np.int64))
-        return input_ids, self._upload("positions", positions), meta
+        return self.buffers.upload("input_ids", inputs.input_ids), self.buffers.upload("positions", inputs.positions), meta
+
+    # --- running ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        input_ids, positions, meta = self.prepare(sched)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        ends = meta.query_start_loc[1:].long() - 1
         completing = [i for i, s in enumerate(sched.scheduled) if s.completes]
-        prompt_logprobs = self._prompt_logprobs(sched, hidden)
-
-        sampled = None
-        if completing:
-            rows = [sched.scheduled[i].request for i in completing]
-            index = ends[completing] if len(completing) < len(sched.scheduled) else ends
-            logits = self.model.compute_logits(hidden[index])
-            batch = build_sampling_batch(
-                [r.params for r in rows],
-                [r.prompt_token_ids for r in rows],
-                [r.output_token_ids for r in rows],
-                [r.generator for r in rows],
-                self.vocab_size,
-                self.device,
-            )
-            sampled = self.sampler(logits, batch, self.generator)
+        graph_size = self._graph_size(sched)
+        if graph_size:
+            logits = self._replay(sched, graph_size)
+            prompt_logprobs = {}
+        else:
+            input_ids, positions, meta = self.prepare(sched)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            prompt_logprobs = self._prompt_logprobs(sched, hidden)
+            logits = None
+            if completing:
+                ends = meta.query_start_loc[1:].long() - 1
+                index = ends[completing] if len(completing) < len(sched.scheduled) else ends
+                logits = self.model.compute_logits(hidden[index])
+        sampled = self._sample(sched, completing, logits) if completing else None
         return StepResult(sampled, prompt_logprobs)
+
+    def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
+        rows = [sched.scheduled[i].request for i in completing]
+        batch = build_sampling_batch(
+            [r.params for r in rows],
+            [r.prompt_token_ids for r in rows],
+            [r.output_token_ids for r in rows],
+            [r.generator for r in rows],
+            self.vocab_size,
+            self.device,
+        )
+        return self.sampler(logits, batch, self.generator)
 
     def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor) -> dict[str, PromptLogprobChunk]:
         """Score the prompt tokens this step covered, for requests that asked for prompt logprobs."""
@@ -148,3 +215,78 @@ class ModelRunner:
                 chunks[request.request_id] = PromptLogprobChunk(start + 1, lp, rank, top_ids, top_lp)
             offset += s.num_new_tokens
         return chunks
+
+    # --- graphs -----------------------------------------------------------------------------------
+
+    def capture_graphs(self) -> list[int]:
+        """Capture one decode step per batch size of the ladder, largest first so smaller ones reuse memory."""
+        sizes = graph_batch_sizes(self.max_num_seqs)
+        self.graph_buffers = InputBuffers(self.backend, sizes[-1], sizes[-1], self.max_blocks_per_seq)
+        for size in reversed(sizes):
+            self.graphs[size] = self.backend.capture_graph(self._decode_forward(size))
+        return sizes
+
+    def _decode_forward(self, size: int) -> Callable[[], torch.Tensor]:
+        buffers = self.graph_buffers
+        buffers.device["query_start_loc"][: size + 1].copy_(torch.arange(size + 1, dtype=torch.int32))
+        meta = AttentionMetadata(
+            slot_mapping=buffers.device["slot_mapping"][:size],
+            query_start_loc=buffers.device["query_start_loc"][: size + 1],
+            seq_lens=buffers.device["seq_lens"][:size],
+            block_tables=buffers.device["block_tables"][:size],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            block_size=self.block_size,
+        )
+        buffers.device["slot_mapping"][:size].fill_(-1)  # capture-time warm-up must not write the cache
+        meta.prepared = self.attention.prepare(meta)
+        input_ids, positions = buffers.device["input_ids"][:size], buffers.device["positions"][:size]
+
+        def forward() -> torch.Tensor:
+            return self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
+
+        return forward
+
+    def _graph_size(self, sched: SchedulerOutput) -> int | None:
+        """The captured batch size to replay for this step, or None to run eagerly."""
+        if not self.graphs or len(sched.scheduled) > max(self.graphs):
+            return None
+        if any(s.num_new_tokens != 1 or not s.completes or s.request.params.prompt_logprobs is not None
+               for s in sched.scheduled):
+            return None
+        sizes = sorted(self.graphs)
+        return sizes[bisect.bisect_left(sizes, len(sched.scheduled))]
+
+    def _replay(self, sched: SchedulerOutput, size: int) -> torch.Tensor:
+        inputs = self.host_inputs(sched, pad_to=size)
+        buffers = self.graph_buffers
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables"):
+            buffers.upload(name, getattr(inputs, name))
+        return self.graphs[size]()[: len(sched.scheduled)]
+
+    # --- profiling --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int, num_layers: int, kv_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """The largest step the scheduler can make (num_tokens tokens, as many sequences as allowed, each
+        sampling), over a throwaway one-sequence KV cache: it measures peak activation memory."""
+        num_seqs = min(self.max_num_seqs, num_tokens)
+        counts = np.full(num_seqs, num_tokens // num_seqs, np.int64)
+        counts[: num_tokens % num_seqs] += 1
+        counts = np.minimum(counts, self.max_model_len)
+        query_start_loc = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        total = int(query_start_loc[-1])
+        positions = np.concatenate([np.arange(c) for c in counts]).astype(np.int64)
+        inputs = HostInputs(
+            input_ids=np.zeros(total, np.int64), positions=positions, slot_mapping=np.full(total, -1, np.int64),
+            query_start_loc=query_start_loc, seq_lens=counts.astype(np.int32),
+            block_tables=np.zeros((num_seqs, self.max_blocks_per_seq), np.int32), max_query_len=int(counts.max()),
+        )
+        meta = self.buffers.metadata(inputs, self.block_size, int(counts.max()))
+        meta.prepared = self.attention.prepare(meta)
+        caches = [torch.zeros(kv_shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        hidden = self.model(self.buffers.upload("input_ids", inputs.input_ids),
+                            self.buffers.upload("positions", inputs.positions), caches, meta)
+        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
+        logits.argmax(dim=-1)
+        self.backend.synchronize()

@@ -8,6 +8,8 @@ every transformers call is `local_files_only`.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from paged.default_model import default_model_path
+from paged.default_model import cache_dir, default_model_path
 from paged.errors import UserError
 from paged.models.loader import iter_gguf, iter_safetensors
 
@@ -40,6 +42,7 @@ class ModelSource:
     gguf_file: str | None
     hf_config: PretrainedConfig
     tokenizer: str | None = None  # a folder whose tokenizer replaces the model's own
+    converted: Path | None = None  # a GGUF's config and tokenizer, saved once as a Hugging Face folder
 
     @property
     def folder(self) -> Path:
@@ -51,6 +54,8 @@ class ModelSource:
         """The tokenizer override if one was given, else the model's own (a GGUF carries one inside)."""
         if self.tokenizer is not None:
             return _from_pretrained(AutoTokenizer, "tokenizer", self.tokenizer, None)
+        if self.converted is not None:
+            return _from_pretrained(AutoTokenizer, "tokenizer", self.converted, None)
         return _from_pretrained(AutoTokenizer, "tokenizer", self.folder, self.gguf_file)
 
     def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -90,8 +95,9 @@ def resolve_model(model: str | None, tokenizer: str | None = None) -> ModelSourc
     if path.is_dir() and (path / "config.json").is_file():
         source = ModelSource(str(path), None, _from_pretrained(AutoConfig, "config", path, None))
     elif path.is_file() and path.suffix == ".gguf":
-        config = _from_pretrained(AutoConfig, "config", path.parent, path.name)
-        source = ModelSource(str(path), path.name, _with_architectures(config))
+        converted = _converted_gguf(path)
+        config = _from_pretrained(AutoConfig, "config", converted, None)
+        source = ModelSource(str(path), path.name, config, converted=converted)
     else:
         raise UserError(f"model '{model}' not found: expected a folder with config.json or a .gguf file", "model")
     if tokenizer is not None:
@@ -100,6 +106,30 @@ def resolve_model(model: str | None, tokenizer: str | None = None) -> ModelSourc
             raise UserError(f"tokenizer '{tokenizer}' not found: expected a folder with tokenizer files", "tokenizer")
         source.tokenizer = str(tokenizer_path)
     return source
+
+
+def _converted_gguf(path: Path) -> Path:
+    """A Hugging Face folder with the GGUF's config and tokenizer, converted on first use and kept.
+
+    transformers parses the whole GGUF metadata (the vocabulary included) to build either, which takes
+    seconds; the saved folder loads in a fraction of that. Keyed by size and modification time, so a
+    changed file is converted again.
+    """
+    stat = path.stat()
+    folder = cache_dir() / "converted" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "config.json").is_file():
+        return folder
+    config = _with_architectures(_from_pretrained(AutoConfig, "config", path.parent, path.name))
+    tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", path.parent, path.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(folder)
+    except OSError:  # another process converted it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def _with_architectures(config: PretrainedConfig) -> PretrainedConfig:

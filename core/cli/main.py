@@ -12,6 +12,7 @@ from paged.errors import UserError
 SUBCOMMANDS = {
     "generate": ("paged.cli.generate", "generate text for one prompt"),
     "info": ("paged.cli.info", "list the backends and which one would run"),
+    "serve": ("paged.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),
 }
 
 

@@ -1,0 +1,130 @@
+"""NVIDIA GPUs: Triton kernels, CUDA graphs for decode steps, NCCL collectives.
+
+The probe never initialises a CUDA context (torch.cuda.device_count asks NVML / the driver only), so
+`paged info` on a GPU machine stays quick and leaves the device untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from paged.backends.interface import Attention, Availability, Backend, Communicator, TorchDistributedCommunicator
+
+
+class CUDABackend(Backend):
+    name = "cuda"
+    device_type = "cuda"
+    dist_backend = "nccl"
+    visible_devices_env = "CUDA_VISIBLE_DEVICES"
+    supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    supported_block_sizes = (16, 32, 64, 128)
+    supports_graphs = True
+    # Which torch build this backend serves; ROCm reuses everything else and flips this.
+    torch_build = "cuda"
+
+    def __init__(self) -> None:
+        self._graph_pool: Any = None
+
+    @classmethod
+    def is_available(cls) -> Availability:
+        build = cls._torch_build()
+        if build != cls.torch_build:
+            return Availability(False, f"torch is a {build} build (torch {torch.__version__}), not a {cls.torch_build} one")
+        try:
+            count = torch.cuda.device_count()
+        except RuntimeError as e:  # a driver that cannot be talked to
+            return Availability(False, f"the GPU driver did not answer: {e}")
+        if count == 0:
+            return Availability(False, f"torch {torch.__version__} is a {build} build but sees no GPU")
+        return Availability(True, f"{count} GPU(s) visible to torch {torch.__version__}")
+
+    @staticmethod
+    def _torch_build() -> str:
+        if getattr(torch.version, "hip", None):
+            return "rocm"
+        if getattr(torch.version, "cuda", None):
+            return "cuda"
+        return "cpu-only"
+
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    def device_name(self, index: int = 0) -> str:
+        return torch.cuda.get_device_name(index)
+
+    def total_memory(self, index: int = 0) -> int:
+        return torch.cuda.get_device_properties(index).total_memory
+
+    def free_memory(self, index: int = 0) -> int:
+        return torch.cuda.mem_get_info(index)[0]
+
+    def peak_memory(self) -> int:
+        return torch.cuda.max_memory_allocated()
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats()
+
+    def device(self, index: int | None = None) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device() if index is None else index)
+
+    def host_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, pin_memory=True)
+
+    def set_device(self, index: int) -> None:
+        torch.cuda.set_device(index)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.cuda.manual_seed_all(seed)
+
+    def fp8_dtype(self) -> torch.dtype | None:
+        return torch.float8_e4m3fn
+
+    def attention(self, max_model_len: int) -> Attention:
+        from paged.backends.cuda.kernels.attention import TritonPagedAttention
+
+        return TritonPagedAttention(max_model_len)
+
+    def ops(self) -> dict[str, Callable[..., Any]]:
+        from paged.backends.cuda.kernels import activation, norm, rotary
+
+        return {
+            "rms_norm": norm.rms_norm,
+            "add_rms_norm": norm.add_rms_norm,
+            "rotary": rotary.rotary,
+            "silu_and_mul": activation.silu_and_mul,
+        }
+
+    def communicator(self, rank: int = 0, world_size: int = 1) -> Communicator:
+        if world_size == 1:
+            return super().communicator(rank, world_size)
+        return TorchDistributedCommunicator(rank, world_size)
+
+    def capture_graph(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Record fn on a side stream into a graph sharing one memory pool with the others captured."""
+        torch.cuda.synchronize()
+        fn()  # warm-up outside the graph: Triton compiles and autotunes here, not during capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            output = fn()
+        torch.cuda.synchronize()
+
+        def replay() -> Any:
+            graph.replay()
+            return output
+
+        return replay

@@ -1,0 +1,172 @@
+"""Offline throughput of paged on one workload, printed as one JSON line.
+
+    python benchmarks/throughput.py --num-prompts 32 --input-len 128 --output-len 128 --dtype bfloat16
+    python benchmarks/throughput.py --shape 1b --load-format dummy --num-prompts 256 --input-len 512 --output-len 256
+    python benchmarks/throughput.py --shape 1b --ranged 100,1024 --num-prompts 256
+
+Prompts are random token ids (torch.Generator seeded), output lengths fixed or uniform in a range,
+greedy, EOS ignored: every engine generates exactly the same number of tokens. With --compare-hf
+(the default on a CPU) transformers' generate runs the same workload in the same process, so the
+ratio is measured side by side. Throughput = generated tokens / wall time of one generate call,
+after an untimed warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+
+_PROCESS_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+
+SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B, as the peers' scripts build them
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=8192),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192),
+}
+
+
+def shape_folder(shape: str) -> str:
+    """A folder with only the config.json of a Llama shape (weights come from --load-format dummy)."""
+    from transformers import LlamaConfig
+
+    folder = os.path.join(tempfile.gettempdir(), f"paged-shape-{shape}")
+    config = LlamaConfig(**SHAPES[shape], rope_theta=500000.0, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    return folder
+
+
+def workload(args, vocab_size: int) -> tuple[list[list[int]], list[int]]:
+    """Random prompts and output lengths; the same seed gives every engine the same requests."""
+    g = torch.Generator().manual_seed(args.seed)
+    if args.ranged:
+        lo, hi = (int(v) for v in args.ranged.split(","))
+        rnd = random.Random(args.seed)
+        lens = [(rnd.randint(lo, hi), rnd.randint(lo, hi)) for _ in range(args.num_prompts)]
+        prompts = [torch.randint(0, vocab_size, (i,), generator=g).tolist() for i, _ in lens]
+        return prompts, [o for _, o in lens]
+    prompts = torch.randint(0, vocab_size, (args.num_prompts, args.input_len), generator=g).tolist()
+    return prompts, [args.output_len] * args.num_prompts
+
+
+def run_paged(args, model: str | None) -> tuple[dict, list[list[int]], list[int]]:
+    from paged import LLM, SamplingParams
+
+    t = time.perf_counter()
+    llm = LLM(model=model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+              skip_tokenizer_init=args.load_format == "dummy", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+    first = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), use_tqdm=False)
+    startup = time.perf_counter() - _PROCESS_START
+    init = time.perf_counter() - t
+    assert first[0].outputs[0].token_ids
+    vocab = llm.engine.vocab_size
+    prompts, out_lens = workload(args, vocab)
+    warm = [{"prompt_token_ids": [(t * 7 + 3) % vocab for t in p[: args.input_len or 64]]} for p in prompts[:8]]
+    llm.generate(warm, SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False), use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False) for o in out_lens]
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    llm.engine.backend.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(batch, params, use_tqdm=False)
+    wall = time.perf_counter() - t
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    info = dict(engine="paged", backend=llm.engine.backend.name, device_name=llm.engine.backend.device_name(),
+                dtype=str(llm.engine.dtype).removeprefix("torch."), init_s=round(init, 2),
+                startup_to_first_token_s=round(startup, 2), num_blocks=llm.engine.num_blocks)
+    return dict(**info, **rates(wall, generated, sum(map(len, prompts)))), prompts, out_lens
+
+
+def run_hf(args, model_path: str | None, prompts, out_lens, dtype: torch.dtype) -> dict:
+    """transformers' generate on the same prompts, batched as one static batch (all lengths equal)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(model_path)
+    kwargs = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+    folder = path.parent if path.suffix == ".gguf" else path
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    if args.ranged:
+        raise SystemExit("--compare-hf needs fixed lengths")
+
+    def generate(batch, n_out):
+        ids = torch.tensor(batch)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_out,
+                                 min_new_tokens=n_out, do_sample=False, pad_token_id=0)
+        return (out.shape[1] - ids.shape[1]) * out.shape[0]
+
+    generate([p[:16] for p in prompts[:2]], 4)
+    t = time.perf_counter()
+    generated = generate(prompts, out_lens[0])
+    wall = time.perf_counter() - t
+    import transformers
+
+    return dict(engine="transformers-generate", version=transformers.__version__,
+                **rates(wall, generated, sum(map(len, prompts))))
+
+
+def rates(wall: float, generated: int, prompt_tokens: int) -> dict:
+    return dict(elapsed_s=round(wall, 3), generated_tokens=generated, output_tok_s=round(generated / wall, 1),
+                total_tok_s=round((generated + prompt_tokens) / wall, 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="HF folder or .gguf (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="a Llama shape with random weights instead of --model")
+    ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    ap.add_argument("--device")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--ranged", metavar="LO,HI", help="input and output lengths uniform in [LO, HI] per request")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--compare-hf", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time transformers' generate (default: on for the CPU)")
+    args = ap.parse_args()
+
+    model = shape_folder(args.shape) if args.shape else args.model
+    if args.shape:
+        args.load_format = "dummy"
+    if model is None:
+        from paged.default_model import default_model_path
+
+        model = default_model_path()
+    result, prompts, out_lens = run_paged(args, model)
+    line = dict(workload=dict(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                              ranged=args.ranged, seed=args.seed, shape=args.shape), paged=result)
+    compare = args.compare_hf if args.compare_hf is not None else result["backend"] == "cpu"
+    if compare:
+        import gc
+
+        gc.collect()
+        hf = run_hf(args, model, prompts, out_lens, getattr(torch, result["dtype"]))
+        line["transformers"] = hf
+        line["ratio_vs_transformers"] = round(result["output_tok_s"] / hf["output_tok_s"], 2)
+    import transformers
+
+    line["versions"] = dict(torch=torch.__version__, transformers=transformers.__version__,
+                            python=sys.version.split()[0])
+    print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

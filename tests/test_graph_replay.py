@@ -1,0 +1,45 @@
+"""The runner's graph path (padding to a captured batch size, static buffers) checked on the CPU.
+
+A CPU backend that "captures" by keeping the closure stands in for a real graph: the padding rows, the
+static buffers and the slicing of the logits are the runner's and are exercised all the same.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from paged import LLM, SamplingParams
+from paged.backends.cpu.backend import CPUBackend
+from tests.models_factory import VOCAB, save_tiny_model
+
+
+class ReplayingCPUBackend(CPUBackend):
+    supports_graphs = True
+
+    def capture_graph(self, fn):
+        fn()
+        return fn
+
+
+def test_decode_graphs_give_the_eager_tokens(tmp_path, monkeypatch):
+    save_tiny_model("qwen2", tmp_path, seed=random.randrange(1 << 30))
+    prompts = [{"prompt_token_ids": [random.randrange(3, VOCAB) for _ in range(random.randint(3, 40))]}
+               for _ in range(13)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    kwargs = dict(model=str(tmp_path), dtype="float32", device="cpu", kv_cache_memory="32MiB", max_num_seqs=16,
+                  max_model_len=128)
+    eager = LLM(**kwargs, enforce_eager=True).generate(prompts, params, use_tqdm=False)
+
+    import paged.engine
+
+    monkeypatch.setattr(paged.engine, "load_backend", lambda device: ReplayingCPUBackend())
+    llm = LLM(**kwargs)
+    assert sorted(llm.engine.runner.graphs) == [1, 2, 4, 8, 16]
+    replayed = []
+    original = llm.engine.runner._replay
+    monkeypatch.setattr(llm.engine.runner, "_replay", lambda s, n: replayed.append(n) or original(s, n))
+    graphed = llm.generate(prompts, params, use_tqdm=False)
+    assert replayed and set(replayed) <= {16, 8, 4, 2, 1}
+    assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
