@@ -81,10 +81,34 @@ def run_paged(args, model: str | None) -> tuple[dict, list[list[int]], list[int]
     outs = llm.generate(batch, params, use_tqdm=False)
     wall = time.perf_counter() - t
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    if args.profile:
+        profile_steps(llm, batch, out_lens, args.profile)
     info = dict(engine="paged", backend=llm.engine.backend.name, device_name=llm.engine.backend.device_name(),
                 dtype=str(llm.engine.dtype).removeprefix("torch."), init_s=round(init, 2),
                 startup_to_first_token_s=round(startup, 2), num_blocks=llm.engine.num_blocks)
     return dict(**info, **rates(wall, generated, sum(map(len, prompts)))), prompts, out_lens
+
+
+def profile_steps(llm, batch, out_lens, path: str) -> None:
+    """Where a step's milliseconds go: the engine's phases (schedule / execute / apply) on the host and
+    every kernel on the device, over the same workload cut to 32 output tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from paged import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=min(o, 32), ignore_eos=True, detokenize=False)
+              for o in out_lens]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        wall = time.perf_counter() - t
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"wall {wall:.3f}s for {len(batch)} requests x {params[0].max_tokens} tokens\n\n")
+        f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+        f.write("\n\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
 
 
 def run_hf(args, model_path: str | None, prompts, out_lens, dtype: torch.dtype) -> dict:
@@ -139,6 +163,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--profile", metavar="FILE", help="also profile a cut-down run and write the tables here")
     ap.add_argument("--compare-hf", action=argparse.BooleanOptionalAction, default=None,
                     help="also time transformers' generate (default: on for the CPU)")
     args = ap.parse_args()

@@ -73,11 +73,14 @@ class BlockManager:
         self.prefix_hits += len(hits) * self.block_size
         return hits
 
+    def _new_blocks_needed(self, request: Request, num_new_tokens: int, cached: list[int]) -> int:
+        """Blocks to take from the free queue: new ones, plus cached ones that sit there unowned."""
+        total = request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        fresh = self.blocks_needed(total) - len(request.block_ids) - len(cached)
+        return max(fresh, 0) + sum(1 for b in cached if self.blocks[b].ref_count == 0)
+
     def can_allocate(self, request: Request, num_new_tokens: int, cached: list[int] = ()) -> bool:
-        held = len(request.block_ids) + len(cached)
-        needed = self.blocks_needed(request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens)
-        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # cached blocks sitting in the free queue
-        return needed - held + revived <= self.num_free_blocks
+        return self._new_blocks_needed(request, num_new_tokens, cached) <= self.num_free_blocks
 
     def allocate(self, request: Request, num_new_tokens: int, cached: list[int] = ()) -> bool:
         """Give the request blocks for num_new_tokens more tokens (after adopting cached prefix blocks).
@@ -85,7 +88,13 @@ class BlockManager:
         Returns False, changing nothing, when the pool is too small. Blocks that this step fills are
         registered in the prefix cache at once: the step writes their K/V before any layer reads them.
         """
-        if not self.can_allocate(request, num_new_tokens, cached):
+        total = request.num_computed_tokens + num_new_tokens
+        if not cached and total <= len(request.block_ids) * self.block_size:
+            # The common decode case: the tokens fit in blocks the request already holds.
+            if self.enable_prefix_caching and total // self.block_size > request.num_registered_blocks:
+                self._cache_full_blocks(request, total)
+            return True
+        if self._new_blocks_needed(request, num_new_tokens, cached) > self.num_free_blocks:
             return False
         for block_id in cached:
             block = self.blocks[block_id]
@@ -97,7 +106,7 @@ class BlockManager:
         total = request.num_computed_tokens + num_new_tokens
         for _ in range(self.blocks_needed(total) - len(request.block_ids)):
             request.block_ids.append(self._pop_free())
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and total // self.block_size > request.num_registered_blocks:
             self._cache_full_blocks(request, total)
         return True
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from pydantic import ValidationError
+from torch.profiler import record_function
 
 from paged.backends.interface import Backend
 from paged.backends.registry import load_backend
@@ -25,7 +26,7 @@ from paged.model_runner import ModelRunner, StepResult
 from paged.model_source import resolve_model
 from paged.outputs import CompletionOutput, Logprob, RequestOutput
 from paged.request import Request, RequestStatus
-from paged.sampling_params import SamplingParams
+from paged.sampling_params import RequestOutputKind, SamplingParams
 from paged.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -296,8 +297,7 @@ class LLMEngine:
             group = self.groups.pop(request_id, None)
             for child in group.children if group else []:
                 if not child.status.finished:
-                    self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
-                    self._count_finish(child)
+                    self._finish(child, RequestStatus.FINISHED_ABORTED)
                 self.requests.pop(child.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -306,12 +306,18 @@ class LLMEngine:
     # --- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        with record_function("paged.schedule"):
+            sched = self.scheduler.schedule()
+        for request in sched.preempted:
+            self.runner.release(request.request_id)
         if sched.is_empty:
             return []
-        result = self.runner.execute(sched)
-        touched = self._apply(sched, result)
-        outputs = [self._output(self.groups[gid]) for gid in touched]
+        with record_function("paged.execute"):
+            result = self.runner.execute(sched)
+        with record_function("paged.apply"):
+            touched = self._apply(sched, result)
+        outputs = [self._output(group) for group in map(self.groups.__getitem__, touched)
+                   if group.finished or group.children[0].params.output_kind is not RequestOutputKind.FINAL_ONLY]
         for out in outputs:
             if out.finished:
                 self._forget(out.request_id)
@@ -363,8 +369,7 @@ class LLMEngine:
         stop_string = request.detokenizer.append(token) if request.detokenizer is not None else None
         status = self._stop_status(request, token, stop_string)
         if status is not None:
-            self.scheduler.finish(request, status)
-            self._count_finish(request)
+            self._finish(request, status)
 
     def _stop_status(self, request: Request, token: int, stop_string: str | None) -> RequestStatus | None:
         params = request.params
@@ -381,7 +386,9 @@ class LLMEngine:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _count_finish(self, request: Request) -> None:
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(request, status)
+        self.runner.release(request.request_id)
         reason = request.finish_reason
         self.stats.finished_reasons[reason] = self.stats.finished_reasons.get(reason, 0) + 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Any, Sequence
 
 from tqdm import tqdm
@@ -10,7 +11,7 @@ from tqdm import tqdm
 from paged.engine import LLMEngine
 from paged.errors import UserError
 from paged.outputs import RequestOutput
-from paged.sampling_params import SamplingParams
+from paged.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
@@ -51,7 +52,9 @@ class LLM:
         """Outputs in the order of the prompts."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = self._params_for(len(prompts), sampling_params)
+        # Offline callers read only the final outputs: skip building one per request per step.
+        params = [replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                  for p in self._params_for(len(prompts), sampling_params)]
         ids = []
         try:
             for prompt, p in zip(prompts, params):

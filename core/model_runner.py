@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from paged.backends.interface import AttentionMetadata, Backend
-from paged.sampler import Sampler, SamplerOutput, build_sampling_batch, gather_logprobs
+from paged.sampler import PLAIN_GREEDY, Sampler, SamplerOutput, build_sampling_batch, gather_logprobs
 from paged.scheduler import SchedulerOutput
 
 
@@ -54,6 +54,39 @@ class HostInputs:
     seq_lens: np.ndarray
     block_tables: np.ndarray
     max_query_len: int
+
+
+class BlockTableRows:
+    """Each running request's block ids in a fixed row of one host array.
+
+    Rebuilding the table from Python lists every step costs a conversion per request; here a step
+    copies only the block ids added since the last one (one request in block_size, in steady decode).
+    """
+
+    def __init__(self, max_rows: int, width: int) -> None:
+        self.table = np.zeros((max_rows, width), np.int32)
+        self.filled = np.zeros(max_rows, np.int64)
+        self.free_rows = list(range(max_rows - 1, -1, -1))
+        self.row_of: dict[str, int] = {}
+
+    def rows(self, requests: list) -> np.ndarray:
+        out = np.empty(len(requests), np.int64)
+        for i, request in enumerate(requests):
+            row = self.row_of.get(request.request_id)
+            if row is None:
+                row = self.row_of[request.request_id] = self.free_rows.pop()
+                self.filled[row] = 0
+            have, ids = self.filled[row], request.block_ids
+            if len(ids) > have:
+                self.table[row, have : len(ids)] = ids[have:]
+                self.filled[row] = len(ids)
+            out[i] = row
+        return out
+
+    def release(self, request_id: str) -> None:
+        row = self.row_of.pop(request_id, None)
+        if row is not None:
+            self.free_rows.append(row)
 
 
 class InputBuffers:
@@ -118,10 +151,15 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.buffers = InputBuffers(backend, max_num_tokens, max_num_seqs, self.max_blocks_per_seq)
+        self.block_rows = BlockTableRows(max_num_seqs, self.max_blocks_per_seq)
         self.graphs: dict[int, Callable[[], torch.Tensor]] = {}
         self.graph_buffers: InputBuffers | None = None
 
     # --- inputs ---------------------------------------------------------------------------------
+
+    def release(self, request_id: str) -> None:
+        """The request left the running batch (finished, aborted or preempted): free its table row."""
+        self.block_rows.release(request_id)
 
     def host_inputs(self, sched: SchedulerOutput, pad_to: int | None = None) -> HostInputs:
         scheduled = sched.scheduled
@@ -142,10 +180,9 @@ class ModelRunner:
         positions = np.arange(num_tokens, dtype=np.int64) - query_start_loc[:-1][seq_of_token] + starts[seq_of_token]
 
         width = self.max_blocks_per_seq if pad_to else int(-(-seq_lens.max() // self.block_size))
+        table_rows = self.block_rows.rows([s.request for s in scheduled])
         block_tables = np.zeros((rows, width), np.int32)
-        for row, s in enumerate(scheduled):
-            ids = s.request.block_ids
-            block_tables[row, : len(ids)] = ids
+        block_tables[: len(scheduled)] = self.block_rows.table[table_rows, :width]
         slots = block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
         slots += positions % self.block_size
 
@@ -178,7 +215,7 @@ class ModelRunner:
         else:
             input_ids, positions, meta = self.prepare(sched)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-            prompt_logprobs = self._prompt_logprobs(sched, hidden)
+            prompt_logprobs = self._prompt_logprobs(sched, hidden, meta.query_start_loc)
             logits = None
             if completing:
                 ends = meta.query_start_loc[1:].long() - 1
@@ -189,6 +226,8 @@ class ModelRunner:
 
     def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
         rows = [sched.scheduled[i].request for i in completing]
+        if all(r.params.plain_greedy for r in rows):
+            return self.sampler(logits, PLAIN_GREEDY, self.generator)
         batch = build_sampling_batch(
             [r.params for r in rows],
             [r.prompt_token_ids for r in rows],
@@ -199,21 +238,23 @@ class ModelRunner:
         )
         return self.sampler(logits, batch, self.generator)
 
-    def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor) -> dict[str, PromptLogprobChunk]:
+    def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor, starts: torch.Tensor
+                         ) -> dict[str, PromptLogprobChunk]:
         """Score the prompt tokens this step covered, for requests that asked for prompt logprobs."""
         chunks = {}
-        offset = 0
-        for s in sched.scheduled:
+        for i, s in enumerate(sched.scheduled):
             request, start = s.request, s.request.num_computed_tokens
             k = request.params.prompt_logprobs
+            if k is None or request.num_output_tokens:
+                continue
             # Logits at position p score token p + 1; the last prompt position scores the first output.
             end = min(start + s.num_new_tokens, request.num_prompt_tokens - 1)
-            if k is not None and request.num_output_tokens == 0 and end > start:
+            if end > start:
+                offset = int(starts[i])
                 logits = self.model.compute_logits(hidden[offset : offset + end - start])
                 targets = torch.tensor(request.token_ids[start + 1 : end + 1], device=self.device)
                 lp, rank, top_ids, top_lp = gather_logprobs(torch.log_softmax(logits, dim=-1), targets, k)
                 chunks[request.request_id] = PromptLogprobChunk(start + 1, lp, rank, top_ids, top_lp)
-            offset += s.num_new_tokens
         return chunks
 
     # --- graphs -----------------------------------------------------------------------------------

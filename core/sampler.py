@@ -146,6 +146,15 @@ def build_sampling_batch(
     )
 
 
+# The batch of rows that are all plain greedy (SamplingParams.plain_greedy): the common serving case,
+# which needs no per-row work at all.
+PLAIN_GREEDY = SamplingBatch(
+    all_greedy=True, greedy_mask=None, temperature=None, min_p=None, top_k=None, max_top_k=0, top_p=None,
+    logit_bias=None, banned=None, repetition_penalty=None, seen_mask=None, frequency_penalty=None,
+    presence_penalty=None, output_counts=None, generators=(), max_num_logprobs=None,
+)
+
+
 def _token_counts(
     token_ids: list[list[int]], rows: list[bool], vocab_size: int, device: torch.device
 ) -> torch.Tensor:

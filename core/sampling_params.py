@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from paged.errors import UserError
+
+
+class RequestOutputKind(enum.Enum):
+    """Which steps produce a RequestOutput: every step (cumulative text), or only the last."""
+
+    CUMULATIVE = "cumulative"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass
@@ -30,6 +38,7 @@ class SamplingParams:
     detokenize: bool = True
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled in by the engine from the tokenizer, not by users.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
 
@@ -79,6 +88,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits or asks for logprobs: sampling is one argmax."""
+        return (
+            self.temperature < 1e-5
+            and not self.logit_bias
+            and self.min_tokens == 0
+            and self.logprobs is None
+            and self.repetition_penalty == 1.0
+            and self.presence_penalty == 0.0
+            and self.frequency_penalty == 0.0
+        )
 
     def for_child(self, index: int) -> SamplingParams:
         """Parameters of the index-th of n samples: one sequence each, distinct seeds when seeded."""

@@ -11,12 +11,27 @@ import random
 import pytest
 
 from paged import LLM, SamplingParams
+from paged.backends.cpu.attention import TorchPagedAttention, build_padded_batch
 from paged.backends.cpu.backend import CPUBackend
 from tests.models_factory import VOCAB, save_tiny_model
 
 
+class ValueFreeAttention(TorchPagedAttention):
+    """A graph may precompute nothing from the metadata's values: they change between replays."""
+
+    def prepare(self, meta):
+        return None
+
+    def forward(self, query, key, value, kv_cache, meta, scale):
+        meta.prepared = build_padded_batch(meta)
+        return super().forward(query, key, value, kv_cache, meta, scale)
+
+
 class ReplayingCPUBackend(CPUBackend):
     supports_graphs = True
+
+    def attention(self, max_model_len):
+        return ValueFreeAttention()
 
     def capture_graph(self, fn):
         fn()

@@ -36,3 +36,24 @@ def test_greedy_matches_transformers(tiny):
     for prompt, out in zip(prompts, outputs):
         assert out.prompt_token_ids == prompt
         assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 24)
+
+
+def test_broken_attention_is_caught(tiny, monkeypatch):
+    """The comparison above can fail: attention that drops all but the newest token changes the tokens."""
+    from paged.backends.cpu import attention
+
+    folder, reference = tiny
+    prompts = [[random.randrange(3, VOCAB) for _ in range(n)] for n in (20, 40)]
+    original = attention.build_padded_batch
+
+    def newest_only(meta):
+        batch = original(meta)
+        last = batch.mask.cumsum(-1) == batch.mask.sum(-1, keepdim=True)
+        batch.mask &= last
+        return batch
+
+    monkeypatch.setattr(attention, "build_padded_batch", newest_only)
+    llm = LLM(model=str(folder), dtype="float32", device="cpu", kv_cache_memory="64MiB")
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=24,
+                           min_tokens=24), use_tqdm=False)
+    assert any(out.outputs[0].token_ids != hf_greedy(reference, p, 24) for p, out in zip(prompts, outputs))

@@ -6,11 +6,15 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paged.cli.engine_args import add_engine_args, engine_kwargs
 from paged.config import parse_bytes
 from paged.errors import UserError
+
+if TYPE_CHECKING:  # imported for real only when serving: `paged --help` must stay quick
+    from paged.engine import LLMEngine
+    from paged.model_source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         metrics_require_key=args.metrics_require_key,
         max_body_bytes=_body_size(args.max_body_size),
-        generation_defaults=_generation_defaults(args.generation_config, engine),
+        generation_defaults=_generation_defaults(args.generation_config, engine.source),
     )
     _log_capacity(engine)
     if settings.generation_defaults:
@@ -79,14 +83,14 @@ def _body_size(value: str) -> int:
         raise UserError(f"--max-body-size: {error}", param="max_body_size") from None
 
 
-def _generation_defaults(choice: str, engine: Any) -> dict[str, Any]:
-    """vLLM's --generation-config: the model's own defaults, none, or those in another folder."""
+def _generation_defaults(choice: str, model: ModelSource) -> dict[str, Any]:
+    """vLLM's --generation-config: the served model's defaults ('auto'), none ('vllm'), or another folder's."""
     from paged.model_source import ModelSource
 
     if choice == "vllm":
         return {}
     if choice == "auto":
-        return engine.source.generation_defaults()
+        return model.generation_defaults()
     folder = Path(choice).expanduser()
     if not (folder / "generation_config.json").is_file():
         raise UserError(f"--generation-config {choice}: no generation_config.json there", param="generation_config")
@@ -94,11 +98,13 @@ def _generation_defaults(choice: str, engine: Any) -> dict[str, Any]:
     return ModelSource(str(folder), None, None).generation_defaults()
 
 
-def _log_capacity(engine: Any) -> None:
-    """What an operator sizes a deployment by: the backend, the KV cache, and the concurrency it allows."""
+def _log_capacity(engine: LLMEngine) -> None:
+    """What an operator sizes a deployment by: the KV cache and the concurrency it allows.
+
+    Which backend runs, and why, the backend registry has logged already.
+    """
     config = engine.config
     tokens = engine.num_blocks * config.block_size
-    logger.info("backend: %s", engine.backend.name)
     logger.info("KV cache: %d blocks of %d tokens = %d tokens", engine.num_blocks, config.block_size, tokens)
     logger.info(
         "maximum concurrency: %d sequences (--max-num-seqs); %.2fx requests of the full %d-token context fit the "

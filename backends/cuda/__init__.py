@@ -1,0 +1,1 @@
+"""NVIDIA GPUs through Triton kernels (attention, norms, rotary, activation)."""

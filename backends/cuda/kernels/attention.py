@@ -1,0 +1,519 @@
+"""Paged attention in Triton: the KV-cache write, ragged prefill/mixed attention and split-K decode.
+
+The KV cache of one layer is [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]; a sequence's
+context position p lives in block block_tables[seq, p // block_size] at offset p % block_size.
+
+Both attention kernels share one inner loop (`_attend_keys`): flash-attention's online softmax over
+tiles of keys gathered through the block table, in the log2 domain (scores are pre-multiplied by
+log2(e) so the loop uses exp2). A program handles every query head of one KV head at once ("GQA
+packing"): the rows of its query tile are (token, head) pairs, so each K/V tile is loaded once for the
+whole group instead of once per query head.
+
+- Prefill/mixed: grid (seq, query tile, kv head). Keys every row of the tile may see are processed
+  without a mask; only the diagonal band pays for the causal mask.
+- Decode (every sequence has at most one new token): "flash decoding". Grid (seq, kv head, split); each
+  split attends over an equal share of the context and writes a partial (max, sum, acc); a second kernel
+  combines the splits. The split count comes from a host-side bound (max_model_len), and each split's
+  share is computed on the device from seq_lens, so the launch never depends on the step's data and can
+  be captured in a CUDA graph. Shares are at least SPLIT_TOKENS long: a short context uses only its first
+  few splits, the others return at once, and a large batch of short contexts pays little for the split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from paged.backends.interface import Attention, AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+# Start of the running max. Finite, so a row that has seen no key yet rescales by exp2(0) = 1 instead of
+# exp2(-inf - -inf) = NaN; masked scores are -inf and still contribute exp2(-inf) = 0.
+_M_INIT = tl.constexpr(-1.0e30)
+# Decode splits: enough to fill the GPU for a handful of long sequences; each share of a context is a
+# multiple of _SPLIT_TOKENS so that the partial results stay small next to the K/V they summarise.
+_MAX_DECODE_SPLITS = 16
+_SPLIT_TOKENS = 256
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    num_kv_heads,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+):
+    """One program per token: copy its K and V for every KV head to its slot (slot -1: padding, skip)."""
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    dims = tl.arange(0, HEAD_DIM)[None, :]
+    mask = heads < num_kv_heads
+    cache_offsets = (
+        (slot // PAGE_SIZE) * stride_cache_block
+        + (slot % PAGE_SIZE) * stride_cache_slot
+        + heads * stride_cache_head
+        + dims
+    )
+    token = token.to(tl.int64)
+    k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
+    v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attend_keys(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    start,
+    end,
+    row_pos,
+    qk_scale,
+    stride_cache_block,
+    stride_cache_slot,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold context positions [start, end) into the online-softmax state (m_i, l_i, acc).
+
+    k_cache_ptr/v_cache_ptr point at the KV head's column of the cache, block_table_ptr at the sequence's
+    row of the block table. With CAUSAL, row r only sees positions <= row_pos[r]; without it the caller
+    guarantees that every row sees every position of the range. Positions at or past `end` are never
+    read, so a partly filled last block (or a stale block id past the context) is never touched.
+    """
+    dims = tl.arange(0, HEAD_DIM)
+    for tile_start in range(start, end, BLOCK_N):
+        pos = tile_start + tl.arange(0, BLOCK_N)
+        in_range = pos < end
+        block = tl.load(block_table_ptr + pos // PAGE_SIZE, mask=in_range, other=0).to(tl.int64)
+        rows = block * stride_cache_block + (pos % PAGE_SIZE) * stride_cache_slot
+        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=in_range[:, None], other=0.0)
+        k = k.to(q.dtype).to(DOT_DTYPE)
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if CAUSAL:
+            s = tl.where((pos[None, :] <= row_pos[:, None]) & in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(q.dtype).to(DOT_DTYPE)  # rounded like the query, as flash attention does
+        acc = tl.dot(p, v.to(q.dtype).to(DOT_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    GROUP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (seq, query tile, kv head): BLOCK_T new tokens x GROUP query heads of one sequence.
+
+    Row r of the tile is token tile * BLOCK_T + r // GROUP, query head kv_head * GROUP + r % GROUP.
+    """
+    seq = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_T
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if first >= query_len:
+        return
+    context = tl.load(seq_lens_ptr + seq) - query_len  # cached prefix before the first new token
+
+    r = tl.arange(0, BLOCK_M)
+    token = first + r // GROUP
+    head = kv_head * GROUP + r % GROUP
+    row_ok = (r < BLOCK_T * GROUP) & (token < query_len)
+    row_pos = context + token
+    dims = tl.arange(0, HEAD_DIM)
+    q_rows = (q_start + token).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_head_ptr = k_cache_ptr + kv_head * stride_cache_head
+    v_head_ptr = v_cache_ptr + kv_head * stride_cache_head
+    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # Positions up to the tile's first token are visible to every row; the rest form the causal band.
+    unmasked_end = tl.maximum(context + first + 1, 0) // BLOCK_N * BLOCK_N
+    kv_end = context + tl.minimum(first + BLOCK_T, query_len)
+    m_i, l_i, acc = _attend_keys(
+        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, 0, unmasked_end, row_pos, qk_scale,
+        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, False, DOT_DTYPE, DOT_PRECISION,
+    )  # fmt: skip
+    m_i, l_i, acc = _attend_keys(
+        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, unmasked_end, kv_end, row_pos, qk_scale,
+        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, True, DOT_DTYPE, DOT_PRECISION,
+    )  # fmt: skip
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only for rows with no context (padding)
+    o_rows = (q_start + token).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(out_ptr + o_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _split_bounds(seq_len, split, NUM_SPLITS: tl.constexpr, SPLIT_TOKENS: tl.constexpr):
+    """Context positions [start, end) of one decode split: equal shares, each a multiple of SPLIT_TOKENS."""
+    share = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), SPLIT_TOKENS) * SPLIT_TOKENS
+    start = split * share
+    return start, tl.minimum(start + share, seq_len)
+
+
+@triton.jit
+def _decode_split_kernel(
+    partial_m_ptr,
+    partial_l_ptr,
+    partial_acc_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    qk_scale,
+    num_heads,
+    stride_qt,
+    stride_qh,
+    stride_bt,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    GROUP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (seq, kv head, split): the GROUP query heads of one decode token over one share of its context.
+
+    Writes the split's running max and sum [seq, head, split] and its unnormalised output
+    [seq, head, split, :]. An empty split (short context, padding) writes nothing: the reduce skips it.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    token = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - token
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start, end = _split_bounds(seq_len, split, NUM_SPLITS, SPLIT_TOKENS)
+    if (query_len == 0) | (start >= end):
+        return
+    unmasked_end = start + (end - start) // BLOCK_N * BLOCK_N
+
+    r = tl.arange(0, BLOCK_H)
+    row_ok = r < GROUP
+    head = kv_head * GROUP + r
+    dims = tl.arange(0, HEAD_DIM)
+    row_pos = tl.zeros([BLOCK_H], tl.int32) + seq_len - 1
+    q_rows = token.to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_H], _M_INIT, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    k_head_ptr = k_cache_ptr + kv_head * stride_cache_head
+    v_head_ptr = v_cache_ptr + kv_head * stride_cache_head
+    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    m_i, l_i, acc = _attend_keys(
+        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, start, unmasked_end, row_pos, qk_scale,
+        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, False, DOT_DTYPE, DOT_PRECISION,
+    )  # fmt: skip
+    m_i, l_i, acc = _attend_keys(
+        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, unmasked_end, end, row_pos, qk_scale,
+        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, True, DOT_DTYPE, DOT_PRECISION,
+    )  # fmt: skip
+
+    stat_offsets = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
+    tl.store(partial_m_ptr + stat_offsets, m_i, mask=row_ok)
+    tl.store(partial_l_ptr + stat_offsets, l_i, mask=row_ok)
+    tl.store(partial_acc_ptr + stat_offsets[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,
+    partial_m_ptr,
+    partial_l_ptr,
+    partial_acc_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLIT_TOKENS: tl.constexpr,
+):
+    """Grid (seq, head): rescale the non-empty splits' partials to their common max and normalise.
+
+    A sequence of no context (padding) has no non-empty split and gets a zero row.
+    """
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    token = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) <= token:
+        return
+    split = tl.arange(0, NUM_SPLITS)
+    start, end = _split_bounds(tl.load(seq_lens_ptr + seq), split, NUM_SPLITS, SPLIT_TOKENS)
+    used = start < end
+    splits = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
+    dims = tl.arange(0, HEAD_DIM)
+    m = tl.load(partial_m_ptr + splits, mask=used, other=_M_INIT)
+    weight = tl.exp2(m - tl.max(m, 0))
+    total = tl.sum(tl.load(partial_l_ptr + splits, mask=used, other=0.0) * weight, 0)
+    acc = tl.load(partial_acc_ptr + splits[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape and launch knobs of an attention kernel."""
+
+    block_m: int  # query rows (tokens x heads) per program; decode: head rows
+    block_n: int  # keys per inner-loop step
+    num_warps: int
+    num_stages: int
+
+
+def prefill_config(head_dim: int) -> TileConfig:
+    """Hopper defaults, the fastest of a sweep on an H200 (256 sequences of 512 tokens, GQA 4): large query
+    tiles amortise each K/V load; larger heads take narrower key tiles to fit registers."""
+    if head_dim <= 64:
+        return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    if head_dim <= 128:
+        return TileConfig(block_m=128, block_n=32, num_warps=4, num_stages=3)
+    return TileConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+
+
+def decode_config(head_dim: int) -> TileConfig:
+    """Head rows padded to at least 16, the smallest tl.dot tile; decode is bound by reading K/V, and on an
+    H200 these knobs were within a few percent of the best of a sweep for contexts of 768 to 16k."""
+    return TileConfig(
+        block_m=16,
+        block_n=64 if head_dim <= 128 else 32,
+        num_warps=4,
+        num_stages=2,
+    )
+
+
+def decode_splits(max_model_len: int) -> int:
+    """Splits of the decode kernel: a power of two (the reduce kernel's arange) set by the longest context."""
+    wanted = math.ceil(max_model_len / _SPLIT_TOKENS)
+    return min(_MAX_DECODE_SPLITS, triton.next_power_of_2(max(1, wanted)))
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_INTERPRETED = type(_prefill_kernel).__name__ == "InterpretedFunction"
+
+
+def _dot_args(dtype: torch.dtype) -> dict[str, object]:
+    """tl.dot's operand dtype and precision for inputs of `dtype`.
+
+    Operands stay in the input dtype, except under the Triton interpreter, whose dot multiplies bfloat16
+    values as raw integers (numpy has no bfloat16): there they go to float32, where products of 16-bit
+    floats are exact, so only the summation order differs. fp32 inputs get full-precision dots (tl.dot
+    would otherwise round them to tf32).
+    """
+    return {
+        "DOT_DTYPE": tl.float32 if _INTERPRETED else _TL_DTYPES[dtype],
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_shapes(query: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int]:
+    """(GQA group size, page size), after checking what the kernels assume of the shapes."""
+    num_heads, head_dim = query.shape[1:]
+    _, _, page_size, num_kv_heads, cache_head_dim = kv_cache.shape
+    if cache_head_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"query heads {num_heads}x{head_dim} do not fit cache heads {num_kv_heads}x{cache_head_dim}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("the KV cache's head_dim must be contiguous")
+    return num_heads // num_kv_heads, page_size
+
+
+def _check_out(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    if out.shape != query.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(query.shape)} with a contiguous last dim")
+    return out
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store key/value [tokens, kv_heads, head_dim] at slot_mapping[:tokens]; slot -1 writes nothing."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _write_kv_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping, num_kv_heads,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        PAGE_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_HEADS=triton.next_power_of_2(num_kv_heads),
+    )  # fmt: skip
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    config: TileConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of every new token over its cached prefix and the new tokens (K/V already written).
+
+    Writes every row of `out` (allocated when None) that belongs to a sequence; every token must belong to
+    one, as in the reference. A sequence of no context and one padding token gets a zero row.
+    """
+    query = _last_dim_contiguous(query)
+    _, num_heads, head_dim = query.shape
+    group, page_size = _check_shapes(query, kv_cache)
+    config = config or prefill_config(head_dim)
+    block_m = max(config.block_m, triton.next_power_of_2(group))
+    block_t = block_m // group
+    out = torch.empty_like(query) if out is None else _check_out(out, query)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    grid = (meta.num_seqs, max(1, triton.cdiv(meta.max_query_len, block_t)), num_heads // group)
+    _prefill_kernel[grid](
+        out, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+        scale * _LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        meta.block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_T=block_t,
+        BLOCK_N=config.block_n, **_dot_args(query.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_splits: int,
+    config: TileConfig | None = None,
+    out: torch.Tensor | None = None,
+    split_tokens: int = _SPLIT_TOKENS,
+) -> torch.Tensor:
+    """At most one new token per sequence, over num_splits shares of each context (a power of two), each
+    a multiple of split_tokens long.
+
+    Launch shapes depend only on tensor shapes and num_splits, never on tensor contents, so the call can be
+    captured in a CUDA graph. Sequences of no context (padding) get zero rows; rows of tokens that belong
+    to no sequence are left as they are in `out`, zero when it is allocated here.
+    """
+    query = _last_dim_contiguous(query)
+    _, num_heads, head_dim = query.shape
+    group, page_size = _check_shapes(query, kv_cache)
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    config = config or decode_config(head_dim)
+    block_h = max(config.block_m, triton.next_power_of_2(group))
+    num_seqs = meta.num_seqs
+    stats = torch.empty(2, num_seqs, num_heads, num_splits, device=query.device, dtype=torch.float32)
+    partial_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, device=query.device, dtype=torch.float32)
+    out = torch.zeros_like(query) if out is None else _check_out(out, query)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    _decode_split_kernel[(num_seqs, num_heads // group, num_splits)](
+        stats[0], stats[1], partial_acc, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
+        meta.seq_lens, scale * _LOG2E, num_heads, query.stride(0), query.stride(1), meta.block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_H=block_h,
+        BLOCK_N=config.block_n, NUM_SPLITS=num_splits, SPLIT_TOKENS=split_tokens, **_dot_args(query.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    _decode_reduce_kernel[(num_seqs, num_heads)](
+        out, stats[0], stats[1], partial_acc, meta.query_start_loc, meta.seq_lens, num_heads,
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLIT_TOKENS=split_tokens,
+    )  # fmt: skip
+    return out
+
+
+class TritonPagedAttention(Attention):
+    """Paged attention on NVIDIA GPUs: write K/V, then the decode kernel when every sequence has at most
+    one new token, the prefill kernel otherwise."""
+
+    def __init__(self, max_model_len: int) -> None:
+        self.max_model_len = max_model_len
+        self.num_splits = decode_splits(max_model_len)
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Nothing to precompute: the kernels read meta's index tensors directly."""
+        return None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv(key, value, kv_cache, meta.slot_mapping)
+        if meta.max_query_len <= 1:
+            return decode_attention(query, kv_cache, meta, scale, self.num_splits)
+        return prefill_attention(query, kv_cache, meta, scale)

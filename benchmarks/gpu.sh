@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Everything the CUDA backend must show, checked and timed in one call on the GPU machine:
+#   benchmarks/gpu.sh OUTDIR [PARTS]
+# PARTS (comma-separated, default all): checks (kernels at full size + greedy-vs-transformers tests),
+# peers (ceilings, transformers generate / generate_batch), w1, single, w2, w1-8b, single-8b, w2-8b,
+# profile. Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
+# summary.md (the table for RESULTS.md), and a log per part group.
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu.sh OUTDIR [PARTS]}
+PARTS=${2:-checks,peers,w1,single,w2,w1-8b,single-8b,w2-8b,profile}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+RESULTS="$OUT/results.jsonl"
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
+
+# The GPU machine has torch, triton and transformers but no network: the project's other needs come
+# along as wheels in .whl/ (see benchmarks/RESULTS.md for how they are fetched).
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/paged-site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/paged-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+{ nvidia-smi; python3 -c 'import torch, triton, transformers, sys; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "python", sys.version.split()[0])'; python3 -m paged.cli.main info; } >>"$OUT/setup.log" 2>&1
+tail -4 "$OUT/setup.log"
+
+bench() {  # name, then throughput.py arguments
+  local name=$1; shift
+  echo "== $name: $*"
+  python3 benchmarks/throughput.py "$@" --no-compare-hf 2>>"$OUT/bench.log" | tail -1 | \
+    python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['name']='$name'; print(json.dumps(r))" | tee -a "$RESULTS"
+}
+peer() {  # name, then a peer script and its arguments; its JSON lines go to results.jsonl tagged with name
+  local name=$1; shift
+  echo "== $name: $*"
+  python3 "$@" 2>>"$OUT/peers.log" | grep '^{' | \
+    python3 -c "import json,sys; [print(json.dumps({**json.loads(l), 'name': '$name'})) for l in sys.stdin]" | tee -a "$RESULTS"
+}
+
+if want checks; then
+  python3 benchmarks/kernel_check.py "$OUT" >"$OUT/checks.log" 2>&1; echo "kernel checks exit $?" | tee -a "$OUT/checks.log"
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py >>"$OUT/checks.log" 2>&1
+  echo "gpu tests exit $?" | tee -a "$OUT/checks.log"; tail -3 "$OUT/checks.log"
+fi
+if want peers; then
+  peer hf-ceilings-generate .peers/gpu_ceilings_and_hf.py --shapes 1b --batches 256
+  peer hf-generate-batch .peers/gpu_peer_bench.py --engine hf --model-size 1b --num-prompts 256 --input-len 512 --output-len 256
+fi
+want w1 && bench w1-1b --shape 1b --num-prompts 256 --input-len 512 --output-len 256
+want single && bench single-1b --shape 1b --num-prompts 1 --input-len 512 --output-len 512
+want w2 && bench w2-1b --shape 1b --num-prompts 256 --ranged 100,1024
+want w1-8b && bench w1-8b --shape 8b --num-prompts 256 --input-len 512 --output-len 256
+want single-8b && bench single-8b --shape 8b --num-prompts 1 --input-len 512 --output-len 512
+want w2-8b && bench w2-8b --shape 8b --num-prompts 256 --ranged 100,1024
+if want profile; then
+  python3 benchmarks/throughput.py --shape 1b --num-prompts 256 --input-len 512 --output-len 256 --no-compare-hf \
+    --profile "$OUT/profile.txt" >>"$OUT/bench.log" 2>&1
+  python3 benchmarks/throughput.py --shape 1b --num-prompts 1 --input-len 512 --output-len 512 --no-compare-hf \
+    --profile "$OUT/profile-single.txt" >>"$OUT/bench.log" 2>&1
+fi
+python3 benchmarks/summarize_gpu.py "$RESULTS" | tee "$OUT/summary.md"
