@@ -175,7 +175,7 @@ def test_decode_matches_dense_reference(group, head_dim, dtype, splits, tiles):
     cache = b.kv_cache.clone()
     if tiles is None:
         attn = TritonPagedAttention(max_model_len=256 * splits)
-        assert attn.num_splits == splits
+        attn.num_sms = 1 << 20  # as if the batch were far too small to fill the GPU: splits follow the length
         b.meta.prepared = attn.prepare(b.meta)
         out = attn.forward(b.query, b.key, b.value, cache, b.meta, SCALE)
         assert (out[-1] == 0).all(), "the token owned by no sequence must come out zero"
@@ -190,6 +190,12 @@ def test_decode_matches_dense_reference(group, head_dim, dtype, splits, tiles):
 
 def test_decode_splits_follow_max_model_len():
     assert [decode_splits(n) for n in (1, 256, 257, 1024, 3000, 1 << 20)] == [1, 1, 2, 4, 16, 16]
+
+
+def test_decode_splits_stop_once_the_batch_fills_the_gpu():
+    assert decode_splits(8192, programs=8, num_sms=132) == 16  # one sequence: split as far as the length allows
+    assert decode_splits(8192, programs=64, num_sms=132) == 8
+    assert decode_splits(8192, programs=2048, num_sms=132) == 1  # 256 sequences x 8 KV heads
 
 
 @interpreted

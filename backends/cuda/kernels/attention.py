@@ -38,6 +38,7 @@ _M_INIT = tl.constexpr(-1.0e30)
 # multiple of _SPLIT_TOKENS so that the partial results stay small next to the K/V they summarise.
 _MAX_DECODE_SPLITS = 16
 _SPLIT_TOKENS = 256
+_SMALL_BATCH_SPLIT_TOKENS = 64
 
 
 @triton.jit
@@ -353,9 +354,14 @@ def decode_config(head_dim: int) -> TileConfig:
     )
 
 
-def decode_splits(max_model_len: int) -> int:
-    """Splits of the decode kernel: a power of two (the reduce kernel's arange) set by the longest context."""
-    wanted = math.ceil(max_model_len / _SPLIT_TOKENS)
+def decode_splits(max_model_len: int, programs: int | None = None, num_sms: int = 1,
+                  split_tokens: int = _SPLIT_TOKENS) -> int:
+    """Splits of the decode kernel: a power of two (the reduce kernel's arange) set by the longest context,
+    and, when the (sequence, KV head) programs already fill the multiprocessors twice over, no more than
+    that needs: a big batch gains nothing from splitting and pays for the reduction."""
+    wanted = math.ceil(max_model_len / split_tokens)
+    if programs is not None:
+        wanted = min(wanted, math.ceil(2 * num_sms / max(programs, 1)))
     return min(_MAX_DECODE_SPLITS, triton.next_power_of_2(max(1, wanted)))
 
 
@@ -498,7 +504,7 @@ class TritonPagedAttention(Attention):
 
     def __init__(self, max_model_len: int) -> None:
         self.max_model_len = max_model_len
-        self.num_splits = decode_splits(max_model_len)
+        self.num_sms: int | None = None
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Nothing to precompute: the kernels read meta's index tensors directly."""
@@ -515,5 +521,12 @@ class TritonPagedAttention(Attention):
     ) -> torch.Tensor:
         write_kv(key, value, kv_cache, meta.slot_mapping)
         if meta.max_query_len <= 1:
-            return decode_attention(query, kv_cache, meta, scale, self.num_splits)
+            if self.num_sms is None:
+                on_gpu = query.device.type == "cuda"
+                self.num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count if on_gpu else 1
+            programs = meta.num_seqs * kv_cache.shape[3]
+            # A batch too small to fill the GPU cuts contexts into finer shares, so more programs run.
+            split_tokens = _SMALL_BATCH_SPLIT_TOKENS if programs < self.num_sms else _SPLIT_TOKENS
+            splits = decode_splits(self.max_model_len, programs, self.num_sms, split_tokens)
+            return decode_attention(query, kv_cache, meta, scale, splits, split_tokens=split_tokens)
         return prefill_attention(query, kv_cache, meta, scale)
