@@ -224,6 +224,10 @@ class Backend(ABC):
         """Layout of one layer's KV cache; the default is [2 (K, V), blocks, block_size, kv_heads, head_dim]."""
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
+    def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype K/V are stored in; the model's own unless the backend's attention prefers another."""
+        return model_dtype
+
     @abstractmethod
     def attention(self, max_model_len: int) -> Attention:
         """The paged attention for models of this context length (split-K kernels size from it)."""

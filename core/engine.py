@@ -73,6 +73,7 @@ class LLMEngine:
         hf_config = self.source.hf_config
         self.tokenizer = None if config.skip_tokenizer_init else self.source.load_tokenizer()
         self.dtype = self._resolve_dtype()
+        self.kv_dtype = self.backend.kv_cache_dtype(self.dtype)
         self.max_model_len = self._resolve_max_model_len(hf_config)
         problems = self.backend.validate(self._head_dim(hf_config), config.block_size, self.dtype)
         if problems:
@@ -143,7 +144,7 @@ class LLMEngine:
 
     def _bytes_per_block(self, hf_config) -> int:
         per_layer = 2 * self.config.block_size * self._kv_heads(hf_config) * self._head_dim(hf_config)
-        return per_layer * hf_config.num_hidden_layers * self.dtype.itemsize
+        return per_layer * hf_config.num_hidden_layers * self.kv_dtype.itemsize
 
     def _size_kv_cache(self, hf_config) -> int:
         if self.config.num_gpu_blocks_override:
@@ -174,7 +175,7 @@ class LLMEngine:
         one_block = backend.kv_cache_shape(-(-self.max_model_len // self.config.block_size), self.config.block_size,
                                            self._kv_heads(hf_config), self._head_dim(hf_config))
         self.runner.profile_run(self.config.max_num_batched_tokens, hf_config.num_hidden_layers, one_block,
-                                self.dtype)
+                                self.kv_dtype)
         peak = backend.peak_memory()
         others = max(used_before - ours_before, 0)  # other processes and the runtime's own context
         budget = int(total * self.config.gpu_memory_utilization) - peak - others
@@ -190,7 +191,7 @@ class LLMEngine:
             num_blocks, self.config.block_size, self._kv_heads(hf_config), self._head_dim(hf_config)
         )
         return [
-            torch.zeros(shape, dtype=self.dtype, device=self.backend.device())
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.backend.device())
             for _ in range(hf_config.num_hidden_layers)
         ]
 

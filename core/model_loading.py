@@ -34,6 +34,7 @@ def build_model(
             torch.set_default_dtype(previous)
         if load_format == "dummy":
             init_random(model)
+            model.process_weights()
         else:
             weights = tqdm(source.iter_weights(dtype), desc="Loading weights", unit=" tensors", file=sys.stderr,
                            disable=None, leave=False)

@@ -22,15 +22,26 @@ class WeightLoading:
         raise NotImplementedError
 
 
-class ColumnParallelLinear(nn.Module, WeightLoading):
+class LinearBase(nn.Module, WeightLoading):
+    """A linear layer whose product the backend's LinearMethod computes."""
+
+    def __init__(self, method) -> None:
+        super().__init__()
+        self.method = method
+
+    def process_weights(self) -> None:
+        self.method.process_weights(self)
+
+
+class ColumnParallelLinear(LinearBase):
     """y = x W^T with W's output rows split over ranks; the output stays split.
 
     Several checkpoint matrices can be packed into one (q/k/v, gate/up): out_sizes names each part's
     full size, and shard `i` of the checkpoint lands in part i of this rank's slice.
     """
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, comm: Communicator) -> None:
-        super().__init__()
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, comm: Communicator, ops: dict) -> None:
+        super().__init__(ops["linear"])
         for size in out_sizes:
             if size % comm.world_size:
                 raise ValueError(f"output size {size} is not divisible by the tensor-parallel size {comm.world_size}")
@@ -46,14 +57,14 @@ class ColumnParallelLinear(nn.Module, WeightLoading):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.comm.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x, self.bias)
 
 
-class RowParallelLinear(nn.Module, WeightLoading):
+class RowParallelLinear(LinearBase):
     """y = x W^T with W's input columns split over ranks; partial sums are all-reduced."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, comm: Communicator) -> None:
-        super().__init__()
+    def __init__(self, in_features: int, out_features: int, bias: bool, comm: Communicator, ops: dict) -> None:
+        super().__init__(ops["linear"])
         if in_features % comm.world_size:
             raise ValueError(f"input size {in_features} is not divisible by the tensor-parallel size {comm.world_size}")
         self.comm = comm
@@ -68,7 +79,7 @@ class RowParallelLinear(nn.Module, WeightLoading):
             param.data.copy_(loaded.narrow(1, self.comm.rank * self.local_in, self.local_in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.comm.all_reduce(nn.functional.linear(x, self.weight))
+        y = self.comm.all_reduce(self.method.apply(self, x, None))
         return y + self.bias if self.bias is not None else y
 
 
@@ -99,8 +110,15 @@ class VocabParallelEmbedding(nn.Module, WeightLoading):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the vocabulary, each rank computing its range and gathering the rest."""
 
+    def __init__(self, vocab_size: int, hidden: int, comm: Communicator, ops: dict) -> None:
+        super().__init__(vocab_size, hidden, comm)
+        self.method = ops["linear"]
+
+    def process_weights(self) -> None:
+        self.method.process_weights(self)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = nn.functional.linear(hidden, self.weight)
+        local = self.method.apply(self, hidden, None)
         return self.comm.all_gather(local, dim=-1)[:, : self.vocab_size]
 
 

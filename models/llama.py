@@ -43,8 +43,10 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         d = self.head_dim
-        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [heads * d, kv_heads * d, kv_heads * d], qkv_bias, comm)
-        self.o_proj = RowParallelLinear(heads * d, config.hidden_size, getattr(config, "attention_bias", False), comm)
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [heads * d, kv_heads * d, kv_heads * d], qkv_bias,
+                                             comm, ops)
+        self.o_proj = RowParallelLinear(heads * d, config.hidden_size, getattr(config, "attention_bias", False), comm,
+                                        ops)
         self.rotary = RotaryEmbedding(d, max_positions, rope_parameters(config), ops)
         self.attn = attention
 
@@ -70,8 +72,8 @@ class LlamaMLP(nn.Module):
         inter = config.intermediate_size
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"activation {config.hidden_act!r} is not supported (silu is)")
-        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter], bias, comm)
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, comm)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter], bias, comm, ops)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, comm, ops)
         self._act = ops["silu_and_mul"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, comm, attention, ops, max_positions, qkv_bias)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm, ops)
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -167,7 +169,14 @@ class LlamaForCausalLM(nn.Module):
         missing = {n for n in params if n not in loaded} - ({"lm_head.weight"} if self.tied else set())
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        self.process_weights()
         return loaded
+
+    def process_weights(self) -> None:
+        """Let the backend repack every linear layer's weights, once they are all in place."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "process_weights"):
+                module.process_weights()
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -1,7 +1,8 @@
 """Layer ops by name, each with its plain-torch version.
 
 A backend's `ops()` returns faster versions under the same names; `bind_ops` picks them once at model
-construction, so the model's forward never asks which backend it runs on.
+construction, so the model's forward never asks which backend it runs on. "linear" is a LinearMethod
+rather than a function, since a backend may repack weights once after loading.
 """
 
 from __future__ import annotations
@@ -53,7 +54,19 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-NATIVE: dict[str, Callable[..., Any]] = {
+class LinearMethod:
+    """How a linear layer computes y = x W^T + b. A backend may repack W into its own layout once the
+    checkpoint is loaded (process_weights), then compute from that layout (apply)."""
+
+    def process_weights(self, layer: torch.nn.Module) -> None:
+        return None
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+NATIVE: dict[str, Any] = {
+    "linear": LinearMethod(),
     "rms_norm": rms_norm,
     "add_rms_norm": add_rms_norm,
     "rotary": rotary,
@@ -61,7 +74,7 @@ NATIVE: dict[str, Callable[..., Any]] = {
 }
 
 
-def bind_ops(faster: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+def bind_ops(faster: dict[str, Any]) -> dict[str, Any]:
     """The op table a model uses: the backend's version where it has one, the native one otherwise."""
     unknown = set(faster) - set(NATIVE)
     if unknown:

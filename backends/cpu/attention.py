@@ -2,7 +2,8 @@
 
 Sequences of a step are padded to one [num_seqs, max_query_len] grid so the whole batch is one
 scaled_dot_product_attention call per layer; the gather through the block table and the causal mask
-over cached prefix + new tokens are computed once per step in prepare().
+over cached prefix + new tokens are computed once per step in prepare(). Attention itself runs in
+float32 whatever the model's dtype, as the reference implementations compute their softmax.
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bat
 
 
 def gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """[blocks, block_size, kv_heads, head_dim] -> [num_seqs, kv_heads, max_seq_len, head_dim]."""
-    blocks = cache[meta.block_tables.long()]  # [seqs, max_blocks, block_size, kv_heads, head_dim]
-    seqs, nblocks, block_size, kv_heads, head_dim = blocks.shape
+    """[blocks, block_size, kv_heads, head_dim] -> float32 [num_seqs, kv_heads, max_seq_len, head_dim]."""
+    seqs, nblocks = meta.block_tables.shape
+    _, block_size, kv_heads, head_dim = cache.shape
+    blocks = cache.index_select(0, meta.block_tables.reshape(-1).long()).float()  # a no-op on a float32 cache
     return blocks.view(seqs, nblocks * block_size, kv_heads, head_dim)[:, : meta.max_seq_len].transpose(1, 2)
 
 
@@ -88,11 +90,12 @@ class TorchPagedAttention(Attention):
             grid = query.new_zeros(seqs * max_q, num_heads, head_dim)
             grid.index_copy_(0, batch.token_to_grid, query)
             grid = grid.view(seqs, max_q, num_heads, head_dim)
-        keys = gather_context(kv_cache[0], meta).to(query.dtype)
-        values = gather_context(kv_cache[1], meta).to(query.dtype)
+        # In float32: the CPU's attention kernels are many times slower on bf16 for these shapes.
+        keys = gather_context(kv_cache[0], meta)
+        values = gather_context(kv_cache[1], meta)
         out = F.scaled_dot_product_attention(
-            grid.transpose(1, 2), keys, values, attn_mask=batch.mask, scale=scale, enable_gqa=True
-        ).transpose(1, 2)
+            grid.transpose(1, 2).float(), keys, values, attn_mask=batch.mask, scale=scale, enable_gqa=True
+        ).transpose(1, 2).to(query.dtype)
         if batch.token_to_grid is None:
             return out.reshape(num_tokens, num_heads, head_dim)
         return out.reshape(seqs * max_q, num_heads, head_dim).index_select(0, batch.token_to_grid)

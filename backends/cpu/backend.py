@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import Any
 
 import torch
 
 from paged.backends.cpu.attention import TorchPagedAttention
+from paged.backends.cpu.linear import OneDNNLinear
 from paged.backends.interface import Attention, Availability, Backend
 
 
@@ -55,5 +57,12 @@ class CPUBackend(Backend):
     def device(self, index: int = 0) -> torch.device:
         return torch.device("cpu")
 
+    def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        # Attention runs in float32 here (see attention.py); storing K/V so saves a conversion per layer.
+        return torch.float32
+
     def attention(self, max_model_len: int) -> Attention:
         return TorchPagedAttention()
+
+    def ops(self) -> dict[str, Any]:
+        return {"linear": OneDNNLinear()} if torch.backends.mkldnn.is_available() else {}
