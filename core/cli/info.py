@@ -1,22 +1,53 @@
-"""`paged info`: every registered backend, whether it can run here and why, and which one would."""
+"""`paged info`: every registered backend, whether it can run here and why, and which one would.
+
+With --matrix: the compatibility matrix instead, each backend's declared facts, marked verified where
+conformance reports (--merge) say so; --write saves it as markdown (COMPATIBILITY.md is made this way).
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+MATRIX_TITLE = "# Compatibility\n\n"
+MATRIX_LEGEND = (
+    "Each cell is what the backend declares; ✓ marks what the conformance suite (tests/backends) verified, "
+    "✗ what it failed, and the last column says where. Regenerate: run the suite with PAGED_MATRIX_OUT=report.json, "
+    "then `paged info --matrix --merge REPORT... --write COMPATIBILITY.md`.\n\n"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="check this backend as `--device` would")
+    parser.add_argument("--matrix", action="store_true", help="print the compatibility matrix")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="FILE",
+                        help="with --matrix: conformance reports (JSON) whose results to mark")
+    parser.add_argument("--write", metavar="PATH", help="with --matrix: also write the matrix as markdown")
 
 
 def run(args: argparse.Namespace) -> int:
     from paged.backends.registry import choose, discover
 
     registered = discover()
+    if args.matrix:
+        return _matrix(registered, args)
     print(f"{'backend':<10} {'available':<10} {'source':<12} reason")
     for reg in registered:
         facts = reg.facts()
         print(f"{facts.name:<10} {'yes' if facts.available else 'no':<10} {facts.source:<12} {facts.reason}")
     chosen = choose(registered, args.device)
     print(f"\nchosen: {chosen.name}")
+    return 0
+
+
+def _matrix(registered: list, args: argparse.Namespace) -> int:
+    from paged.backends.common.matrix import Row, declared_facts, load_reports, merge, to_markdown
+
+    rows = [Row(reg.name, "yes" if reg.facts().available else "no",
+                declared_facts(reg.backend) if reg.backend is not None else {})
+            for reg in registered]
+    table = to_markdown(merge(rows, load_reports(args.merge)))
+    print(table, end="")
+    if args.write:
+        Path(args.write).write_text(MATRIX_TITLE + MATRIX_LEGEND + table)
     return 0

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model_tag and args.model and args.model_tag != args.model:
         raise UserError(f"two models named: {args.model_tag} and --model {args.model}", param="model")
     model = args.model_tag or args.model
+    max_body_bytes = _body_size(args.max_body_size)  # checked before the minutes a model may take to load
     engine = LLMEngine.from_kwargs(**{**engine_kwargs(args), "model": model,
                                       "generation_config": args.generation_config})
     settings = ServerSettings(
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         model_path=engine.source.path,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         metrics_require_key=args.metrics_require_key,
-        max_body_bytes=_body_size(args.max_body_size),
+        max_body_bytes=max_body_bytes,
         generation_defaults=_generation_defaults(args.generation_config, engine.source),
     )
     _log_capacity(engine)

@@ -1,0 +1,133 @@
+"""Prometheus metrics under vLLM's names and labels, so a dashboard built for vLLM works unchanged.
+
+Counters and gauges are read from the engine's stats snapshot at scrape time (they are the engine's
+own totals, so they move by exactly the tokens served); latency histograms are observed per request
+from the timestamps in RequestOutput.metrics. Everything is recorded on the engine thread before any
+client sees the step's outputs, so a client that got its answer finds it counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from paged.engine import EngineStats
+from paged.outputs import RequestOutput
+
+router = APIRouter()
+
+# vLLM's buckets, so histogram panels and quantile queries line up with theirs.
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0, 160.0, 640.0, 2560.0]
+_ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0]
+_REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                    480.0, 960.0, 1920.0, 7680.0]
+
+
+def _token_buckets(max_model_len: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to the context length, as vLLM buckets token counts."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_model_len:
+                return buckets
+            buckets.append(float(mantissa * scale))
+        scale *= 10
+
+
+class _StatsCollector(Collector):
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        stats, labels = self._metrics.stats, [self._metrics.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(labels, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(labels, value)
+            return family
+
+        yield gauge("vllm:num_requests_running", "Sequences being generated.", stats.num_running)
+        yield gauge("vllm:num_requests_waiting", "Sequences waiting to be scheduled.", stats.num_waiting)
+        yield gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", stats.kv_cache_usage)
+        yield counter("vllm:prompt_tokens", "Prompt tokens received.", stats.prompt_tokens)
+        yield counter("vllm:generation_tokens", "Tokens generated.", stats.generation_tokens)
+        yield counter("vllm:num_preemptions", "Preemptions of running sequences.", stats.num_preemptions)
+        yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      stats.prefix_cache_queries)
+        yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
+        success = CounterMetricFamily("vllm:request_success", "Finished sequences by finish reason.",
+                                      labels=["model_name", "finished_reason"])
+        for reason in ("stop", "length", "abort"):
+            success.add_metric([*labels, reason], stats.finished_reasons.get(reason, 0))
+        yield success
+
+
+class EngineMetrics:
+    """The server's registry; an `EngineObserver` the AsyncEngine tells about every step."""
+
+    def __init__(self, model_name: str, max_model_len: int) -> None:
+        self.model_name = model_name
+        self.stats = EngineStats()
+        self.registry = CollectorRegistry()
+        self.registry.register(_StatsCollector(self))
+        self._last_token_time: dict[str, float] = {}  # running requests seen before
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(model_name)
+
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Time between generated tokens.", _ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to last token.", _REQUEST_BUCKETS)
+        self.queue = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.", _REQUEST_BUCKETS)
+        self.prefill = histogram("vllm:request_prefill_time_seconds", "First scheduled to first token.",
+                                 _REQUEST_BUCKETS)
+        self.decode = histogram("vllm:request_decode_time_seconds", "First to last token.", _REQUEST_BUCKETS)
+        tokens = _token_buckets(max_model_len)
+        self.prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", tokens)
+        self.generation_tokens = histogram("vllm:request_generation_tokens", "Tokens generated per request.", tokens)
+
+    def on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        self.stats = stats
+        for out in outputs:
+            self._observe(out)
+
+    def on_abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._last_token_time.pop(request_id, None)
+
+    def _observe(self, out: RequestOutput) -> None:
+        times = out.metrics
+        previous = self._last_token_time.get(out.request_id)
+        if previous is None:
+            self.ttft.observe(times["first_token_time"] - times["arrival_time"])
+        elif times["last_token_time"] > previous:
+            self.itl.observe(times["last_token_time"] - previous)
+        if not out.finished:
+            self._last_token_time[out.request_id] = times["last_token_time"]
+            return
+        self._last_token_time.pop(out.request_id, None)
+        self.e2e.observe(times["last_token_time"] - times["arrival_time"])
+        self.queue.observe(times["first_scheduled_time"] - times["arrival_time"])
+        self.prefill.observe(times["first_token_time"] - times["first_scheduled_time"])
+        self.decode.observe(times["last_token_time"] - times["first_token_time"])
+        self.prompt_tokens.observe(len(out.prompt_token_ids))
+        self.generation_tokens.observe(sum(len(c.token_ids) for c in out.outputs))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

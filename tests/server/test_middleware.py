@@ -1,0 +1,49 @@
+"""API key and body-size limit, in-process over a stand-in engine: both act before any engine work."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from paged.server.app import build_app
+from paged.server.settings import ServerSettings
+
+
+def _call(settings: ServerSettings, method: str, path: str, **kwargs) -> httpx.Response:
+    engine_client = SimpleNamespace(max_model_len=128, observer=None, dead=False)
+    app = build_app(engine_client, settings)
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://paged") as http:
+            return await http.request(method, path, **kwargs)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(("require", "status"), [(False, 200), (True, 401)])
+def test_metrics_key_only_when_asked(require: bool, status: int) -> None:
+    settings = ServerSettings(["m"], "m", api_key="k", metrics_require_key=require)
+    assert _call(settings, "GET", "/metrics").status_code == status
+    assert _call(settings, "GET", "/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
+    assert _call(settings, "GET", "/health").status_code == 200
+
+
+def test_no_key_configured_means_open() -> None:
+    assert _call(ServerSettings(["m"], "m"), "GET", "/version").status_code == 200
+
+
+def test_chunked_body_over_the_limit_is_413() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = _call(ServerSettings(["m"], "m", max_body_bytes=4000), "POST", "/v1/completions", content=chunks(),
+                     headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == 413

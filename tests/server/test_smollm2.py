@@ -1,0 +1,39 @@
+"""The default model, SmolLM2-135M-Instruct, served with no model argument: real answers, real tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from .conftest import Server, start_server, stop_server
+
+NAME = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    log = tmp_path_factory.mktemp("smollm2") / "serve.log"
+    server: Server = start_server(None, log, "--max-model-len", "1024", "--kv-cache-memory", "256MiB")
+    yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    stop_server(server)
+
+
+def test_default_model_answers(smollm2: openai.OpenAI) -> None:
+    assert [m.id for m in smollm2.models.list().data] == [NAME]
+    out = smollm2.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+        max_tokens=24,
+    )
+    assert "Paris" in out.choices[0].message.content
+
+
+def test_default_model_streams_what_it_returns(smollm2: openai.OpenAI) -> None:
+    kwargs = dict(model=NAME, messages=[{"role": "user", "content": "List three fruits."}], temperature=0,
+                  max_tokens=32, stop=["\n\n"])
+    full = smollm2.chat.completions.create(**kwargs).choices[0]
+    streamed = "".join(c.choices[0].delta.content or "" for c in smollm2.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+    assert streamed == full.message.content
+    assert "\n\n" not in streamed
