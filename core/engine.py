@@ -254,16 +254,30 @@ class LLMEngine:
                 param="prompt",
             )
 
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: limits of this engine and ids of this vocabulary."""
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.config.max_logprobs:
+                raise UserError(f"at most {self.config.max_logprobs} logprobs may be asked for, got {k}", param=name)
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise UserError(f"{name} token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                                param=name)
+
     def add_request(
-        self, request_id: str | None, prompt: str | list[int] | dict, params: SamplingParams | None = None
+        self,
+        request_id: str | None,
+        prompt: str | list[int] | dict,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
     ) -> str:
+        """Queue a request; arrival_time (time.monotonic) is when it reached the server, for latency metrics."""
         params = params or SamplingParams()
         text, token_ids = self.tokenize_prompt(prompt)
         self.check_prompt(token_ids)
-        for k in (params.logprobs, params.prompt_logprobs):
-            if k is not None and k > self.config.max_logprobs:
-                raise UserError(f"at most {self.config.max_logprobs} logprobs may be asked for, got {k}",
-                                param="logprobs")
+        self.check_params(params)
         room = self.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         params = replace(params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens),
@@ -278,6 +292,8 @@ class LLMEngine:
             child_params = params.for_child(index)
             child = Request(f"{request_id}#{index}" if params.n > 1 else request_id, token_ids, child_params, text,
                             group_id=request_id, index=index)
+            if arrival_time is not None:
+                child.arrival_time = arrival_time
             if params.detokenize and self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
             if child_params.seed is not None:
@@ -300,6 +316,7 @@ class LLMEngine:
                 if not child.status.finished:
                     self._finish(child, RequestStatus.FINISHED_ABORTED)
                 self.requests.pop(child.request_id, None)
+        self._refresh_gauges()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -350,13 +367,16 @@ class LLMEngine:
             self._append_token(request, host, row, now)
             row += 1
             touched[request.group_id] = None
+        self._refresh_gauges()
+        return list(touched)
+
+    def _refresh_gauges(self) -> None:
         self.stats.num_running = len(self.scheduler.running)
         self.stats.num_waiting = len(self.scheduler.waiting)
         self.stats.kv_cache_usage = self.block_manager.usage()
         self.stats.num_preemptions = self.scheduler.num_preemptions
         self.stats.prefix_cache_queries = self.block_manager.prefix_queries
         self.stats.prefix_cache_hits = self.block_manager.prefix_hits
-        return list(touched)
 
     def _append_token(self, request: Request, host: dict, row: int, now: float) -> None:
         token = host["tokens"][row]
@@ -420,7 +440,7 @@ class LLMEngine:
         finished = group.finished
         completions = []
         for child in group.children:
-            logprobs = child.logprobs
+            logprobs = list(child.logprobs) if child.logprobs is not None else None
             cumulative = sum(next(iter(p.values())).logprob for p in logprobs) if logprobs else None
             detok = child.detokenizer
             completions.append(CompletionOutput(
@@ -445,7 +465,7 @@ class LLMEngine:
             prompt_token_ids=group.prompt_token_ids,
             outputs=completions,
             finished=finished,
-            prompt_logprobs=group.prompt_logprobs,
+            prompt_logprobs=list(group.prompt_logprobs) if group.prompt_logprobs is not None else None,
             num_cached_tokens=first.num_cached_tokens,
             metrics=metrics,
         )

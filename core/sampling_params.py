@@ -50,7 +50,10 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise UserError("logit_bias maps token ids to numbers", param="logit_bias") from None
         self.validate()
 
     def validate(self) -> None:

@@ -43,9 +43,7 @@ def run(args: argparse.Namespace) -> int:
 def _matrix(registered: list, args: argparse.Namespace) -> int:
     from paged.backends.common.matrix import Row, declared_facts, load_reports, merge, to_markdown
 
-    rows = [Row(reg.name, "yes" if reg.facts().available else "no",
-                declared_facts(reg.backend) if reg.backend is not None else {})
-            for reg in registered]
+    rows = [Row(reg.name, declared_facts(reg.backend) if reg.backend is not None else {}) for reg in registered]
     table = to_markdown(merge(rows, load_reports(args.merge)))
     print(table, end="")
     if args.write:

@@ -13,9 +13,10 @@ import asyncio
 import gc
 import logging
 import queue
+import time
 import threading
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from paged.engine import EngineStats, LLMEngine
@@ -43,6 +44,7 @@ class _Add:
     stream: RequestStream
     prompts: list[list[int]]
     params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -185,6 +187,9 @@ class AsyncEngine:
     def check_prompt(self, token_ids: list[int]) -> None:
         self._require_engine().check_prompt(token_ids)
 
+    def check_params(self, params: SamplingParams) -> None:
+        self._require_engine().check_params(params)
+
     def _require_engine(self) -> LLMEngine:
         if self._engine is None:
             raise EngineDeadError("the engine has been shut down")
@@ -237,7 +242,7 @@ class AsyncEngine:
         added = []
         try:
             for request_id, prompt in zip(stream.request_ids, command.prompts, strict=True):
-                engine.add_request(request_id, {"prompt_token_ids": prompt}, command.params)
+                engine.add_request(request_id, {"prompt_token_ids": prompt}, command.params, command.arrival_time)
                 added.append(request_id)
         except Exception as error:  # UserError is the client's fault; anything else still fails only this request
             if not isinstance(error, UserError):
@@ -270,20 +275,9 @@ class AsyncEngine:
             self._deliver(deliveries)
 
     def _snapshot(self) -> EngineStats:
-        """A copy of the engine's stats for other threads to read.
-
-        The engine refreshes its gauges only inside step(), so after an abort they would still count the
-        aborted request; they are recounted here from the scheduler and block manager.
-        """
-        engine = self._require_engine()
-        stats = engine.stats
-        return replace(
-            stats,
-            finished_reasons=dict(stats.finished_reasons),
-            num_running=len(engine.scheduler.running),
-            num_waiting=len(engine.scheduler.waiting),
-            kv_cache_usage=engine.block_manager.usage(),
-        )
+        """A copy of the engine's stats for other threads to read."""
+        stats = self._require_engine().stats
+        return replace(stats, finished_reasons=dict(stats.finished_reasons))
 
     def _deliver(self, items: list[tuple[RequestStream, Any]]) -> None:
         def put_all() -> None:

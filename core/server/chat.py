@@ -97,8 +97,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         logprobs=top_logprobs if body.logprobs else None,
         prompt_logprobs=None,
         defaults=settings.generation_defaults,
-        vocab_size=engine.vocab_size,
     )
+    engine.check_params(params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = await engine.submit(request_id, [token_ids], params)
     created = created_now()

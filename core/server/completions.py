@@ -76,8 +76,8 @@ async def create_completion(body: CompletionRequest, request: Request, engine: E
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,
         defaults=settings.generation_defaults,
-        vocab_size=engine.vocab_size,
     )
+    engine.check_params(params)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     stream = await engine.submit(request_id, [p.token_ids for p in prompts], params)
     response = CompletionResponse(id=request_id, created=created_now(), model=model, choices=[])

@@ -22,10 +22,8 @@ def build_sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None,
     defaults: dict[str, Any],
-    vocab_size: int,
 ) -> SamplingParams:
     """SamplingParams for `body`; a bad value raises UserError naming the field (a 400)."""
-    _check_logit_bias(body.logit_bias, vocab_size)
     chosen = {name: getattr(body, name) for name in _MODEL_DEFAULTED}
     model_defaults = {name: defaults[name] for name, value in chosen.items() if value is None and name in defaults}
     return SamplingParams(
@@ -47,18 +45,6 @@ def build_sampling_params(
         **{name: value for name, value in chosen.items() if value is not None},
         **model_defaults,
     )
-
-
-def _check_logit_bias(logit_bias: dict[str, float] | None, vocab_size: int) -> None:
-    """Here, not in the engine: the sampler checks the ids only inside step(), failing the whole batch."""
-    for key in logit_bias or {}:
-        try:
-            token = int(key)
-        except ValueError:
-            raise UserError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
-        if not 0 <= token < vocab_size:
-            raise UserError(f"logit_bias token id {token} is outside the vocabulary (0..{vocab_size - 1})",
-                            param="logit_bias")
 
 
 def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
