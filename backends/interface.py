@@ -211,6 +211,10 @@ class Backend(ABC):
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 
+    def generator(self, seed: int) -> torch.Generator:
+        """A random generator for sampling on this device (per-request seeds and the engine's own)."""
+        return torch.Generator(device=self.device()).manual_seed(seed)
+
     def default_dtype(self) -> torch.dtype:
         """The compute dtype that `dtype="auto"` resolves to when the model's own is not supported."""
         return self.supported_dtypes[0]
@@ -223,6 +227,10 @@ class Backend(ABC):
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         """Layout of one layer's KV cache; the default is [2 (K, V), blocks, block_size, kv_heads, head_dim]."""
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """One layer's KV cache, zeroed: attention reads padded slots (masked), and garbage there could be NaN."""
+        return torch.zeros(shape, dtype=dtype, device=self.device())
 
     def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype K/V are stored in; the model's own unless the backend's attention prefers another."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 from stevedore import ExtensionManager
 
@@ -51,12 +52,11 @@ def discover() -> list[Registered]:
         logger.warning("backend plugin %r failed to load: %s", entry_point.name, error)
 
     manager = ExtensionManager(namespace=GROUP, invoke_on_load=False, on_load_failure_callback=on_failure)
-    found = {ext.name: Registered(ext.name, _source(ext.entry_point), ext.plugin) for ext in manager}
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=GROUP):
-        if ep.name in failures and ep.name not in found:
-            found[ep.name] = Registered(ep.name, _source(ep), None, failures[ep.name])
+    # stevedore's cached entry points carry no distribution: importlib.metadata says who ships each one.
+    sources = {ep.name: _source(ep) for ep in entry_points(group=GROUP)}
+    found = {ext.name: Registered(ext.name, sources.get(ext.name, "built-in"), ext.plugin) for ext in manager}
+    for name, error in failures.items():
+        found.setdefault(name, Registered(name, sources.get(name, "built-in"), None, error))
 
     def order(reg: Registered) -> tuple[int, int, str]:
         builtin = reg.source == "built-in"

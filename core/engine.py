@@ -186,14 +186,10 @@ class LLMEngine:
         return budget
 
     def _allocate_kv_cache(self, hf_config, num_blocks: int) -> list[torch.Tensor]:
-        # Zeroed: padded cache slots are read (and masked) by attention, and garbage there could be NaN.
         shape = self.backend.kv_cache_shape(
             num_blocks, self.config.block_size, self._kv_heads(hf_config), self._head_dim(hf_config)
         )
-        return [
-            torch.zeros(shape, dtype=self.kv_dtype, device=self.backend.device())
-            for _ in range(hf_config.num_hidden_layers)
-        ]
+        return [self.backend.allocate_kv_cache(shape, self.kv_dtype) for _ in range(hf_config.num_hidden_layers)]
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set()
@@ -297,7 +293,7 @@ class LLMEngine:
             if params.detokenize and self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
             if child_params.seed is not None:
-                child.generator = torch.Generator(device=self.backend.device()).manual_seed(child_params.seed)
+                child.generator = self.backend.generator(child_params.seed)
             if child_params.logprobs is not None:
                 child.logprobs = []
             children.append(child)

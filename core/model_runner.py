@@ -149,7 +149,7 @@ class ModelRunner:
         self.device = backend.device()
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler()
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = backend.generator(seed)
         self.buffers = InputBuffers(backend, max_num_tokens, max_num_seqs, self.max_blocks_per_seq)
         self.block_rows = BlockTableRows(max_num_seqs, self.max_blocks_per_seq)
         self.graphs: dict[int, Callable[[], torch.Tensor]] = {}

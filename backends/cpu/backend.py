@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from typing import Any
 
+import numpy as np
 import torch
 
 from paged.backends.cpu.attention import TorchPagedAttention
@@ -56,6 +58,12 @@ class CPUBackend(Backend):
 
     def device(self, index: int = 0) -> torch.device:
         return torch.device("cpu")
+
+    def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        # numpy's zeros come from calloc: the kernel hands out zero pages as they are first touched, so a
+        # multi-GiB cache costs nothing at start-up (torch.zeros would write every byte first).
+        nbytes = math.prod(shape) * dtype.itemsize
+        return torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).view(shape)
 
     def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         # Attention runs in float32 here (see attention.py); storing K/V so saves a conversion per layer.

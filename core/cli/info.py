@@ -12,8 +12,9 @@ from pathlib import Path
 MATRIX_TITLE = "# Compatibility\n\n"
 MATRIX_LEGEND = (
     "Each cell is what the backend declares; ✓ marks what the conformance suite (tests/backends) verified, "
-    "✗ what it failed, and the last column says where. Regenerate: run the suite with PAGED_MATRIX_OUT=report.json, "
-    "then `paged info --matrix --merge REPORT... --write COMPATIBILITY.md`.\n\n"
+    "✗ what it failed, and the last column says where. Tensor parallel names the collectives and is verified "
+    "by two ranks exchanging tensors (no tensor-parallel model run is tested yet). Regenerate: run the suite with "
+    "PAGED_MATRIX_OUT=report.json, then `paged info --matrix --merge REPORT... --write COMPATIBILITY.md`.\n\n"
 )
 
 

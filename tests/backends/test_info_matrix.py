@@ -1,0 +1,51 @@
+"""`paged info`: every backend with its availability and reason, `--device` errors, and the matrix."""
+
+from __future__ import annotations
+
+import json
+
+from paged.backends.tpu.runtime import ALLOW_CPU_ENV
+from paged.cli.main import main
+
+BUILT_IN = ("cuda", "rocm", "tpu", "gaudi", "cpu")
+
+
+def test_info_lists_every_backend_and_picks_cpu(capsys, monkeypatch):
+    monkeypatch.delenv(ALLOW_CPU_ENV, raising=False)
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith("chosen")}
+    assert set(BUILT_IN) <= set(rows)
+    assert all(rows[name].split()[1] == "no" for name in ("cuda", "rocm", "gaudi")) and rows["cpu"].split()[1] == "yes"
+    assert "habana_frameworks is not installed" in rows["gaudi"]
+    assert lines[-1] == "chosen: cpu"
+
+
+def test_unavailable_device_is_a_one_line_error(capsys):
+    assert main(["generate", "hi", "--device", "rocm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("paged: error: device 'rocm' is not available here: ")
+
+
+def test_matrix_marks_what_a_report_verified(tmp_path, capsys):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"where": "Test rig", "date": "2026-01-02", "backends": {
+        "cpu": {"features": {"attention": "passed", "graphs": "skipped", "dtypes": "passed", "fp8": "skipped",
+                             "tensor parallel": "failed"}, "dtypes": ["float32"], "note": "host"}}}))
+    out = tmp_path / "COMPAT.md"
+    assert main(["info", "--matrix", "--merge", str(report), "--write", str(out)]) == 0
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "backend" not in line}
+    assert set(BUILT_IN) <= set(rows)
+    cpu = rows["cpu"]
+    assert cpu[0] == "yes ✓" and cpu[1] == "no" and cpu[2] == "bfloat16, float32 (✓ float32)"
+    assert cpu[4] == "gloo ✗" and cpu[-1] == "Test rig (2026-01-02)"
+    assert rows["gaudi"][-1] == "not yet on hardware"
+    assert out.read_text().startswith("# Compatibility") and "cpu on Test rig: host" in out.read_text()
+
+
+def test_matrix_rejects_a_file_that_is_not_a_report(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["info", "--matrix", "--merge", str(bad)]) == 2
+    assert "is not a conformance report" in capsys.readouterr().err
