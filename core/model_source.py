@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -60,9 +61,11 @@ class ModelSource:
 
     def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """Every weight as (Hugging Face name, tensor); GGUF weights come dequantized to `dtype`."""
-        if self.gguf_file:
+        if not self.gguf_file:
+            return iter_safetensors(self.path)
+        if self.converted is None or Path(self.path).stat().st_size > _CACHED_GGUF_BYTES:
             return iter_gguf(self.path, dtype)
-        return iter_safetensors(self.path)
+        return _cached_dequantized(self.path, dtype, self.converted / f"weights-{str(dtype).removeprefix('torch.')}")
 
     def generation_defaults(self) -> dict[str, Any]:
         """The sampling defaults the model's authors shipped in generation_config.json; none for a GGUF."""
@@ -106,6 +109,24 @@ def resolve_model(model: str | None, tokenizer: str | None = None) -> ModelSourc
             raise UserError(f"tokenizer '{tokenizer}' not found: expected a folder with tokenizer files", "tokenizer")
         source.tokenizer = str(tokenizer_path)
     return source
+
+
+# GGUFs up to this size keep a dequantized copy next to their converted config: reading a GGUF parses
+# all of its metadata and dequantizes in NumPy (seconds even for a small model), the copy maps in at once.
+_CACHED_GGUF_BYTES = 2 << 30
+
+
+def _cached_dequantized(path: str, dtype: torch.dtype, folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if not (folder / "model.safetensors").is_file():
+        tensors = dict(iter_gguf(path, dtype))
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(staging / "model.safetensors"))
+        try:
+            staging.rename(folder)
+        except OSError:  # another process cached it first
+            shutil.rmtree(staging, ignore_errors=True)
+        return iter(tensors.items())
+    return iter_safetensors(folder)
 
 
 def _converted_gguf(path: Path) -> Path:

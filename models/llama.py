@@ -33,7 +33,8 @@ def rope_parameters(config) -> dict:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, comm: Communicator, attention: Attention, ops: dict, max_positions: int, qkv_bias: bool):
+    def __init__(self, config, comm: Communicator, attention: Attention, ops: dict, rotary: RotaryEmbedding,
+                 qkv_bias: bool):
         super().__init__()
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -47,7 +48,7 @@ class LlamaAttention(nn.Module):
                                              comm, ops)
         self.o_proj = RowParallelLinear(heads * d, config.hidden_size, getattr(config, "attention_bias", False), comm,
                                         ops)
-        self.rotary = RotaryEmbedding(d, max_positions, rope_parameters(config), ops)
+        self.rotary = rotary  # one table shared by every layer
         self.attn = attention
 
     def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
@@ -81,9 +82,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, comm, attention, ops, max_positions, qkv_bias):
+    def __init__(self, config, comm, attention, ops, rotary, qkv_bias):
         super().__init__()
-        self.self_attn = LlamaAttention(config, comm, attention, ops, max_positions, qkv_bias)
+        self.self_attn = LlamaAttention(config, comm, attention, ops, rotary, qkv_bias)
         self.mlp = LlamaMLP(config, comm, ops)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
@@ -103,9 +104,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config, comm, attention, ops, max_positions, qkv_bias):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(config), ops)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, comm, attention, ops, max_positions, qkv_bias)
-            for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, comm, attention, ops, rotary, qkv_bias) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 

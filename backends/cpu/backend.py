@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from paged.backends.cpu.attention import TorchPagedAttention
+from paged.backends.cpu import ops
 from paged.backends.cpu.linear import OneDNNLinear
 from paged.backends.interface import Attention, Availability, Backend
 
@@ -73,4 +74,7 @@ class CPUBackend(Backend):
         return TorchPagedAttention()
 
     def ops(self) -> dict[str, Any]:
-        return {"linear": OneDNNLinear()} if torch.backends.mkldnn.is_available() else {}
+        faster: dict[str, Any] = {"rotary": ops.Rotary()}
+        if torch.backends.mkldnn.is_available():
+            faster["linear"] = OneDNNLinear()
+        return faster
