@@ -136,6 +136,14 @@ class TorchDistributedCommunicator(Communicator):
         torch.distributed.barrier(group=self.group)
 
 
+class _DoneEvent:
+    def record(self) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
 @dataclass
 class BackendFacts:
     """What `paged info` and the compatibility matrix print for a backend."""
@@ -204,6 +212,11 @@ class Backend(ABC):
 
     def synchronize(self) -> None:
         return None
+
+    def event(self) -> Any:
+        """A marker in the device's work queue: record() it, then synchronize() waits until the device has
+        done everything queued before it. Devices that run synchronously need none."""
+        return _DoneEvent()
 
     def empty_cache(self) -> None:
         return None

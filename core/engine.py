@@ -22,7 +22,7 @@ from paged.config import EngineConfig
 from paged.detokenizer import IncrementalDetokenizer
 from paged.errors import UserError
 from paged.model_loading import build_model
-from paged.model_runner import ModelRunner, StepResult
+from paged.model_runner import PENDING_TOKEN, InFlightStep, ModelRunner, StepResult
 from paged.model_source import resolve_model
 from paged.outputs import CompletionOutput, Logprob, RequestOutput
 from paged.request import Request, RequestStatus
@@ -88,7 +88,9 @@ class LLMEngine:
         self.num_blocks = self._size_kv_cache(hf_config)
         self.runner.kv_caches = self._allocate_kv_cache(hf_config, self.num_blocks)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len)
+        self._in_flight: InFlightStep | None = None
         if self.backend.supports_graphs and not config.enforce_eager:
             start = time.monotonic()
             sizes = self.runner.capture_graphs()
@@ -315,22 +317,70 @@ class LLMEngine:
         self._refresh_gauges()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # --- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One scheduled forward pass; returns the outputs of the requests it advanced (or finished).
+
+        Plain greedy decoding on a backend with graphs runs one step ahead: step N+1 is launched before
+        step N's tokens are read back (its inputs come from N's on the device), so the host's work of
+        reading, detokenizing and scheduling overlaps the device's work instead of adding to it.
+        """
+        touched: list[str] = []
+        ahead = self._can_run_ahead()
+        if self._in_flight is not None and not ahead:
+            touched += self._retire()
         with record_function("paged.schedule"):
             sched = self.scheduler.schedule()
         for request in sched.preempted:
             self.runner.release(request.request_id)
-        if sched.is_empty:
-            return []
-        with record_function("paged.execute"):
-            result = self.runner.execute(sched)
-        with record_function("paged.apply"):
-            touched = self._apply(sched, result)
-        outputs = [self._output(group) for group in map(self.groups.__getitem__, touched)
+        flight = None
+        if not sched.is_empty and ahead:
+            with record_function("paged.launch"):
+                flight = self.runner.launch_greedy(sched, self._in_flight)
+            if flight is None:  # _can_run_ahead promised a graph-sized decode step: the two disagree
+                raise RuntimeError("a step predicted to run ahead could not be launched")
+        if flight is not None:
+            for s in sched.scheduled:
+                s.request.num_computed_tokens += 1
+                s.request.token_ids.append(PENDING_TOKEN)
+        if self._in_flight is not None:
+            with record_function("paged.apply"):
+                touched += self._retire()
+        self._in_flight = flight
+        if flight is None and not sched.is_empty:
+            with record_function("paged.execute"):
+                result = self.runner.execute(sched)
+            with record_function("paged.apply"):
+                touched += self._apply(sched, result)
+        return self._outputs(touched)
+
+    def _can_run_ahead(self) -> bool:
+        """Whether the next step is sure to be a graph-replayed, plain-greedy decode of every running request."""
+        running = self.scheduler.running
+        return bool(self.runner.graphs) and not self.scheduler.waiting and len(running) <= max(self.runner.graphs) and all(
+            r.params.plain_greedy and r.params.prompt_logprobs is None and r.num_tokens - r.num_computed_tokens <= 1
+            for r in running
+        )
+
+    def _retire(self) -> list[str]:
+        """Read back the step in flight and put its tokens in place of their placeholders."""
+        flight, self._in_flight = self._in_flight, None
+        now = time.monotonic()
+        touched: dict[str, None] = {}
+        for request, token in zip(flight.requests, flight.token_ids()):
+            if request.status.finished:
+                continue  # aborted, or finished by the token before: this one was computed in vain
+            index = request.token_ids.index(PENDING_TOKEN, request.num_prompt_tokens)
+            self._accept_token(request, token, index, None, 0, now)
+            touched[request.group_id] = None
+        self._refresh_gauges()
+        return list(touched)
+
+    def _outputs(self, touched: list[str]) -> list[RequestOutput]:
+        outputs = [self._output(group) for group in map(self.groups.__getitem__, dict.fromkeys(touched))
                    if group.finished or group.children[0].params.output_kind is not RequestOutputKind.FINAL_ONLY]
         for out in outputs:
             if out.finished:
@@ -353,6 +403,8 @@ class LLMEngine:
         row = 0
         for s in sched.scheduled:
             request = s.request
+            if request.status.finished:
+                continue  # finished while this step was being prepared
             completes = s.completes
             request.num_computed_tokens += s.num_new_tokens
             chunk = result.prompt_logprobs.get(request.request_id)
@@ -360,7 +412,8 @@ class LLMEngine:
                 self._add_prompt_logprobs(self.groups[request.group_id], chunk)
             if not completes:
                 continue
-            self._append_token(request, host, row, now)
+            request.token_ids.append(host["tokens"][row])
+            self._accept_token(request, host["tokens"][row], request.num_tokens - 1, host, row, now)
             row += 1
             touched[request.group_id] = None
         self._refresh_gauges()
@@ -374,9 +427,8 @@ class LLMEngine:
         self.stats.prefix_cache_queries = self.block_manager.prefix_queries
         self.stats.prefix_cache_hits = self.block_manager.prefix_hits
 
-    def _append_token(self, request: Request, host: dict, row: int, now: float) -> None:
-        token = host["tokens"][row]
-        request.token_ids.append(token)
+    def _accept_token(self, request: Request, token: int, index: int, host: dict | None, row: int, now: float) -> None:
+        """Account for the token now at token_ids[index]: timing, logprobs, text, stop conditions."""
         self.stats.generation_tokens += 1
         if request.first_token_time is None:
             request.first_token_time = now
@@ -384,13 +436,18 @@ class LLMEngine:
         if request.logprobs is not None:
             request.logprobs.append(self._position_logprobs(token, host, row, request.params.logprobs))
         stop_string = request.detokenizer.append(token) if request.detokenizer is not None else None
-        status = self._stop_status(request, token, stop_string)
+        request.token_ids[index] = token
+        status = self._stop_status(request, token, stop_string, index + 1)
         if status is not None:
+            del request.token_ids[index + 1 :]  # a token launched after this one is dropped
             self._finish(request, status)
 
-    def _stop_status(self, request: Request, token: int, stop_string: str | None) -> RequestStatus | None:
+    def _stop_status(self, request: Request, token: int, stop_string: str | None, length: int
+                     ) -> RequestStatus | None:
+        """Whether the sequence stops at this token, the length-th of its token list."""
         params = request.params
-        if request.num_output_tokens >= params.min_tokens:
+        num_output = length - request.num_prompt_tokens
+        if num_output >= params.min_tokens:
             if not params.ignore_eos and token in params.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token in params.stop_token_ids:
@@ -399,7 +456,7 @@ class LLMEngine:
             if stop_string is not None:
                 request.stop_reason = stop_string
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if num_output >= params.max_tokens or length >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

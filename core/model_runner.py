@@ -43,6 +43,26 @@ class StepResult:
     prompt_logprobs: dict[str, PromptLogprobChunk]
 
 
+# Stands for a token sampled by a step still in flight, until its value reaches the host.
+PENDING_TOKEN = -1
+
+
+@dataclass
+class InFlightStep:
+    """A launched greedy decode step whose tokens have not been read back yet."""
+
+    requests: list  # the Request of each row
+    row_of: dict[str, int]
+    tokens: torch.Tensor  # [rows] on the device
+    host: torch.Tensor  # the staging buffer the tokens are copied into (two alternate)
+    host_tokens: torch.Tensor  # its first rows
+    done: object  # the backend event recorded after the copy
+
+    def token_ids(self) -> list[int]:
+        self.done.synchronize()
+        return self.host_tokens.tolist()
+
+
 @dataclass
 class HostInputs:
     """One step's inputs as host arrays, rows in scheduling order."""
@@ -90,7 +110,11 @@ class BlockTableRows:
 
 
 class InputBuffers:
-    """Device tensors at fixed addresses, and host staging arrays to fill them from."""
+    """Device tensors at fixed addresses, and host staging arrays to fill them from.
+
+    The staging arrays come in two sets used in turn: a step launched without waiting for the previous
+    one must not overwrite what that step's copies may still be reading.
+    """
 
     def __init__(self, backend: Backend, max_tokens: int, max_seqs: int, max_blocks: int) -> None:
         shapes = {
@@ -103,7 +127,12 @@ class InputBuffers:
         }
         device = backend.device()
         self.device = {k: torch.zeros(s, dtype=d, device=device) for k, (s, d) in shapes.items()}
-        self.host = {k: backend.host_tensor(s, d) for k, (s, d) in shapes.items()}
+        self.host_sets = [{k: backend.host_tensor(s, d) for k, (s, d) in shapes.items()} for _ in range(2)]
+        self.host = self.host_sets[0]
+
+    def flip(self) -> None:
+        """Stage the next step's inputs in the other set of host arrays."""
+        self.host = self.host_sets[1] if self.host is self.host_sets[0] else self.host_sets[0]
 
     def upload(self, name: str, values: np.ndarray) -> torch.Tensor:
         """Copy values into the front of the named buffer (through its staging array); returns that view."""
@@ -152,7 +181,8 @@ class ModelRunner:
         self.generator = backend.generator(seed)
         self.buffers = InputBuffers(backend, max_num_tokens, max_num_seqs, self.max_blocks_per_seq)
         self.block_rows = BlockTableRows(max_num_seqs, self.max_blocks_per_seq)
-        self.graphs: dict[int, Callable[[], torch.Tensor]] = {}
+        self.graphs: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.token_staging = [backend.host_tensor((max_num_seqs,), torch.int64) for _ in range(2)]
         self.graph_buffers: InputBuffers | None = None
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -283,8 +313,9 @@ class ModelRunner:
         meta.prepared = self.attention.prepare(meta)
         input_ids, positions = buffers.device["input_ids"][:size], buffers.device["positions"][:size]
 
-        def forward() -> torch.Tensor:
-            return self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
+        def forward() -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
+            return logits, logits.argmax(dim=-1)  # greedy tokens come with the graph: no launch of their own
 
         return forward
 
@@ -298,12 +329,46 @@ class ModelRunner:
         sizes = sorted(self.graphs)
         return sizes[bisect.bisect_left(sizes, len(sched.scheduled))]
 
-    def _replay(self, sched: SchedulerOutput, size: int) -> torch.Tensor:
+    def _upload_graph_inputs(self, sched: SchedulerOutput, size: int) -> None:
         inputs = self.host_inputs(sched, pad_to=size)
         buffers = self.graph_buffers
+        buffers.flip()
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables"):
             buffers.upload(name, getattr(inputs, name))
-        return self.graphs[size]()[: len(sched.scheduled)]
+
+    def _replay(self, sched: SchedulerOutput, size: int) -> torch.Tensor:
+        self._upload_graph_inputs(sched, size)
+        return self.graphs[size]()[0][: len(sched.scheduled)]
+
+    def launch_greedy(self, sched: SchedulerOutput, previous: InFlightStep | None) -> InFlightStep | None:
+        """Launch a plain-greedy decode step and return without waiting for it (None: not possible).
+
+        Tokens still in flight from `previous` (the placeholders in the requests' token lists) are fed
+        to this step on the device, so the host never waits for them before launching.
+        """
+        size = self._graph_size(sched)
+        if size is None:
+            return None
+        self._upload_graph_inputs(sched, size)
+        if previous is not None:
+            dst, src = [], []
+            for row, s in enumerate(sched.scheduled):
+                if s.request.token_ids[s.request.num_computed_tokens] == PENDING_TOKEN:
+                    dst.append(row)
+                    src.append(previous.row_of[s.request.request_id])
+            if dst:
+                input_ids = self.graph_buffers.device["input_ids"]
+                index = torch.tensor(dst, device=self.device)
+                input_ids.index_copy_(0, index, previous.tokens.index_select(0, torch.tensor(src, device=self.device)))
+        tokens = self.graphs[size]()[1][: len(sched.scheduled)]
+        staging = self.token_staging[0] if previous is None or previous.host is self.token_staging[1] \
+            else self.token_staging[1]
+        host = staging[: len(tokens)]
+        host.copy_(tokens, non_blocking=True)
+        done = self.backend.event()
+        done.record()
+        requests = [s.request for s in sched.scheduled]
+        return InFlightStep(requests, {r.request_id: i for i, r in enumerate(requests)}, tokens, staging, host, done)
 
     # --- profiling --------------------------------------------------------------------------------
 

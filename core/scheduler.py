@@ -43,8 +43,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None) -> None:
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -63,6 +65,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if self._at_limit(request):
+                index += 1  # its last token is still in flight: nothing more to compute
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.block_manager.allocate(request, num_new):
                 victim = self.running.pop()
@@ -94,6 +99,11 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         return out
+
+    def _at_limit(self, request: Request) -> bool:
+        return request.num_output_tokens >= request.params.max_tokens or (
+            self.max_model_len is not None and request.num_tokens >= self.max_model_len
+        )
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)

@@ -42,7 +42,8 @@ def test_decode_graphs_give_the_eager_tokens(tmp_path, monkeypatch):
     save_tiny_model("qwen2", tmp_path, seed=random.randrange(1 << 30))
     prompts = [{"prompt_token_ids": [random.randrange(3, VOCAB) for _ in range(random.randint(3, 40))]}
                for _ in range(13)]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    # logprobs make the steps synchronous (not plain greedy): the replay path, not the run-ahead one
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
     kwargs = dict(model=str(tmp_path), dtype="float32", device="cpu", kv_cache_memory="32MiB", max_num_seqs=16,
                   max_model_len=128)
     eager = LLM(**kwargs, enforce_eager=True).generate(prompts, params, use_tqdm=False)
@@ -58,3 +59,36 @@ def test_decode_graphs_give_the_eager_tokens(tmp_path, monkeypatch):
     graphed = llm.generate(prompts, params, use_tqdm=False)
     assert replayed and set(replayed) <= {16, 8, 4, 2, 1}
     assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
+
+
+def test_running_ahead_matches_eager_with_stops(tmp_path, monkeypatch):
+    """Greedy steps launched before the previous one's tokens are read: lengths, EOS, stop strings and
+    aborts must land exactly where the synchronous engine puts them."""
+    save_tiny_model("llama", tmp_path, seed=random.randrange(1 << 30))
+    prompts = [{"prompt_token_ids": [random.randrange(3, VOCAB) for _ in range(random.randint(3, 30))]}
+               for _ in range(11)]
+    kwargs = dict(model=str(tmp_path), dtype="float32", device="cpu", kv_cache_memory="32MiB", max_num_seqs=16,
+                  max_model_len=128)
+    eager = LLM(**kwargs, enforce_eager=True)
+    free = eager.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    params = []
+    for i, out in enumerate(free):
+        words = out.outputs[0].text.split()
+        stop = [" ".join(words[5:7])] if i % 3 == 0 else None  # some stop on a string spanning tokens
+        stop_ids = [out.outputs[0].token_ids[4 + i % 5]] if i % 3 == 1 else None  # some on a token
+        params.append(SamplingParams(temperature=0, max_tokens=4 + 3 * i, stop=stop, stop_token_ids=stop_ids))
+    expected = eager.generate(prompts, params, use_tqdm=False)
+
+    import paged.engine
+
+    monkeypatch.setattr(paged.engine, "load_backend", lambda device: ReplayingCPUBackend())
+    llm = LLM(**kwargs)
+    launched = []
+    original = llm.engine.runner.launch_greedy
+    monkeypatch.setattr(llm.engine.runner, "launch_greedy", lambda s, p: launched.append(p) or original(s, p))
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert any(p is not None for p in launched), "no step ran ahead of the previous one"
+    for a, b in zip(got, expected):
+        assert (a.outputs[0].token_ids, a.outputs[0].text, a.outputs[0].finish_reason, a.outputs[0].stop_reason) == (
+            b.outputs[0].token_ids, b.outputs[0].text, b.outputs[0].finish_reason, b.outputs[0].stop_reason)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks

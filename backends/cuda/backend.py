@@ -84,6 +84,9 @@ class CUDABackend(Backend):
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
 
+    def event(self) -> torch.cuda.Event:
+        return torch.cuda.Event()
+
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
         torch.cuda.manual_seed_all(seed)
