@@ -281,6 +281,9 @@ class Backend(ABC):
     # --- graphs ---
 
     supports_graphs: ClassVar[bool] = False
+    # Whether the engine may launch a greedy decode step before reading back the previous one's tokens
+    # (fed to it on the device through its graph's input buffer): it needs queued, asynchronous launches.
+    runs_ahead: ClassVar[bool] = False
 
     def capture_graph(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Record fn once and return a replay callable (only where supports_graphs)."""

@@ -2,12 +2,13 @@
 # Everything the CUDA backend must show, checked and timed in one call on the GPU machine:
 #   benchmarks/gpu.sh OUTDIR [PARTS]
 # PARTS (comma-separated, default all): checks (kernels at full size + greedy-vs-transformers tests),
+# conformance (tests/backends on this machine's backends, writing matrix-cuda.json for COMPATIBILITY.md),
 # peers (ceilings, transformers generate / generate_batch), w1, single, w2, w1-8b, single-8b, w2-8b,
 # profile. Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
 # summary.md (the table for RESULTS.md), and a log per part group.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu.sh OUTDIR [PARTS]}
-PARTS=${2:-checks,peers,w1,single,w2,w1-8b,single-8b,w2-8b,profile}
+PARTS=${2:-checks,conformance,peers,w1,single,w2,w1-8b,single-8b,w2-8b,profile}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -42,6 +43,11 @@ if want checks; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py >>"$OUT/checks.log" 2>&1
   echo "gpu tests exit $?" | tee -a "$OUT/checks.log"; tail -3 "$OUT/checks.log"
 fi
+if want conformance; then
+  PAGED_MATRIX_WHERE="H100 (benchmarks/gpu.sh)" PAGED_MATRIX_OUT="$OUT/matrix-cuda.json" \
+    python3 -m pytest -q -p no:cacheprovider tests/backends >"$OUT/conformance.log" 2>&1
+  echo "conformance exit $?"; tail -3 "$OUT/conformance.log"
+fi
 if want peers; then
   peer hf-ceilings-generate .peers/gpu_ceilings_and_hf.py --shapes 1b --batches 256
   peer hf-generate-batch .peers/gpu_peer_bench.py --engine hf --model-size 1b --num-prompts 256 --input-len 512 --output-len 256
@@ -58,4 +64,4 @@ if want profile; then
   python3 benchmarks/throughput.py --shape 1b --num-prompts 1 --input-len 512 --output-len 512 --no-compare-hf \
     --profile "$OUT/profile-single.txt" >>"$OUT/bench.log" 2>&1
 fi
-python3 benchmarks/summarize_gpu.py "$RESULTS" | tee "$OUT/summary.md"
+[ -f "$RESULTS" ] && python3 benchmarks/summarize_gpu.py "$RESULTS" | tee "$OUT/summary.md"

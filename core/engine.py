@@ -360,7 +360,8 @@ class LLMEngine:
     def _can_run_ahead(self) -> bool:
         """Whether the next step is sure to be a graph-replayed, plain-greedy decode of every running request."""
         running = self.scheduler.running
-        return bool(self.runner.graphs) and not self.scheduler.waiting and len(running) <= max(self.runner.graphs) and all(
+        return self.backend.runs_ahead and bool(self.runner.graphs) and not self.scheduler.waiting \
+            and len(running) <= max(self.runner.graphs) and all(
             r.params.plain_greedy and r.params.prompt_logprobs is None and r.num_tokens - r.num_computed_tokens <= 1
             for r in running
         )

@@ -21,6 +21,7 @@ class CUDABackend(Backend):
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     supported_block_sizes = (16, 32, 64, 128)
     supports_graphs = True
+    runs_ahead = True
     # Which torch build this backend serves; ROCm reuses everything else and flips this.
     torch_build = "cuda"
 

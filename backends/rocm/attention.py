@@ -8,16 +8,7 @@ an MI300: the kernels, their split-K decode and the dispatch are the CUDA backen
 
 from __future__ import annotations
 
-import torch
-
-from paged.backends.cuda.kernels.attention import (
-    TileConfig,
-    TritonPagedAttention,
-    decode_attention,
-    prefill_attention,
-    write_kv,
-)
-from paged.backends.interface import AttentionMetadata
+from paged.backends.cuda.kernels.attention import TileConfig
 
 
 def prefill_config(head_dim: int) -> TileConfig:
@@ -28,22 +19,3 @@ def prefill_config(head_dim: int) -> TileConfig:
 
 def decode_config(head_dim: int) -> TileConfig:
     return TileConfig(block_m=16, block_n=64 if head_dim <= 128 else 32, num_warps=2, num_stages=1)
-
-
-class ROCmPagedAttention(TritonPagedAttention):
-    """TritonPagedAttention with the tiles above; the choice of kernel per step is the parent's."""
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        head_dim = query.shape[-1]
-        write_kv(key, value, kv_cache, meta.slot_mapping)
-        if meta.max_query_len <= 1:
-            return decode_attention(query, kv_cache, meta, scale, self.num_splits, config=decode_config(head_dim))
-        return prefill_attention(query, kv_cache, meta, scale, config=prefill_config(head_dim))

@@ -30,9 +30,10 @@ class ROCmBackend(CUDABackend):
         return fp8_dtype_for(device_arch() or TARGET_ARCH)
 
     def attention(self, max_model_len: int) -> Attention:
-        from paged.backends.rocm.attention import ROCmPagedAttention
+        from paged.backends.cuda.kernels.attention import TritonPagedAttention
+        from paged.backends.rocm.attention import decode_config, prefill_config
 
-        return ROCmPagedAttention(max_model_len)
+        return TritonPagedAttention(max_model_len, prefill_config, decode_config)
 
 
 def device_arch() -> str | None:

@@ -148,13 +148,13 @@ def test_decode_graphs_match_cpu(backend: Backend, backend_name: str, tiny_model
     from paged.model_runner import ModelRunner
 
     replayed = []
-    replay = ModelRunner._replay
+    upload = ModelRunner._upload_graph_inputs  # every graph replay, synchronous or run ahead, goes through it
 
     def counted(runner: ModelRunner, sched, size: int):
         replayed.append(size)
-        return replay(runner, sched, size)
+        return upload(runner, sched, size)
 
-    monkeypatch.setattr(ModelRunner, "_replay", counted)
+    monkeypatch.setattr(ModelRunner, "_upload_graph_inputs", counted)
     tokens, llm = _generate(backend_name, tiny_model, enable_prefix_caching=False)
     assert sorted(llm.engine.runner.graphs) == [1, 2, 4]
     assert replayed

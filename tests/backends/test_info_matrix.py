@@ -10,15 +10,23 @@ from paged.cli.main import main
 BUILT_IN = ("cuda", "rocm", "tpu", "gaudi", "cpu")
 
 
-def test_info_lists_every_backend_and_picks_cpu(capsys, monkeypatch):
+def test_info_lists_every_backend_and_picks_the_first_available(capsys, monkeypatch):
+    """On a machine without accelerators (CI) that is cpu; on a GPU machine, the GPU's backend."""
+    from paged.backends.registry import choose, discover
+
     monkeypatch.delenv(ALLOW_CPU_ENV, raising=False)
     assert main(["info"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith("chosen")}
     assert set(BUILT_IN) <= set(rows)
-    assert all(rows[name].split()[1] == "no" for name in ("cuda", "rocm", "gaudi")) and rows["cpu"].split()[1] == "yes"
+    for reg in discover():
+        facts = reg.facts()
+        assert rows[reg.name].split()[1] == ("yes" if facts.available else "no") and facts.reason in rows[reg.name]
+    assert rows["cpu"].split()[1] == "yes"
     assert "habana_frameworks is not installed" in rows["gaudi"]
-    assert lines[-1] == "chosen: cpu"
+    assert lines[-1] == f"chosen: {choose(discover()).name}"
+    if not any(r.facts().available for r in discover() if r.name != "cpu"):
+        assert lines[-1] == "chosen: cpu"
 
 
 def test_unavailable_device_is_a_one_line_error(capsys):

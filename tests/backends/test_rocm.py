@@ -15,7 +15,10 @@ def test_is_the_cuda_backend_with_amd_facts():
     assert issubclass(ROCmBackend, CUDABackend)
     assert (ROCmBackend.torch_build, ROCmBackend.visible_devices_env, ROCmBackend.dist_backend) == (
         "rocm", "HIP_VISIBLE_DEVICES", "nccl")  # torch.distributed's name for RCCL on HIP builds
-    assert issubclass(rocm_attention.ROCmPagedAttention, TritonPagedAttention)
+    attention = ROCmBackend().attention(4096)  # the CUDA kernels and dispatch, with AMD's tiles
+    assert isinstance(attention, TritonPagedAttention)
+    assert (attention.prefill_tiles, attention.decode_tiles) == (rocm_attention.prefill_config,
+                                                                 rocm_attention.decode_config)
 
 
 @pytest.mark.skipif(bool(getattr(torch.version, "hip", None)), reason="this torch is a HIP build")

@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -502,8 +504,16 @@ class TritonPagedAttention(Attention):
     """Paged attention on NVIDIA GPUs: write K/V, then the decode kernel when every sequence has at most
     one new token, the prefill kernel otherwise."""
 
-    def __init__(self, max_model_len: int) -> None:
+    def __init__(
+        self,
+        max_model_len: int,
+        prefill_tiles: Callable[[int], TileConfig] = prefill_config,
+        decode_tiles: Callable[[int], TileConfig] = decode_config,
+    ) -> None:
+        """The tile functions (head_dim -> TileConfig) are the one thing a vendor tunes: ROCm passes its own."""
         self.max_model_len = max_model_len
+        self.prefill_tiles = prefill_tiles
+        self.decode_tiles = decode_tiles
         self.num_sms: int | None = None
 
     def prepare(self, meta: AttentionMetadata) -> None:
@@ -528,5 +538,6 @@ class TritonPagedAttention(Attention):
             # A batch too small to fill the GPU cuts contexts into finer shares, so more programs run.
             split_tokens = _SMALL_BATCH_SPLIT_TOKENS if programs < self.num_sms else _SPLIT_TOKENS
             splits = decode_splits(self.max_model_len, programs, self.num_sms, split_tokens)
-            return decode_attention(query, kv_cache, meta, scale, splits, split_tokens=split_tokens)
-        return prefill_attention(query, kv_cache, meta, scale)
+            return decode_attention(query, kv_cache, meta, scale, splits, self.decode_tiles(query.shape[-1]),
+                                    split_tokens=split_tokens)
+        return prefill_attention(query, kv_cache, meta, scale, self.prefill_tiles(query.shape[-1]))
