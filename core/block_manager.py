@@ -48,11 +48,18 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
-        """Extend request.block_hashes over the full blocks among its first num_tokens tokens."""
+        """Extend request.block_hashes over the full blocks among its first num_tokens tokens.
+
+        A block holding a token not yet known (a negative placeholder for one still being sampled) is
+        not hashed until it is: its content is not settled.
+        """
         size = self.block_size
         for i in range(len(request.block_hashes), num_tokens // size):
+            tokens = request.token_ids[i * size : (i + 1) * size]
+            if min(tokens) < 0:
+                break
             parent = request.block_hashes[-1] if request.block_hashes else None
-            request.block_hashes.append(chain_hash(parent, request.token_ids[i * size : (i + 1) * size]))
+            request.block_hashes.append(chain_hash(parent, tokens))
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Block ids holding the longest cached prefix of the request's tokens.
@@ -122,12 +129,13 @@ class BlockManager:
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         self._update_hashes(request, num_tokens)
-        for i in range(request.num_registered_blocks, num_tokens // self.block_size):
+        hashed = min(num_tokens // self.block_size, len(request.block_hashes))
+        for i in range(request.num_registered_blocks, hashed):
             block, block_hash = self.blocks[request.block_ids[i]], request.block_hashes[i]
             if block.block_hash is None and block_hash not in self.cached:
                 block.block_hash = block_hash
                 self.cached[block_hash] = block.block_id
-        request.num_registered_blocks = max(request.num_registered_blocks, num_tokens // self.block_size)
+        request.num_registered_blocks = max(request.num_registered_blocks, hashed)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, last first, so a prefix's tail is evicted before its head."""

@@ -117,3 +117,17 @@ def test_newest_request_is_preempted_first():
     for _ in range(6):  # at 13 tokens each needs 4 blocks: only one fits
         fake_step(sched, 100, 4)
     assert new.num_preemptions >= 1 and old.num_preemptions == 0
+
+
+def test_a_block_with_a_token_still_in_flight_is_not_cached():
+    """A placeholder (-1) for a token not yet read back must not be hashed into the prefix cache."""
+    bm = BlockManager(8, BLOCK)
+    request = Request("a", [5, 6, 7], SamplingParams(max_tokens=4))
+    assert bm.allocate(request, 3)
+    request.num_computed_tokens = 3
+    request.token_ids.append(-1)  # sampled on the device, not yet on the host
+    assert bm.allocate(request, 1) and request.block_hashes == [] and not bm.cached
+    request.token_ids[-1] = 8
+    request.num_computed_tokens = 4
+    request.token_ids.append(9)
+    assert bm.allocate(request, 1) and len(request.block_hashes) == 1 and len(bm.cached) == 1
