@@ -68,6 +68,10 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        if config.tensor_parallel_size != 1:
+            # The layers are written for it (column/row-parallel over the communicator); launching one
+            # worker per device is not there yet.
+            raise UserError("tensor_parallel_size > 1 is not supported yet", param="tensor_parallel_size")
         self.backend: Backend = load_backend(config.device)
         self.source = resolve_model(config.model, config.tokenizer)
         hf_config = self.source.hf_config
