@@ -349,6 +349,7 @@ class LLMEngine:
         if flight is not None:
             for s in sched.scheduled:
                 s.request.num_computed_tokens += 1
+                flight.indices.append(s.request.num_tokens)
                 s.request.token_ids.append(PENDING_TOKEN)
         if self._in_flight is not None:
             with record_function("paged.apply"):
@@ -364,8 +365,9 @@ class LLMEngine:
     def _can_run_ahead(self) -> bool:
         """Whether the next step is sure to be a graph-replayed, plain-greedy decode of every running request."""
         running = self.scheduler.running
-        return self.backend.runs_ahead and bool(self.runner.graphs) and not self.scheduler.waiting \
-            and len(running) <= max(self.runner.graphs) and all(
+        sizes = self.runner.graph_sizes
+        return self.backend.runs_ahead and bool(sizes) and not self.scheduler.waiting \
+            and len(running) <= sizes[-1] and all(
             r.params.plain_greedy and r.params.prompt_logprobs is None and r.num_tokens - r.num_computed_tokens <= 1
             for r in running
         )
@@ -375,11 +377,11 @@ class LLMEngine:
         flight, self._in_flight = self._in_flight, None
         now = time.monotonic()
         touched: dict[str, None] = {}
-        for request, token in zip(flight.requests, flight.token_ids()):
+        for request, index, token in zip(flight.requests, flight.indices, flight.token_ids()):
             if request.status.finished:
                 continue  # aborted, or finished by the token before: this one was computed in vain
-            index = request.token_ids.index(PENDING_TOKEN, request.num_prompt_tokens)
-            self._accept_token(request, token, index, None, 0, now)
+            request.token_ids[index] = token
+            self._accept_token(request, token, index + 1, None, 0, now)
             touched[request.group_id] = None
         self._refresh_gauges()
         return list(touched)
@@ -418,7 +420,7 @@ class LLMEngine:
             if not completes:
                 continue
             request.token_ids.append(host["tokens"][row])
-            self._accept_token(request, host["tokens"][row], request.num_tokens - 1, host, row, now)
+            self._accept_token(request, host["tokens"][row], request.num_tokens, host, row, now)
             row += 1
             touched[request.group_id] = None
         self._refresh_gauges()
@@ -432,8 +434,8 @@ class LLMEngine:
         self.stats.prefix_cache_queries = self.block_manager.prefix_queries
         self.stats.prefix_cache_hits = self.block_manager.prefix_hits
 
-    def _accept_token(self, request: Request, token: int, index: int, host: dict | None, row: int, now: float) -> None:
-        """Account for the token now at token_ids[index]: timing, logprobs, text, stop conditions."""
+    def _accept_token(self, request: Request, token: int, length: int, host: dict | None, row: int, now: float) -> None:
+        """Account for the token just placed at token_ids[length - 1]: timing, logprobs, text, stop conditions."""
         self.stats.generation_tokens += 1
         if request.first_token_time is None:
             request.first_token_time = now
@@ -441,10 +443,9 @@ class LLMEngine:
         if request.logprobs is not None:
             request.logprobs.append(self._position_logprobs(token, host, row, request.params.logprobs))
         stop_string = request.detokenizer.append(token) if request.detokenizer is not None else None
-        request.token_ids[index] = token
-        status = self._stop_status(request, token, stop_string, index + 1)
+        status = self._stop_status(request, token, stop_string, length)
         if status is not None:
-            del request.token_ids[index + 1 :]  # a token launched after this one is dropped
+            del request.token_ids[length:]  # a token launched after this one is dropped
             self._finish(request, status)
 
     def _stop_status(self, request: Request, token: int, stop_string: str | None, length: int

@@ -9,7 +9,7 @@ attend to nothing (context length 0), and their logits are dropped.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -57,6 +57,7 @@ class InFlightStep:
     host: torch.Tensor  # the staging buffer the tokens are copied into (two alternate)
     host_tokens: torch.Tensor  # its first rows
     done: object  # the backend event recorded after the copy
+    indices: list[int] = field(default_factory=list)  # where each row's placeholder sits in its token list
 
     def token_ids(self) -> list[int]:
         self.done.synchronize()
@@ -183,6 +184,7 @@ class ModelRunner:
         self.block_rows = BlockTableRows(max_num_seqs, self.max_blocks_per_seq)
         self.graphs: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.token_staging = [backend.host_tensor((max_num_seqs,), torch.int64) for _ in range(2)]
+        self.graph_sizes: list[int] = []  # ascending
         self.graph_buffers: InputBuffers | None = None
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -295,9 +297,10 @@ class ModelRunner:
         self.graph_buffers = InputBuffers(self.backend, sizes[-1], sizes[-1], self.max_blocks_per_seq)
         for size in reversed(sizes):
             self.graphs[size] = self.backend.capture_graph(self._decode_forward(size))
+        self.graph_sizes = sizes
         return sizes
 
-    def _decode_forward(self, size: int) -> Callable[[], torch.Tensor]:
+    def _decode_forward(self, size: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         buffers = self.graph_buffers
         buffers.device["query_start_loc"][: size + 1].copy_(torch.arange(size + 1, dtype=torch.int32))
         meta = AttentionMetadata(
@@ -321,13 +324,12 @@ class ModelRunner:
 
     def _graph_size(self, sched: SchedulerOutput) -> int | None:
         """The captured batch size to replay for this step, or None to run eagerly."""
-        if not self.graphs or len(sched.scheduled) > max(self.graphs):
+        if not self.graph_sizes or len(sched.scheduled) > self.graph_sizes[-1]:
             return None
         if any(s.num_new_tokens != 1 or not s.completes or s.request.params.prompt_logprobs is not None
                for s in sched.scheduled):
             return None
-        sizes = sorted(self.graphs)
-        return sizes[bisect.bisect_left(sizes, len(sched.scheduled))]
+        return self.graph_sizes[bisect.bisect_left(self.graph_sizes, len(sched.scheduled))]
 
     def _upload_graph_inputs(self, sched: SchedulerOutput, size: int) -> None:
         inputs = self.host_inputs(sched, pad_to=size)
