@@ -147,6 +147,11 @@ def make_paged_batch(
     return PagedBatch(query, key, value, kv_cache, meta, list(specs), context_k, context_v)
 
 
+def head_major(cache: torch.Tensor) -> torch.Tensor:
+    """A standard-layout cache in the CPU backend's layout, where TorchPagedAttention reads it."""
+    return cache.transpose(2, 3).contiguous()
+
+
 def dense_reference(batch: PagedBatch, scale: float) -> torch.Tensor:
     """float64 attention per sequence over its whole K/V (no block table); padding rows are zero."""
     out = torch.zeros(batch.query.shape, dtype=torch.float64, device=batch.query.device)
@@ -292,7 +297,7 @@ def _attention_case(
     err = verify_attention(name, batch, out, cache, scale)
 
     torch_meta = dataclasses.replace(meta, prepared=torch_attn.prepare(meta))
-    torch_cache = batch.kv_cache.nan_to_num(0.0)  # SDPA turns masked NaN keys into NaN rows
+    torch_cache = head_major(batch.kv_cache.nan_to_num(0.0))  # SDPA turns masked NaN keys into NaN rows
     torch_out = torch_attn.forward(batch.query, batch.key, batch.value, torch_cache, torch_meta, scale)
     real = batch.rows(padding=False)
     torch_err = relative_error(torch_out[real], dense_reference(batch, scale)[real])

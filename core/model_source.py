@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from paged.default_model import cache_dir, default_model_path
+from paged.backends.common.cache import cache_dir
+from paged.default_model import default_model_path
 from paged.errors import UserError
 from paged.models.loader import iter_gguf, iter_safetensors
 

@@ -1,14 +1,23 @@
 """Paged attention in plain torch: the CPU backend's implementation and every kernel's reference.
 
-Sequences of a step are padded to one [num_seqs, max_query_len] grid so the whole batch is one
-scaled_dot_product_attention call per layer; the gather through the block table and the causal mask
-over cached prefix + new tokens are computed once per step in prepare(). Attention itself runs in
-float32 whatever the model's dtype, as the reference implementations compute their softmax.
+The cache keeps each (block, KV head) as one contiguous [block_size, head_dim] tile: its shape is
+[2 (K, V), blocks, kv_heads, block_size, head_dim]. One index_select per layer then gathers the keys and
+values of every sequence of the step straight into the [seqs, kv_heads, context, head_dim] layout that
+attention reads, into a buffer reused by every layer: on a CPU this step is bound by the bytes it moves,
+and a gathered copy that needs no further transpose is moved once.
+
+Decode steps of many sequences (one query each) multiply in the cache's dtype with two batched matmuls
+and a float32 softmax, as transformers' eager attention does: the flash kernel behind
+scaled_dot_product_attention is built for blocks of queries, and on bfloat16 at one query per sequence
+it is several times slower, while converting the context to float32 first doubles the bytes moved.
+Other steps pad their sequences to one [num_seqs, max_query_len] grid and make one float32
+scaled_dot_product_attention call per layer. Index tensors and masks are computed once per step
+(prepare() and the first layer).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +26,53 @@ from paged.backends.interface import Attention, AttentionMetadata
 
 
 @dataclass
+class CacheIndex:
+    """Rows of one cache shape that a step reads and writes, shared by every layer of the step."""
+
+    context_tiles: torch.Tensor  # [2 * seqs * kv_heads * blocks_per_seq] into cache.view(-1, block_size, head_dim)
+    new_rows: torch.Tensor  # [2 * written tokens * kv_heads] into cache.view(-1, head_dim)
+    gathered: torch.Tensor  # the buffer every layer gathers its context into
+
+
+@dataclass
 class PaddedBatch:
     """Index tensors that move a ragged step onto the padded grid and back."""
 
     token_to_grid: torch.Tensor | None  # [num_tokens] flat index into [num_seqs * max_query_len]; None when decode-only
-    mask: torch.Tensor  # [num_seqs, 1, max_query_len, max_seq_len] bool, True where a query may attend
+    mask: torch.Tensor  # [num_seqs, 1, max_query_len, context] bool, True where a query may attend
     write_slots: torch.Tensor  # slot_mapping without padding
     write_rows: torch.Tensor | None  # token rows that write (None: all)
+    block_ids: torch.Tensor  # [num_seqs, blocks_per_seq] int64: the block tables cut to the step's context
+    indexes: dict[tuple, CacheIndex] = field(default_factory=dict)
+    _bias: torch.Tensor | None = None
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """The mask as float32 to add to scores: 0 where allowed, the lowest float elsewhere (not -inf, so
+        a padding row that may attend to nothing stays finite)."""
+        if self._bias is None:
+            self._bias = torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(
+                ~self.mask, torch.finfo(torch.float32).min)
+        return self._bias
+
+    def index_for(self, kv_cache: torch.Tensor) -> CacheIndex:
+        key = (tuple(kv_cache.shape), kv_cache.dtype)
+        if key not in self.indexes:
+            self.indexes[key] = self._build_index(kv_cache)
+        return self.indexes[key]
+
+    def _build_index(self, kv_cache: torch.Tensor) -> CacheIndex:
+        _, num_blocks, kv_heads, block_size, head_dim = kv_cache.shape
+        device = kv_cache.device
+        part = torch.arange(2, device=device).view(2, 1, 1, 1) * num_blocks
+        heads = torch.arange(kv_heads, device=device).view(1, 1, kv_heads, 1)
+        # Tile (part, block, head) is row (part * blocks + block) * kv_heads + head of the [-1, bs, hd] view.
+        context_tiles = ((part + self.block_ids.unsqueeze(1).unsqueeze(0)) * kv_heads + heads).reshape(-1)
+        block, offset = self.write_slots // block_size, self.write_slots % block_size
+        tiles = (part.view(2, 1, 1) + block.view(1, -1, 1)) * kv_heads + heads.view(1, 1, kv_heads)
+        new_rows = (tiles * block_size + offset.view(1, -1, 1)).reshape(-1)
+        gathered = torch.empty(context_tiles.numel(), block_size, head_dim, dtype=kv_cache.dtype, device=device)
+        return CacheIndex(context_tiles, new_rows, gathered)
 
 
 def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
@@ -33,13 +82,14 @@ def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
     seq_lens = meta.seq_lens.long()
     num_tokens = int(meta.query_start_loc[-1])
     max_q = meta.max_query_len
+    blocks_per_seq = -(-meta.max_seq_len // meta.block_size)
 
     # Position in the context of every grid cell; padded query rows get position 0 so they stay finite.
     row = torch.arange(max_q, device=device)
     query_pos = seq_lens[:, None] - query_lens[:, None] + row[None, :]
     valid_row = row[None, :] < query_lens[:, None]
     query_pos = torch.where(valid_row, query_pos, torch.zeros_like(query_pos))
-    key_pos = torch.arange(meta.max_seq_len, device=device)
+    key_pos = torch.arange(blocks_per_seq * meta.block_size, device=device)
     mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
 
     token_to_grid = None
@@ -55,24 +105,43 @@ def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
     else:
         write_rows = keep.nonzero().squeeze(1)
         write_slots = slots[write_rows]
-    return PaddedBatch(token_to_grid, mask.unsqueeze(1), write_slots, write_rows)
+    block_ids = meta.block_tables[:, :blocks_per_seq].long()
+    return PaddedBatch(token_to_grid, mask.unsqueeze(1), write_slots, write_rows, block_ids)
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: PaddedBatch) -> None:
-    """Store this step's K/V in the cache ([2, blocks, block_size, kv_heads, head_dim])."""
-    _, _, _, kv_heads, head_dim = kv_cache.shape
+    """Store this step's K/V in the cache at the slots of the step's real tokens."""
+    new = torch.stack((key, value))  # [2, tokens, kv_heads, head_dim]
     if batch.write_rows is not None:
-        key, value = key[batch.write_rows], value[batch.write_rows]
-    kv_cache[0].view(-1, kv_heads, head_dim).index_copy_(0, batch.write_slots, key.to(kv_cache.dtype))
-    kv_cache[1].view(-1, kv_heads, head_dim).index_copy_(0, batch.write_slots, value.to(kv_cache.dtype))
+        new = new[:, batch.write_rows]
+    head_dim = kv_cache.shape[-1]
+    kv_cache.view(-1, head_dim).index_copy_(0, batch.index_for(kv_cache).new_rows,
+                                            new.reshape(-1, head_dim).to(kv_cache.dtype))
 
 
-def gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """[blocks, block_size, kv_heads, head_dim] -> float32 [num_seqs, kv_heads, max_seq_len, head_dim]."""
-    seqs, nblocks = meta.block_tables.shape
-    _, block_size, kv_heads, head_dim = cache.shape
-    blocks = cache.index_select(0, meta.block_tables.reshape(-1).long()).float()  # a no-op on a float32 cache
-    return blocks.view(seqs, nblocks * block_size, kv_heads, head_dim)[:, : meta.max_seq_len].transpose(1, 2)
+def gather_context(kv_cache: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
+    """Keys and values of every sequence's context: [2, num_seqs, kv_heads, context, head_dim], cache dtype."""
+    _, _, kv_heads, block_size, head_dim = kv_cache.shape
+    index = batch.index_for(kv_cache)
+    torch.index_select(kv_cache.view(-1, block_size, head_dim), 0, index.context_tiles, out=index.gathered)
+    seqs, blocks_per_seq = batch.block_ids.shape
+    return index.gathered.view(2, seqs, kv_heads, blocks_per_seq * block_size, head_dim)
+
+
+# Decode steps of fewer sequences take the float32 flash kernel too: their cost is per-call overhead, of
+# which it has the least; from here on the bytes of the context dominate (measured in benchmarks/RESULTS.md).
+MATMUL_DECODE_FROM_SEQS = 8
+
+
+def decode_attention(query: torch.Tensor, context: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence: [seqs, heads, head_dim] over context [2, seqs, kv_heads, length, head_dim]."""
+    _, seqs, kv_heads, length, head_dim = context.shape
+    group = query.shape[1] // kv_heads  # query heads sharing one KV head, adjacent as in repeat_kv
+    keys, values = context.view(2, seqs * kv_heads, length, head_dim)
+    scores = torch.bmm(query.reshape(seqs * kv_heads, group, head_dim).to(context.dtype), keys.transpose(1, 2))
+    scores = scores.float().mul_(scale).view(seqs, kv_heads, group, length).add_(bias)
+    probs = torch.softmax(scores, dim=-1).to(context.dtype).view(seqs * kv_heads, group, length)
+    return torch.bmm(probs, values).view(query.shape).to(query.dtype)
 
 
 class TorchPagedAttention(Attention):
@@ -82,20 +151,22 @@ class TorchPagedAttention(Attention):
     def forward(self, query, key, value, kv_cache, meta, scale):
         batch: PaddedBatch = meta.prepared
         write_kv(kv_cache, key, value, batch)
+        context = gather_context(kv_cache, batch)
+        decode = batch.token_to_grid is None
+        if decode and meta.num_seqs >= MATMUL_DECODE_FROM_SEQS:
+            return decode_attention(query, context, batch.bias, scale)
         num_tokens, num_heads, head_dim = query.shape
         seqs, max_q = meta.num_seqs, meta.max_query_len
-        if batch.token_to_grid is None:
+        if decode:
             grid = query.view(seqs, 1, num_heads, head_dim)
         else:
             grid = query.new_zeros(seqs * max_q, num_heads, head_dim)
             grid.index_copy_(0, batch.token_to_grid, query)
             grid = grid.view(seqs, max_q, num_heads, head_dim)
-        # In float32: the CPU's attention kernels are many times slower on bf16 for these shapes.
-        keys = gather_context(kv_cache[0], meta)
-        values = gather_context(kv_cache[1], meta)
+        keys, values = context.float()
         out = F.scaled_dot_product_attention(
             grid.transpose(1, 2).float(), keys, values, attn_mask=batch.mask, scale=scale, enable_gqa=True
         ).transpose(1, 2).to(query.dtype)
-        if batch.token_to_grid is None:
+        if decode:
             return out.reshape(num_tokens, num_heads, head_dim)
         return out.reshape(seqs * max_q, num_heads, head_dim).index_select(0, batch.token_to_grid)

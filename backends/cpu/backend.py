@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
@@ -11,9 +12,12 @@ import numpy as np
 import torch
 
 from paged.backends.cpu.attention import TorchPagedAttention
-from paged.backends.cpu import ops
+from paged.backends.cpu.ops import LayerOps
 from paged.backends.cpu.linear import OneDNNLinear
+from paged.backends.cpu.native import load_kernels
 from paged.backends.interface import Attention, Availability, Backend
+
+logger = logging.getLogger(__name__)
 
 
 def _cpu_model_name() -> str:
@@ -60,21 +64,23 @@ class CPUBackend(Backend):
     def device(self, index: int = 0) -> torch.device:
         return torch.device("cpu")
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        # A (block, head) tile is contiguous: see attention.py for why the CPU wants that.
+        return (2, num_blocks, num_kv_heads, block_size, head_dim)
+
     def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         # numpy's zeros come from calloc: the kernel hands out zero pages as they are first touched, so a
         # multi-GiB cache costs nothing at start-up (torch.zeros would write every byte first).
         nbytes = math.prod(shape) * dtype.itemsize
         return torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).view(shape)
 
-    def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        # Attention runs in float32 here (see attention.py); storing K/V so saves a conversion per layer.
-        return torch.float32
-
     def attention(self, max_model_len: int) -> Attention:
         return TorchPagedAttention()
 
     def ops(self) -> dict[str, Any]:
-        faster: dict[str, Any] = {"rotary": ops.Rotary()}
+        kernels, why = load_kernels()
+        logger.info("CPU kernels: %s", why)
+        faster = LayerOps(kernels).table()
         if torch.backends.mkldnn.is_available():
-            faster["linear"] = OneDNNLinear()
+            faster["linear"] = OneDNNLinear(kernels)
         return faster

@@ -1,14 +1,23 @@
-"""Layer ops with fewer torch calls for the CPU, where each call's overhead is a large share of a decode
-step. Same math as models/ops.py (which stays the reference), in the model's dtype like the reference
-implementations. (torch's fused rms_norm measured slower than the plain version here, so it is not used.)"""
+"""Layer ops of the CPU backend: the compiled kernels (native.py) on bfloat16, torch otherwise.
+
+A decode step's time outside the matrix products is mostly the dispatch of many small torch calls, so
+each op here is one call where the kernels are built, and as few torch calls as the math allows where
+they are not. Same math as models/ops.py (which stays the reference), in the model's dtype like the
+reference implementations. (torch's fused rms_norm measured slower than the plain version here.)
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from paged.backends.cpu.native import Kernels
+from paged.models import ops as reference
 
 
 class Rotary:
-    """Rotary embedding whose cos/sin rows are gathered once per step, not once per layer.
+    """Rotary embedding in torch whose cos/sin rows are gathered once per step, not once per layer.
 
     Every layer of a step passes the same positions; the key (storage, version) changes whenever the
     runner writes new positions into its buffer, so a reused buffer never serves stale rows.
@@ -37,3 +46,32 @@ class Rotary:
             return (heads * cos + heads.roll(half, dims=-1) * sin).view(x.shape)
 
         return rotate(query), rotate(key)
+
+
+class LayerOps:
+    """The CPU backend's entries of the op table."""
+
+    def __init__(self, kernels: Kernels | None) -> None:
+        self.kernels = kernels
+        self._torch_rotary = Rotary()
+
+    def _compiled(self, x: torch.Tensor) -> bool:
+        return self.kernels is not None and x.dtype == torch.bfloat16
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not self._compiled(x):
+            return reference.rms_norm(x, weight, eps)
+        return self.kernels.rms_norm(x, None, weight, eps)[0]
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        if not self._compiled(x):
+            return reference.add_rms_norm(x, residual, weight, eps)
+        return self.kernels.rms_norm(x, residual, weight, eps)
+
+    def rotary(self, positions, query, key, cos_sin):
+        if not self._compiled(query) or cos_sin.dtype != torch.float32:
+            return self._torch_rotary(positions, query, key, cos_sin)
+        return self.kernels.rotary(positions, query, cos_sin), self.kernels.rotary(positions, key, cos_sin)
+
+    def table(self) -> dict[str, Any]:
+        return {"rms_norm": self.rms_norm, "add_rms_norm": self.add_rms_norm, "rotary": self.rotary}

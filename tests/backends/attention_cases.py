@@ -79,23 +79,35 @@ def build_case(context_lens, query_lens, heads, kv_heads, head_dim=16, block_siz
     return Case(cache, meta, torch.cat(qs), new_k, new_v, full_kv, tables, head_dim**-0.5)
 
 
+def _layout(backend: Backend) -> str:
+    """Which in-tree layout backend.kv_cache_shape declares, told apart by sizes that are all distinct."""
+    layouts = {(2, 5, 7, 11, 13): "standard", (2, 5, 11, 7, 13): "head-major", (5, 7, 22, 13): "interleaved"}
+    shape = tuple(backend.kv_cache_shape(5, 7, 11, 13))
+    if shape not in layouts:
+        raise NotImplementedError(f"{backend.name}: no test adapter for KV cache layout {shape}")
+    return layouts[shape]
+
+
 def to_backend_layout(cache: torch.Tensor, backend: Backend) -> torch.Tensor:
-    """The standard-layout cache in the layout backend.kv_cache_shape declares (the two in tree)."""
+    """The standard-layout cache in the layout backend.kv_cache_shape declares (the three in tree)."""
     _, blocks, block_size, kv_heads, head_dim = cache.shape
-    shape = backend.kv_cache_shape(blocks, block_size, kv_heads, head_dim)
-    if shape == tuple(cache.shape):
-        return cache
-    if shape == (blocks, block_size, 2 * kv_heads, head_dim):  # K and V of a head interleaved
-        return cache.permute(1, 2, 3, 0, 4).reshape(shape)
-    raise NotImplementedError(f"{backend.name}: no test adapter for KV cache layout {shape}")
+    layout = _layout(backend)
+    if layout == "head-major":  # each (block, head) a contiguous [block_size, head_dim] tile
+        return cache.transpose(2, 3)
+    if layout == "interleaved":  # K and V of a head interleaved
+        return cache.permute(1, 2, 3, 0, 4).reshape(blocks, block_size, 2 * kv_heads, head_dim)
+    return cache
 
 
-def from_backend_layout(cache: torch.Tensor, standard_shape: torch.Size) -> torch.Tensor:
+def from_backend_layout(cache: torch.Tensor, standard_shape: torch.Size, backend: Backend) -> torch.Tensor:
     """Inverse of to_backend_layout."""
-    if cache.shape == standard_shape:
-        return cache
     _, blocks, block_size, kv_heads, head_dim = standard_shape
-    return cache.reshape(blocks, block_size, kv_heads, 2, head_dim).permute(3, 0, 1, 2, 4)
+    layout = _layout(backend)
+    if layout == "head-major":
+        return cache.transpose(2, 3)
+    if layout == "interleaved":
+        return cache.reshape(blocks, block_size, kv_heads, 2, head_dim).permute(3, 0, 1, 2, 4)
+    return cache
 
 
 def run_attention(case: Case, backend: Backend, cache_dtype: torch.dtype | None = None
@@ -113,7 +125,7 @@ def run_attention(case: Case, backend: Backend, cache_dtype: torch.dtype | None 
     meta.prepared = attention.prepare(meta)
     out = attention.forward(case.query.to(device), case.key.to(device), case.value.to(device), cache, meta,
                             case.scale)
-    return out.to("cpu"), from_backend_layout(cache.to("cpu"), case.cache.shape)
+    return out.to("cpu"), from_backend_layout(cache.to("cpu"), case.cache.shape, backend)
 
 
 def check(case: Case, out: torch.Tensor, cache: torch.Tensor, tolerance: float) -> None:

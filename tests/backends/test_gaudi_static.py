@@ -18,7 +18,9 @@ from tests.models_factory import VOCAB, save_tiny_model
 
 
 class GaudiAttentionOnCPU(CPUBackend):
-    """The CPU backend with Gaudi's attention: what runs on the hpu device, run on the host."""
+    """The CPU backend with Gaudi's attention and cache layout: what runs on the hpu device, run on the host."""
+
+    kv_cache_shape = GaudiBackend.kv_cache_shape
 
     def attention(self, max_model_len: int) -> GaudiPagedAttention:
         return GaudiPagedAttention()

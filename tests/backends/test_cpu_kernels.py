@@ -1,0 +1,97 @@
+"""The CPU backend's compiled bfloat16 kernels against float64 and the plain-torch ops, and the fallback when
+they cannot be built."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from paged.backends.cpu import native
+from paged.backends.cpu.linear import OneDNNLinear
+from paged.backends.cpu.ops import Rotary
+from paged.models import ops as reference
+from paged.models.layers import RotaryEmbedding
+
+KERNELS, WHY = native.load_kernels()
+needs_kernel = pytest.mark.skipif(KERNELS is None, reason=WHY)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_matches_float64(rows):
+    # Odd sizes too: a last block of fewer than four rows of W, and k not a multiple of 32.
+    n, k = random.choice([(960, 576), (4, 64), (7, 33), (1001, 77), (3, 1)])
+    x = torch.randn(rows, k).bfloat16()
+    w = torch.randn(n, k).bfloat16()
+    out = KERNELS.gemv(x, w)
+    exact = x.double() @ w.double().T
+    # float32 accumulation, then one rounding to bfloat16: within half a bfloat16 ulp plus the sum's error.
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+    assert torch.allclose(out.double(), exact, rtol=2**-8, atol=1e-3 * k**0.5)
+
+
+@needs_kernel
+def test_linear_uses_it_for_few_rows_only():
+    layer = torch.nn.Linear(64, 48, bias=True).bfloat16()
+    method = OneDNNLinear(KERNELS)
+    method.process_weights(layer)
+    for rows in (1, KERNELS.gemv_max_rows, KERNELS.gemv_max_rows + 5):
+        x = torch.randn(rows, 64).bfloat16()
+        expected = x.double() @ layer.weight.double().T + layer.bias.double()
+        assert torch.allclose(method.apply(layer, x, layer.bias).double(), expected, rtol=2**-7, atol=2e-2)
+
+
+def assert_like_torch(out: torch.Tensor, torch_out: torch.Tensor, exact: torch.Tensor) -> None:
+    """Same rounding steps as the torch op: nearly every element has its bits, and all are within bf16 error."""
+    assert out.dtype == torch.bfloat16 and out.shape == torch_out.shape
+    assert (out != torch_out).float().mean() < 0.02
+    assert torch.allclose(out.double(), exact, rtol=2**-6, atol=2**-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # 40: rows split over threads
+def test_rms_norm_matches_torch(tokens):
+    hidden, eps = random.choice([576, 64, 100]), 1e-5
+    x, residual = torch.randn(tokens, hidden).bfloat16(), torch.randn(tokens, hidden).bfloat16()
+    weight = (1 + 0.1 * torch.randn(hidden)).bfloat16()
+
+    def norm64(h):
+        h = h.double()
+        return weight.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+    out, none = KERNELS.rms_norm(x, None, weight, eps)
+    assert none is None
+    assert_like_torch(out, reference.rms_norm(x, weight, eps), norm64(x))
+    out, total = KERNELS.rms_norm(x, residual, weight, eps)
+    torch_out, torch_total = reference.add_rms_norm(x, residual, weight, eps)
+    assert torch.equal(total, torch_total)
+    assert_like_torch(out, torch_out, norm64(torch_total))
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+def test_rotary_matches_torch_on_slices_of_fused_qkv(tokens):
+    heads, kv_heads, head_dim = 6, 2, 64
+    rope = RotaryEmbedding(head_dim, 512, {"rope_theta": 10000.0}, {"rotary": reference.rotary})
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).bfloat16()
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    positions = torch.randint(0, 512, (tokens,))
+    torch_q, torch_k = Rotary()(positions, q, k, rope.cos_sin)
+    exact_q, exact_k = reference.rotary(positions, q.double(), k.double(), rope.cos_sin.double())
+    assert_like_torch(KERNELS.rotary(positions, q, rope.cos_sin), torch_q, exact_q)
+    assert_like_torch(KERNELS.rotary(positions, k, rope.cos_sin), torch_k, exact_k)
+
+
+def test_without_a_compiler_it_says_why(monkeypatch):
+    monkeypatch.setattr(native, "cpu_flags", lambda: set(native.REQUIRED_CPU_FLAGS))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    kernels, why = native.load_kernels()
+    assert kernels is None and "/nonexistent/cc" in why and "oneDNN" in why
+
+
+def test_without_the_instructions_it_says_why(monkeypatch):
+    monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2"})
+    kernels, why = native.load_kernels()
+    assert kernels is None and "avx512_bf16" in why
