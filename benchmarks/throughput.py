@@ -8,7 +8,8 @@ Prompts are random token ids (torch.Generator seeded), output lengths fixed or u
 greedy, EOS ignored: every engine generates exactly the same number of tokens. With --compare-hf
 (the default on a CPU) transformers' generate runs the same workload in the same process, so the
 ratio is measured side by side. Throughput = generated tokens / wall time of one generate call,
-after an untimed warm-up.
+after an untimed warm-up. With --rounds N each engine runs the workload N times, taking turns, and the
+median run and the median of the per-round ratios are reported.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -58,7 +61,8 @@ def workload(args, vocab_size: int) -> tuple[list[list[int]], list[int]]:
     return prompts, [args.output_len] * args.num_prompts
 
 
-def run_paged(args, model: str | None) -> tuple[dict, list[list[int]], list[int]]:
+def run_paged(args, model: str | None) -> tuple[dict, Callable[[], dict], list[list[int]], list[int]]:
+    """Start the engine and warm it up: (facts, a function timing one run of the workload, prompts, lengths)."""
     from paged import LLM, SamplingParams
 
     t = time.perf_counter()
@@ -76,17 +80,20 @@ def run_paged(args, model: str | None) -> tuple[dict, list[list[int]], list[int]
     llm.generate(warm, SamplingParams(max_tokens=16, ignore_eos=True, detokenize=False), use_tqdm=False)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False) for o in out_lens]
     batch = [{"prompt_token_ids": p} for p in prompts]
-    llm.engine.backend.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(batch, params, use_tqdm=False)
-    wall = time.perf_counter() - t
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+
+    def timed() -> dict:
+        llm.engine.backend.synchronize()
+        t = time.perf_counter()
+        outs = llm.generate(batch, params, use_tqdm=False)
+        wall = time.perf_counter() - t
+        return rates(wall, sum(len(o.outputs[0].token_ids) for o in outs), sum(map(len, prompts)))
+
     if args.profile:
         profile_steps(llm, batch, out_lens, args.profile)
     info = dict(engine="paged", backend=llm.engine.backend.name, device_name=llm.engine.backend.device_name(),
                 dtype=str(llm.engine.dtype).removeprefix("torch."), init_s=round(init, 2),
                 startup_to_first_token_s=round(startup, 2), num_blocks=llm.engine.num_blocks)
-    return dict(**info, **rates(wall, generated, sum(map(len, prompts)))), prompts, out_lens
+    return info, timed, prompts, out_lens
 
 
 def profile_steps(llm, batch, out_lens, path: str) -> None:
@@ -111,8 +118,9 @@ def profile_steps(llm, batch, out_lens, path: str) -> None:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
 
 
-def run_hf(args, model_path: str | None, prompts, out_lens, dtype: torch.dtype) -> dict:
-    """transformers' generate on the same prompts, batched as one static batch (all lengths equal)."""
+def run_hf(args, model_path: str | None, prompts, out_lens, dtype: torch.dtype) -> tuple[dict, Callable[[], dict]]:
+    """transformers' generate on the same prompts, batched as one static batch (all lengths equal):
+    (facts, a function timing one run)."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
@@ -131,14 +139,20 @@ def run_hf(args, model_path: str | None, prompts, out_lens, dtype: torch.dtype) 
                                  min_new_tokens=n_out, do_sample=False, pad_token_id=0)
         return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
+    def timed() -> dict:
+        t = time.perf_counter()
+        generated = generate(prompts, out_lens[0])
+        return rates(time.perf_counter() - t, generated, sum(map(len, prompts)))
+
     generate([p[:16] for p in prompts[:2]], 4)
-    t = time.perf_counter()
-    generated = generate(prompts, out_lens[0])
-    wall = time.perf_counter() - t
     import transformers
 
-    return dict(engine="transformers-generate", version=transformers.__version__,
-                **rates(wall, generated, sum(map(len, prompts))))
+    return dict(engine="transformers-generate", version=transformers.__version__), timed
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median throughput."""
+    return sorted(runs, key=lambda r: r["output_tok_s"])[(len(runs) - 1) // 2]
 
 
 def rates(wall: float, generated: int, prompt_tokens: int) -> dict:
@@ -166,6 +180,8 @@ def main() -> None:
     ap.add_argument("--profile", metavar="FILE", help="also profile a cut-down run and write the tables here")
     ap.add_argument("--compare-hf", action=argparse.BooleanOptionalAction, default=None,
                     help="also time transformers' generate (default: on for the CPU)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the workload this many times, the engines taking turns; medians are reported")
     args = ap.parse_args()
 
     model = shape_folder(args.shape) if args.shape else args.model
@@ -175,17 +191,27 @@ def main() -> None:
         from paged.default_model import default_model_path
 
         model = default_model_path()
-    result, prompts, out_lens = run_paged(args, model)
-    line = dict(workload=dict(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-                              ranged=args.ranged, seed=args.seed, shape=args.shape), paged=result)
-    compare = args.compare_hf if args.compare_hf is not None else result["backend"] == "cpu"
+    info, paged_run, prompts, out_lens = run_paged(args, model)
+    compare = args.compare_hf if args.compare_hf is not None else info["backend"] == "cpu"
+    runs = {"paged": (info, paged_run)}
     if compare:
-        import gc
-
-        gc.collect()
-        hf = run_hf(args, model, prompts, out_lens, getattr(torch, result["dtype"]))
-        line["transformers"] = hf
-        line["ratio_vs_transformers"] = round(result["output_tok_s"] / hf["output_tok_s"], 2)
+        runs["transformers"] = run_hf(args, model, prompts, out_lens, getattr(torch, info["dtype"]))
+    # Taking turns spreads the slow spells of a shared machine over both engines.
+    rounds: dict[str, list[dict]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (_, run) in runs.items():
+            rounds[name].append(run())
+    line = dict(workload=dict(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                              ranged=args.ranged, seed=args.seed, shape=args.shape))
+    for name, (facts, _) in runs.items():
+        line[name] = dict(**facts, **median_run(rounds[name]))
+        if args.rounds > 1:
+            line[name]["rounds_output_tok_s"] = [r["output_tok_s"] for r in rounds[name]]
+    if compare:
+        ratios = [p["output_tok_s"] / h["output_tok_s"] for p, h in zip(rounds["paged"], rounds["transformers"])]
+        line["ratio_vs_transformers"] = round(statistics.median(ratios), 2)
+        if args.rounds > 1:
+            line["rounds_ratio"] = [round(r, 2) for r in ratios]
     import transformers
 
     line["versions"] = dict(torch=torch.__version__, transformers=transformers.__version__,

@@ -7,7 +7,7 @@ rather than a function, since a backend may repack weights once after loading.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 
 from paged import LLM, SamplingParams
 from paged.backends.cpu.attention import TorchPagedAttention, build_padded_batch

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 # Before JAX starts (it reads this once): two host devices, so the TPU backend's mesh collectives have peers.
 _TWO_HOST_DEVICES = "--xla_force_host_platform_device_count=2"
