@@ -30,12 +30,13 @@ def test_prefill_with_cached_prefix(heads, kv_heads):
     run_case(ctx, [random.randint(1, c) for c in ctx], heads, kv_heads)
 
 
-@pytest.mark.parametrize("num_seqs", [3, MATMUL_DECODE_FROM_SEQS + 4], ids=["flash-kernel", "matmuls"])
+@pytest.mark.parametrize("num_seqs", [1, 5, MATMUL_DECODE_FROM_SEQS + 4], ids=["one-seq", "flash-kernel", "matmuls"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 def test_decode(heads, kv_heads, dtype, num_seqs):
-    """Both decode paths: few sequences go through the flash kernel, many through two matmuls."""
-    ctx = [random.randint(1, 40) for _ in range(num_seqs - 3)] + [4, 8, 9]
+    """Every decode path: one sequence (its context cut to length, no mask), a few (the flash kernel with a
+    mask), many (two matmuls)."""
+    ctx = [random.randint(1, 40) for _ in range(num_seqs)]
     run_case(ctx, [1] * len(ctx), heads, kv_heads, dtype=dtype)
 
 

@@ -43,6 +43,9 @@ class PaddedBatch:
     write_slots: torch.Tensor  # slot_mapping without padding
     write_rows: torch.Tensor | None  # token rows that write (None: all)
     block_ids: torch.Tensor  # [num_seqs, blocks_per_seq] int64: the block tables cut to the step's context
+    # Set when one sequence decodes: it attends to all of its context, so cutting the gathered context to
+    # this length replaces the mask (which the flash kernel would first convert, in every layer).
+    whole_context: int | None = None
     indexes: dict[tuple, CacheIndex] = field(default_factory=dict)
     _bias: torch.Tensor | None = None
 
@@ -106,7 +109,9 @@ def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
         write_rows = keep.nonzero().squeeze(1)
         write_slots = slots[write_rows]
     block_ids = meta.block_tables[:, :blocks_per_seq].long()
-    return PaddedBatch(token_to_grid, mask.unsqueeze(1), write_slots, write_rows, block_ids)
+    single_decode = len(seq_lens) == 1 and max_q == 1 and int(seq_lens[0]) == meta.max_seq_len
+    return PaddedBatch(token_to_grid, mask.unsqueeze(1), write_slots, write_rows, block_ids,
+                       meta.max_seq_len if single_decode else None)
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: PaddedBatch) -> None:
@@ -163,9 +168,12 @@ class TorchPagedAttention(Attention):
             grid = query.new_zeros(seqs * max_q, num_heads, head_dim)
             grid.index_copy_(0, batch.token_to_grid, query)
             grid = grid.view(seqs, max_q, num_heads, head_dim)
+        mask = batch.mask
+        if batch.whole_context is not None:
+            context, mask = context[..., : batch.whole_context, :], None
         keys, values = context.float()
         out = F.scaled_dot_product_attention(
-            grid.transpose(1, 2).float(), keys, values, attn_mask=batch.mask, scale=scale, enable_gqa=True
+            grid.transpose(1, 2).float(), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         ).transpose(1, 2).to(query.dtype)
         if decode:
             return out.reshape(num_tokens, num_heads, head_dim)
