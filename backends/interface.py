@@ -59,9 +59,12 @@ class AttentionMetadata:
 class Attention(ABC):
     """Paged attention: write the new K/V into the cache, then attend over cached context + new tokens."""
 
-    @abstractmethod
     def prepare(self, meta: AttentionMetadata) -> Any:
-        """Precompute per-step index tensors shared by every layer; the result lands in meta.prepared."""
+        """Precompute per-step index tensors shared by every layer; the result lands in meta.prepared.
+
+        Kernels that read meta's index tensors directly need nothing here.
+        """
+        return None
 
     @abstractmethod
     def forward(

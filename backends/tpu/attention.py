@@ -137,10 +137,6 @@ class JaxPagedAttention(Attention):
     def __init__(self, use_pallas: bool) -> None:
         self.use_pallas = use_pallas
 
-    def prepare(self, meta: AttentionMetadata) -> None:
-        """Nothing to precompute: the index math is part of the compiled step."""
-        return None
-
     def forward(
         self,
         query: torch.Tensor,

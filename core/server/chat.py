@@ -14,7 +14,7 @@ from paged.server.deps import Engine, Settings
 from paged.server.errors import ERROR_RESPONSES
 from paged.server.generation import ChoiceDelta, DeltaTracker, final_outputs, sse_response, stream_chunks, usage_of
 from paged.server.logprobs import ChatLogprobs, chat_logprobs
-from paged.server.protocol import ChatMessage, SamplingFields, UsageInfo, created_now
+from paged.server.protocol import ChatMessage, ChoiceEnd, ResponseHead, SamplingFields, UsageInfo, created_now
 from paged.server.sampling import build_sampling_params, check_context_length, check_stream_options
 
 router = APIRouter()
@@ -34,22 +34,15 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(ChoiceEnd):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(ResponseHead):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: UsageInfo
-    system_fingerprint: str | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -57,22 +50,15 @@ class DeltaMessage(BaseModel):
     content: str | None = None
 
 
-class ChatStreamChoice(BaseModel):
-    index: int
+class ChatStreamChoice(ChoiceEnd):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(ResponseHead):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from paged.errors import UserError
 from paged.outputs import PositionLogprobs
@@ -23,7 +23,7 @@ from paged.server.generation import (
     usage_of,
 )
 from paged.server.logprobs import CompletionLogprobs, completion_logprobs
-from paged.server.protocol import SamplingFields, UsageInfo, created_now
+from paged.server.protocol import ChoiceEnd, ResponseHead, SamplingFields, UsageInfo, created_now
 from paged.server.sampling import build_sampling_params, check_context_length, check_stream_options
 
 router = APIRouter()
@@ -39,22 +39,15 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(ChoiceEnd):
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(ResponseHead):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
-    system_fingerprint: str | None = None
 
 
 @dataclass

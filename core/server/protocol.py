@@ -81,5 +81,22 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class ChoiceEnd(BaseModel):
+    """The fields every kind of choice shares: its place and why it ended (None while streaming)."""
+
+    index: int
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ResponseHead(BaseModel):
+    """The fields every completion response and stream chunk shares."""
+
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+
+
 def created_now() -> int:
     return int(time.time())

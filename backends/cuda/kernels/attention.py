@@ -516,10 +516,6 @@ class TritonPagedAttention(Attention):
         self.decode_tiles = decode_tiles
         self.num_sms: int | None = None
 
-    def prepare(self, meta: AttentionMetadata) -> None:
-        """Nothing to precompute: the kernels read meta's index tensors directly."""
-        return None
-
     def forward(
         self,
         query: torch.Tensor,
