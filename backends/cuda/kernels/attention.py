@@ -135,6 +135,48 @@ def _attend_keys(
 
 
 @triton.jit
+def _attend_context(
+    q,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq,
+    kv_head,
+    start,
+    unmasked_end,
+    end,
+    row_pos,
+    qk_scale,
+    stride_bt,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    ROWS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The online-softmax state (m_i, l_i, acc) of q's ROWS rows over context [start, end) of one sequence
+    and KV head: [start, unmasked_end) is seen by every row, the rest causally."""
+    m_i = tl.full([ROWS], _M_INIT, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    k_head_ptr = k_cache_ptr + kv_head * stride_cache_head
+    v_head_ptr = v_cache_ptr + kv_head * stride_cache_head
+    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    m_i, l_i, acc = _attend_keys(
+        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, start, unmasked_end, row_pos, qk_scale,
+        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, False, DOT_DTYPE, DOT_PRECISION,
+    )  # fmt: skip
+    return _attend_keys(
+        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, unmasked_end, end, row_pos, qk_scale,
+        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, True, DOT_DTYPE, DOT_PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
 def _prefill_kernel(
     out_ptr,
     q_ptr,
@@ -183,22 +225,13 @@ def _prefill_kernel(
     q_rows = (q_start + token).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
 
-    m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    k_head_ptr = k_cache_ptr + kv_head * stride_cache_head
-    v_head_ptr = v_cache_ptr + kv_head * stride_cache_head
-    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     # Positions up to the tile's first token are visible to every row; the rest form the causal band.
     unmasked_end = tl.maximum(context + first + 1, 0) // BLOCK_N * BLOCK_N
     kv_end = context + tl.minimum(first + BLOCK_T, query_len)
-    m_i, l_i, acc = _attend_keys(
-        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, 0, unmasked_end, row_pos, qk_scale,
-        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, False, DOT_DTYPE, DOT_PRECISION,
-    )  # fmt: skip
-    m_i, l_i, acc = _attend_keys(
-        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, unmasked_end, kv_end, row_pos, qk_scale,
-        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, True, DOT_DTYPE, DOT_PRECISION,
+    m_i, l_i, acc = _attend_context(
+        q, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, 0, unmasked_end, kv_end, row_pos, qk_scale,
+        stride_bt, stride_cache_block, stride_cache_slot, stride_cache_head,
+        BLOCK_M, PAGE_SIZE, HEAD_DIM, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
     )  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only for rows with no context (padding)
@@ -267,19 +300,10 @@ def _decode_split_kernel(
     q_rows = token.to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
 
-    m_i = tl.full([BLOCK_H], _M_INIT, tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-    k_head_ptr = k_cache_ptr + kv_head * stride_cache_head
-    v_head_ptr = v_cache_ptr + kv_head * stride_cache_head
-    table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    m_i, l_i, acc = _attend_keys(
-        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, start, unmasked_end, row_pos, qk_scale,
-        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, False, DOT_DTYPE, DOT_PRECISION,
-    )  # fmt: skip
-    m_i, l_i, acc = _attend_keys(
-        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, unmasked_end, end, row_pos, qk_scale,
-        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, True, DOT_DTYPE, DOT_PRECISION,
+    m_i, l_i, acc = _attend_context(
+        q, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, start, unmasked_end, end, row_pos, qk_scale,
+        stride_bt, stride_cache_block, stride_cache_slot, stride_cache_head,
+        BLOCK_H, PAGE_SIZE, HEAD_DIM, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
     )  # fmt: skip
 
     stat_offsets = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
