@@ -18,6 +18,7 @@ scaled_dot_product_attention call per layer. Index tensors and masks are compute
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -47,16 +48,13 @@ class PaddedBatch:
     # this length replaces the mask (which the flash kernel would first convert, in every layer).
     whole_context: int | None = None
     indexes: dict[tuple, CacheIndex] = field(default_factory=dict)
-    _bias: torch.Tensor | None = None
 
-    @property
+    @cached_property
     def bias(self) -> torch.Tensor:
         """The mask as float32 to add to scores: 0 where allowed, the lowest float elsewhere (not -inf, so
         a padding row that may attend to nothing stays finite)."""
-        if self._bias is None:
-            self._bias = torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(
-                ~self.mask, torch.finfo(torch.float32).min)
-        return self._bias
+        return torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(
+            ~self.mask, torch.finfo(torch.float32).min)
 
     def index_for(self, kv_cache: torch.Tensor) -> CacheIndex:
         key = (tuple(kv_cache.shape), kv_cache.dtype)
