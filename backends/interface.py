@@ -25,6 +25,24 @@ class Availability:
         return self.ok
 
 
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes a model runs in. Activations, norms and (by default) the KV cache compute in `compute`;
+    linear weights are stored in `weights`, which a backend may make narrower than `compute` where that
+    is faster (a CPU without bfloat16 arithmetic multiplies in float32 over bfloat16 weights, reading
+    half the bytes). `why` says how it was chosen, for the start-up log."""
+
+    compute: torch.dtype
+    weights: torch.dtype
+    why: str = ""
+
+    def __str__(self) -> str:
+        name = str(self.compute).removeprefix("torch.")
+        if self.weights == self.compute:
+            return name
+        return f"{name} over {str(self.weights).removeprefix('torch.')} weights"
+
+
 @dataclass
 class AttentionMetadata:
     """Where this step's tokens go and what they attend to; built once per step by the model runner.
@@ -235,6 +253,16 @@ class Backend(ABC):
         """The compute dtype that `dtype="auto"` resolves to when the model's own is not supported."""
         return self.supported_dtypes[0]
 
+    def precision(self, requested: torch.dtype | None, saved: torch.dtype | None) -> Precision:
+        """What a model runs in: the requested dtype, or for `dtype="auto"` (requested None) the
+        checkpoint's own dtype where supported, else the backend's default."""
+        if requested is not None:
+            return Precision(requested, requested, "requested")
+        if saved in self.supported_dtypes:
+            return Precision(saved, saved, "the checkpoint's dtype")
+        dtype = self.default_dtype()
+        return Precision(dtype, dtype, f"the {self.name} backend's default")
+
     def fp8_dtype(self) -> torch.dtype | None:
         return None
 
@@ -267,12 +295,17 @@ class Backend(ABC):
 
     # --- faster layer ops ---
 
-    def ops(self) -> dict[str, Callable[..., Any]]:
-        """Faster versions of layer ops by name ("rms_norm", "add_rms_norm", "rotary", "silu_and_mul").
+    def ops(self, precision: Precision) -> dict[str, Callable[..., Any]]:
+        """Faster versions of layer ops by name ("rms_norm", "add_rms_norm", "rotary", "silu_and_mul",
+        and "linear", a LinearMethod) for a model of this precision.
 
         Models fall back to their plain-torch forward_native for any name missing here.
         """
         return {}
+
+    def describe(self) -> list[str]:
+        """Lines for `paged info` on what this backend found here and will use (instruction sets, paths)."""
+        return []
 
     # --- collectives ---
 

@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 from torch.profiler import record_function
 
-from paged.backends.interface import Backend
+from paged.backends.interface import Backend, Precision
 from paged.backends.registry import load_backend
 from paged.block_manager import BlockManager
 from paged.config import EngineConfig
@@ -76,14 +76,15 @@ class LLMEngine:
         self.source = resolve_model(config.model, config.tokenizer)
         hf_config = self.source.hf_config
         self.tokenizer = None if config.skip_tokenizer_init else self.source.load_tokenizer()
-        self.dtype = self._resolve_dtype()
+        self.precision = self._resolve_precision()
+        self.dtype = self.precision.compute
         self.kv_dtype = self.backend.kv_cache_dtype(self.dtype)
         self.max_model_len = self._resolve_max_model_len(hf_config)
         problems = self.backend.validate(self._head_dim(hf_config), config.block_size, self.dtype)
         if problems:
             raise UserError(f"backend {self.backend.name} cannot run this model: {'; '.join(problems)}")
         self.backend.seed(config.seed)
-        self.model = build_model(self.source, self.backend, self.dtype, self.max_model_len,
+        self.model = build_model(self.source, self.backend, self.precision, self.max_model_len,
                                  load_format=config.load_format)
         self.runner = ModelRunner(
             self.model, self.backend, config.block_size, config.max_num_batched_tokens, config.max_num_seqs,
@@ -124,11 +125,11 @@ class LLMEngine:
 
     # --- start-up -----------------------------------------------------------------------------
 
-    def _resolve_dtype(self) -> torch.dtype:
-        if self.config.dtype != "auto":
-            return DTYPES[self.config.dtype]
-        saved = self.source.config_dtype()
-        return saved if saved in self.backend.supported_dtypes else self.backend.default_dtype()
+    def _resolve_precision(self) -> Precision:
+        requested = None if self.config.dtype == "auto" else DTYPES[self.config.dtype]
+        precision = self.backend.precision(requested, self.source.config_dtype())
+        logger.info("dtype %s: %s (%s)", self.config.dtype, precision, precision.why)
+        return precision
 
     @staticmethod
     def _head_dim(hf_config) -> int:

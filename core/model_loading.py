@@ -7,7 +7,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from paged.backends.interface import Backend, Communicator
+from paged.backends.interface import Backend, Communicator, Precision
 from paged.errors import UserError
 from paged.model_source import ModelSource
 from paged.models.ops import bind_ops
@@ -17,19 +17,20 @@ from paged.models.registry import model_class
 def build_model(
     source: ModelSource,
     backend: Backend,
-    dtype: torch.dtype,
+    precision: Precision,
     max_model_len: int,
     comm: Communicator | None = None,
     load_format: str = "auto",
 ) -> torch.nn.Module:
     try:
         cls = model_class(source.hf_config)
+        dtype = precision.compute
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
             with torch.device(backend.device()):
                 model = cls(source.hf_config, comm or backend.communicator(), backend.attention(max_model_len),
-                            bind_ops(backend.ops()), max_model_len)
+                            bind_ops(backend.ops(precision)), max_model_len)
         finally:
             torch.set_default_dtype(previous)
         if load_format == "dummy":

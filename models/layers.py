@@ -113,6 +113,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, vocab_size: int, hidden: int, comm: Communicator, ops: dict) -> None:
         super().__init__(vocab_size, hidden, comm)
         self.method = ops["linear"]
+        # False once tied to the embedding: a LinearMethod that repacks the weight must keep it for lookups.
+        self.owns_weight = True
 
     def process_weights(self) -> None:
         self.method.process_weights(self)

@@ -139,6 +139,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm, ops)
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.owns_weight = False
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)

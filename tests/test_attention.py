@@ -7,14 +7,22 @@ import random
 import pytest
 import torch
 
-from paged.backends.cpu.attention import MATMUL_DECODE_FROM_SEQS
+from paged.backends.cpu.attention import MATMUL_DECODE_FROM_SEQS, TorchPagedAttention
 from paged.backends.cpu.backend import CPUBackend
 from tests.backends.attention_cases import build_case, check, run_attention, tolerance
 
 
-def run_case(context_lens, query_lens, heads, kv_heads, head_dim=16, block_size=4, dtype=torch.float32):
+class TorchOnlyCPUBackend(CPUBackend):
+    """The CPU backend without its compiled decode kernel, so the torch decode paths are checked too."""
+
+    def attention(self, max_model_len: int) -> TorchPagedAttention:
+        return TorchPagedAttention()
+
+
+def run_case(context_lens, query_lens, heads, kv_heads, head_dim=16, block_size=4, dtype=torch.float32,
+             backend: CPUBackend | None = None):
     case = build_case(context_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype)
-    out, cache = run_attention(case, CPUBackend())
+    out, cache = run_attention(case, backend or CPUBackend())
     check(case, out, cache, tolerance(dtype))
 
 
@@ -34,10 +42,19 @@ def test_prefill_with_cached_prefix(heads, kv_heads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
 def test_decode(heads, kv_heads, dtype, num_seqs):
-    """Every decode path: one sequence (its context cut to length, no mask), a few (the flash kernel with a
-    mask), many (two matmuls)."""
+    """Every torch decode path: one sequence (its context cut to length, no mask), a few (the flash kernel
+    with a mask), many (two matmuls)."""
     ctx = [random.randint(1, 40) for _ in range(num_seqs)]
-    run_case(ctx, [1] * len(ctx), heads, kv_heads, dtype=dtype)
+    run_case(ctx, [1] * len(ctx), heads, kv_heads, dtype=dtype, backend=TorchOnlyCPUBackend())
+
+
+@pytest.mark.skipif(CPUBackend().attention(64).decode_kernels is None, reason="no AVX2 kernels on this CPU")
+@pytest.mark.parametrize("num_seqs", [1, 3, 17])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 4, 16, 4), (9, 3, 64, 16), (8, 1, 32, 128)])
+def test_decode_kernel(heads, kv_heads, head_dim, block_size, num_seqs):
+    """The compiled float32 decode kernel: online softmax over many blocks, query heads split or grouped."""
+    ctx = [random.randint(1, 300) for _ in range(num_seqs)]
+    run_case(ctx, [1] * len(ctx), heads, kv_heads, head_dim, block_size)
 
 
 def test_mixed_batch_bf16():

@@ -148,10 +148,23 @@ def decode_attention(query: torch.Tensor, context: torch.Tensor, bias: torch.Ten
 
 
 class TorchPagedAttention(Attention):
-    def prepare(self, meta: AttentionMetadata) -> PaddedBatch:
+    """With `decode_kernels` (AVX2Kernels), float32 decode steps run the compiled kernel, which reads the
+    paged cache directly; every other step takes the torch path below."""
+
+    def __init__(self, decode_kernels=None) -> None:
+        self.decode_kernels = decode_kernels
+
+    def prepare(self, meta: AttentionMetadata) -> PaddedBatch | None:
+        if self.decode_kernels is not None and meta.is_decode_only:
+            return None  # the kernel needs none of it; a step of another dtype builds it in its first layer
         return build_padded_batch(meta)
 
     def forward(self, query, key, value, kv_cache, meta, scale):
+        if (self.decode_kernels is not None and meta.is_decode_only and query.dtype == torch.float32
+                and kv_cache.dtype == torch.float32 and query.shape[-1] % 8 == 0):
+            return self.decode_kernels.decode_attention(query, key, value, kv_cache, meta, scale)
+        if meta.prepared is None:
+            meta.prepared = build_padded_batch(meta)
         batch: PaddedBatch = meta.prepared
         write_kv(kv_cache, key, value, batch)
         context = gather_context(kv_cache, batch)

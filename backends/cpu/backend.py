@@ -6,16 +6,18 @@ import logging
 import math
 import os
 import platform
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
 from paged.backends.cpu.attention import TorchPagedAttention
+from paged.backends.cpu.isa import CPUCapabilities, probe
+from paged.backends.cpu.linear import PACKED_GEMM_MAX_ROWS, OneDNNLinear, PackedBF16Linear
+from paged.backends.cpu.native import AVX2Kernels, BF16Kernels, load_avx2_kernels, load_bf16_kernels
 from paged.backends.cpu.ops import LayerOps
-from paged.backends.cpu.linear import OneDNNLinear
-from paged.backends.cpu.native import load_kernels
-from paged.backends.interface import Attention, Availability, Backend
+from paged.backends.interface import Attention, Availability, Backend, Precision
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,16 @@ class CPUBackend(Backend):
         # Use every core the process may run on: torch's default can be lower inside containers.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(cores)
+        self.caps: CPUCapabilities = probe()
+        logger.info("CPU: %s", self.caps.describe())
+
+    @cached_property
+    def _bf16_kernels(self) -> tuple[BF16Kernels | None, str]:
+        return load_bf16_kernels(self.caps)
+
+    @cached_property
+    def _avx2_kernels(self) -> tuple[AVX2Kernels | None, str]:
+        return load_avx2_kernels(self.caps)
 
     @classmethod
     def is_available(cls) -> Availability:
@@ -75,12 +87,66 @@ class CPUBackend(Backend):
         return torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).view(shape)
 
     def attention(self, max_model_len: int) -> Attention:
-        return TorchPagedAttention()
+        return TorchPagedAttention(self._avx2_kernels[0])
 
-    def ops(self) -> dict[str, Any]:
-        kernels, why = load_kernels()
-        logger.info("CPU kernels: %s", why)
-        faster = LayerOps(kernels).table()
-        if torch.backends.mkldnn.is_available():
-            faster["linear"] = OneDNNLinear(kernels)
-        return faster
+    def precision(self, requested: torch.dtype | None, saved: torch.dtype | None) -> Precision:
+        """`auto` gives the fastest dtype this CPU really has: bfloat16 where it multiplies bfloat16 in
+        hardware, else float32 arithmetic over bfloat16-stored weights where the AVX2 kernels run (half
+        the bytes to read per token), else plain float32. A float32 checkpoint stays float32."""
+        caps = self.caps
+        if requested == torch.bfloat16 and not caps.native_bf16:
+            logger.warning("bfloat16 was requested, but this CPU (%s) has no bfloat16 arithmetic: it runs through "
+                           "plain torch, several times slower than dtype auto", caps.level)
+        if requested is not None or saved == torch.float32:
+            return super().precision(requested, saved)
+        if caps.native_bf16:
+            return Precision(torch.bfloat16, torch.bfloat16, f"{caps.level}: bfloat16 arithmetic in hardware")
+        kernels, why = self._avx2_kernels
+        if kernels is not None:
+            return Precision(torch.float32, torch.bfloat16,
+                             f"{caps.level}: no bfloat16 arithmetic; the AVX2 kernels read half the bytes of float32 weights")
+        return Precision(torch.float32, torch.float32, f"{caps.level}: no bfloat16 arithmetic, and no AVX2 kernels "
+                         f"({why})")
+
+    def ops(self, precision: Precision) -> dict[str, Any]:
+        table = LayerOps([k for k in self._layer_kernels(precision.compute) if k is not None]).table()
+        linear = self._linear(precision)
+        if linear is not None:
+            table["linear"] = linear
+        logger.info("CPU paths for %s: %s", precision, "; ".join(self._paths(precision)))
+        return table
+
+    def _layer_kernels(self, dtype: torch.dtype) -> list:
+        if dtype == torch.bfloat16:
+            return [self._bf16_kernels[0]]
+        return [self._avx2_kernels[0]] if dtype == torch.float32 else []
+
+    def _linear(self, precision: Precision):
+        if precision.weights != precision.compute:
+            kernels = self._avx2_kernels[0]
+            if precision.compute != torch.float32 or precision.weights != torch.bfloat16 or kernels is None:
+                raise ValueError(f"the CPU backend has no linear layers for {precision}")
+            return PackedBF16Linear(kernels)
+        if precision.compute == torch.bfloat16 and self.caps.onednn_bf16:
+            return OneDNNLinear(self._bf16_kernels[0])
+        if precision.compute == torch.float32 and self.caps.onednn:
+            return OneDNNLinear()
+        return None  # plain F.linear
+
+    def _paths(self, precision: Precision) -> list[str]:
+        linear = self._linear(precision)
+        if isinstance(linear, PackedBF16Linear):
+            matmul = f"AVX2 kernel over packed bfloat16 weights (BLAS above {PACKED_GEMM_MAX_ROWS} rows)"
+        elif isinstance(linear, OneDNNLinear):
+            matmul = "oneDNN" + (", AVX-512 BF16 GEMV for 1-2 rows" if linear.kernels is not None else "")
+        else:
+            matmul = "plain torch"
+        kernels, why = {torch.bfloat16: self._bf16_kernels, torch.float32: self._avx2_kernels}.get(
+            precision.compute, (None, f"no kernels for {precision.compute}"))
+        ops = "norms, rotary, SiLU and decode attention" if kernels is self._avx2_kernels[0] else "norms and rotary"
+        layer = f"{ops}: compiled ({why})" if kernels is not None else f"layer ops: plain torch ({why})"
+        return [f"linear layers: {matmul}", layer]
+
+    def describe(self) -> list[str]:
+        auto = self.precision(None, None)
+        return [f"CPU: {self.caps.describe()}", f"dtype auto: {auto} ({auto.why})", *self._paths(auto)]

@@ -1,12 +1,15 @@
-"""The CPU backend's C kernels (kernels_bf16.c), compiled on first use by the host's C compiler and cached.
+"""The CPU backend's C kernels, compiled on first use by the host's C compiler and cached.
 
-Compiled here rather than shipped as a binary: the instructions they need (AVX-512 BF16) are the running
-machine's, and one C file with no headers beyond the compiler's own builds in about a second with any
-`cc`. The library is named by a hash of its source and flags, so an edited kernel builds anew. Without a
-compiler, or on a CPU without those instructions, the backend keeps oneDNN and plain torch, and says why.
+Compiled here rather than shipped as binaries: the instructions they need are the running machine's,
+and each C file, with no headers beyond the compiler's own, builds in about a second with any `cc`. A
+library is named by a hash of its source and flags, so an edited kernel builds anew. Two files, each
+built only where the probe (isa.py) says the CPU runs its instructions:
 
-They serve bfloat16 only; float32 models run the plain-torch ops, which the tests hold to transformers'
-exact tokens.
+- kernels_bf16.c (AVX-512 BF16): bfloat16 GEMV for decoding, rms_norm and rotary on bfloat16;
+- kernels_avx2.c (AVX2 + FMA): float32 linear layers over bfloat16-stored weights, rms_norm and rotary
+  on float32, for CPUs without bfloat16 arithmetic.
+
+Without a compiler, or below a file's level, the backend keeps oneDNN and plain torch, and says why.
 """
 
 from __future__ import annotations
@@ -18,41 +21,92 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from paged.backends.common.cache import cache_dir
+from paged.backends.cpu.isa import CPUCapabilities
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels_bf16.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+_COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+
+
+@dataclass(frozen=True)
+class KernelFile:
+    """One C file, the flags it is compiled with, and the probe level it needs."""
+
+    name: str
+    flags: tuple[str, ...]
+    level: str
+
+    @property
+    def source(self) -> Path:
+        return Path(__file__).with_name(self.name)
+
+
+BF16_FILE = KernelFile("kernels_bf16.c", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"), "avx512_bf16")
+# No contraction into FMA: elementwise products then round as torch's do.
+AVX2_FILE = KernelFile("kernels_avx2.c", ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"), "avx2")
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_NORM_SIGNATURE = ([_P, _P, _P, _P, _P, _I64, _I64, _F32, _I32], None)
+_ROTARY_SIGNATURE = ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I32], None)
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class Kernels:
-    """The compiled kernels, called on contiguous bfloat16 tensors (see kernels_bf16.c for each one's math)."""
+class LayerKernels:
+    """rms_norm and rotary of one dtype, as both files define them (see each file for the rounding)."""
 
-    # Measured on the machines of benchmarks/RESULTS.md: from about four rows on, oneDNN's GEMM is as fast.
-    gemv_max_rows = 2
+    dtype: torch.dtype
+    suffix: str
 
-    def __init__(self, library: ctypes.CDLL) -> None:
-        p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        signatures = {
-            "gemv_bf16": ([p, p, p, i64, i64, i64, i32], ctypes.c_int),
-            "rms_norm_bf16": ([p, p, p, p, p, i64, i64, f32, i32], None),
-            "rotary_bf16": ([p, i64, p, p, p, i64, i64, i64, i32], None),
-        }
+    def __init__(self, library: ctypes.CDLL, signatures: dict[str, tuple[list, object]]) -> None:
         for name, (argtypes, restype) in signatures.items():
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, restype
             setattr(self, f"_{name}", function)
+        self._norm = getattr(self, f"_rms_norm_{self.suffix}")
+        self._rotary = getattr(self, f"_rotary_{self.suffix}")
         self._threads = torch.get_num_threads()
+
+    def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(norm(h), h) with h = x + residual, or (norm(x), None) without a residual."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        total = None if residual is None else torch.empty_like(x)
+        residual = None if residual is None else residual.contiguous()
+        self._norm(x.data_ptr(), _pointer(residual), weight.data_ptr(), out.data_ptr(), _pointer(total),
+                   x.shape[0], x.shape[1], eps, self._threads)
+        return out, total
+
+    def rotary(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """x [tokens, heads * head_dim], rows may be strided (a slice of the fused qkv output)."""
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        head_dim = cos_sin.shape[1]
+        out = torch.empty(x.shape, dtype=x.dtype)
+        self._rotary(x.data_ptr(), x.stride(0), out.data_ptr(), positions.data_ptr(), cos_sin.data_ptr(),
+                     x.shape[0], x.shape[1] // head_dim, head_dim, self._threads)
+        return out
+
+
+class BF16Kernels(LayerKernels):
+    """kernels_bf16.c, called on contiguous bfloat16 tensors."""
+
+    dtype, suffix = torch.bfloat16, "bf16"
+    # Measured on the machines of benchmarks/RESULTS.md: from about four rows on, oneDNN's GEMM is as fast.
+    gemv_max_rows = 2
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        super().__init__(library, {"gemv_bf16": ([_P, _P, _P, _I64, _I64, _I64, _I32], ctypes.c_int),
+                                   "rms_norm_bf16": _NORM_SIGNATURE, "rotary_bf16": _ROTARY_SIGNATURE})
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [1..4, k] @ weight[n, k]^T."""
@@ -63,69 +117,110 @@ class Kernels:
             raise ValueError(f"gemv_bf16 takes 1 to 4 rows, not {rows}")
         return y
 
-    def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(norm(h), h) with h = x + residual, or (norm(x), None) without a residual."""
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        total = None if residual is None else torch.empty_like(x)
-        residual = None if residual is None else residual.contiguous()
-        self._rms_norm_bf16(x.data_ptr(), _pointer(residual), weight.data_ptr(), out.data_ptr(), _pointer(total),
-                            x.shape[0], x.shape[1], eps, self._threads)
-        return out, total
 
-    def rotary(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        """x [tokens, heads * head_dim], rows may be strided (a slice of the fused qkv output)."""
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        head_dim = cos_sin.shape[1]
-        out = torch.empty(x.shape, dtype=x.dtype)
-        self._rotary_bf16(x.data_ptr(), x.stride(0), out.data_ptr(), positions.data_ptr(), cos_sin.data_ptr(),
-                          x.shape[0], x.shape[1] // head_dim, head_dim, self._threads)
+class AVX2Kernels(LayerKernels):
+    """kernels_avx2.c, called on contiguous float32 tensors and weights packed by pack_weight."""
+
+    dtype, suffix = torch.float32, "f32"
+    PANEL = 16
+    PAD_COLUMNS = 64  # four panels: the widest tile
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        super().__init__(library, {
+            "linear_bf16w": ([_P, _P, _P, _P, _I64, _I64, _I64, _I32], None),
+            "unpack_bf16w": ([_P, _P, _I64, _I64, _I32], None),
+            "rms_norm_f32": _NORM_SIGNATURE,
+            "rotary_f32": _ROTARY_SIGNATURE,
+            "silu_and_mul_f32": ([_P, _P, _I64, _I64, _I32], None),
+            "paged_decode_f32": ([_P, _P, _I64, _P, _I64, _P, _P, _P, _P, _P] + [_I64] * 7 + [_F32, _I32], None),
+        })
+
+    @classmethod
+    def pack_weight(cls, weight: torch.Tensor) -> torch.Tensor:
+        """[n, k] weight -> bfloat16 panels [ceil(n / 64) * 4, k, 16], columns of a panel in the order
+        0-3, 8-11, 4-7, 12-15 (kernels_avx2.c says why)."""
+        n, k = weight.shape
+        padded = torch.zeros(-(-n // cls.PAD_COLUMNS) * cls.PAD_COLUMNS, k, dtype=torch.bfloat16)
+        padded[:n] = weight
+        # Column c of a panel is b * 8 + a * 4 + j; it is stored at a * 8 + b * 4 + j.
+        return padded.view(-1, 2, 2, 4, k).permute(0, 4, 2, 1, 3).contiguous().view(-1, k, cls.PANEL)
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+        x = x.contiguous()
+        y = torch.empty((x.shape[0], n), dtype=torch.float32)
+        self._linear_bf16w(x.data_ptr(), packed.data_ptr(), _pointer(bias), y.data_ptr(), x.shape[0], n,
+                           x.shape[1], self._threads)
+        return y
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        inter = x.shape[-1] // 2
+        out = torch.empty((x.shape[0], inter), dtype=torch.float32)
+        self._silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.shape[0], inter, self._threads)
+        return out
+
+    def decode_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                         meta, scale: float) -> torch.Tensor:
+        """Write this step's K/V into the paged cache, then one query per sequence over its context
+        (kernels_avx2.c's paged_decode_f32); key and value rows may be strided, as slices of qkv."""
+        query = query.contiguous()
+        if key.stride(-1) != 1 or key.stride(1) != key.shape[-1]:
+            key = key.contiguous()
+        if value.stride(-1) != 1 or value.stride(1) != value.shape[-1]:
+            value = value.contiguous()
+        tables = meta.block_tables if meta.block_tables.stride(-1) == 1 else meta.block_tables.contiguous()
+        _, num_blocks, kv_heads, block_size, head_dim = kv_cache.shape
+        seqs, heads = query.shape[0], query.shape[1]
+        out = torch.empty_like(query)
+        self._paged_decode_f32(query.data_ptr(), key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
+                               kv_cache.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(),
+                               meta.seq_lens.data_ptr(), out.data_ptr(), seqs, heads, kv_heads, head_dim, num_blocks,
+                               block_size, tables.stride(0), scale, self._threads)
+        return out
+
+    def unpack(self, packed: torch.Tensor, n: int) -> torch.Tensor:
+        """The float32 [n, k] matrix whose bfloat16 rounding `packed` holds."""
+        out = torch.empty((n, packed.shape[1]), dtype=torch.float32)
+        self._unpack_bf16w(packed.data_ptr(), out.data_ptr(), n, packed.shape[1], self._threads)
         return out
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def load_kernels() -> tuple[Kernels | None, str]:
-    """The kernels, or None; and a sentence saying which and why."""
-    fallback = "oneDNN and plain torch only"
-    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
-    if missing:
-        return None, f"{fallback}: the CPU lacks {', '.join(missing)}"
+def load(file: KernelFile, caps: CPUCapabilities) -> tuple[ctypes.CDLL | None, str]:
+    """The compiled library of `file`, or None; and why not."""
+    if not caps.at_least(file.level):
+        return None, f"the CPU level is {caps.level}, below {file.level}"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        return None, f"{fallback}: no C compiler (set CC, or install gcc) to build {SOURCE.name}"
+        return None, f"no C compiler (set CC, or install gcc) to build {file.name}"
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as e:
+        return ctypes.CDLL(str(_build(file, compiler))), f"{file.name} built with {compiler}"
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         detail = getattr(e, "stderr", None) or str(e)
-        return None, f"{fallback}: building {SOURCE.name} with {compiler} failed: {detail.strip()[:300]}"
-    return Kernels(library), (f"AVX-512 BF16 kernels for bfloat16 layer ops and for linear layers of up to "
-                              f"{Kernels.gemv_max_rows} rows, oneDNN above")
+        return None, f"building {file.name} with {compiler} failed: {detail.strip()[:300]}"
 
 
-def _build(compiler: str) -> Path:
+def load_bf16_kernels(caps: CPUCapabilities) -> tuple[BF16Kernels | None, str]:
+    library, why = load(BF16_FILE, caps)
+    return (BF16Kernels(library) if library else None), why
+
+
+def load_avx2_kernels(caps: CPUCapabilities) -> tuple[AVX2Kernels | None, str]:
+    library, why = load(AVX2_FILE, caps)
+    return (AVX2Kernels(library) if library else None), why
+
+
+def _build(file: KernelFile, compiler: str) -> Path:
     """Compile the kernels into the cache unless a library of this source and these flags is there."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"{SOURCE.stem}-{digest}.so"
+    flags = (*_COMMON_FLAGS, *file.flags)
+    digest = hashlib.sha256(file.source.read_bytes() + " ".join((compiler,) + flags).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"{file.source.stem}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("compiling the CPU kernel %s with %s", SOURCE.name, compiler)
+    logger.info("compiling the CPU kernels %s with %s", file.name, compiler)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True,
-                       timeout=120)
+        subprocess.run([compiler, *flags, str(file.source), "-o", str(built)], check=True, capture_output=True,
+                       text=True, timeout=120)
         os.replace(built, target)  # atomic: a process building at the same time finds a whole library
     return target

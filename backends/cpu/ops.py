@@ -1,4 +1,4 @@
-"""Layer ops of the CPU backend: the compiled kernels (native.py) on bfloat16, torch otherwise.
+"""Layer ops of the CPU backend: the compiled kernels (native.py) of the activations' dtype, torch otherwise.
 
 A decode step's time outside the matrix products is mostly the dispatch of many small torch calls, so
 each op here is one call where the kernels are built, and as few torch calls as the math allows where
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from paged.backends.cpu.native import Kernels
+from paged.backends.cpu.native import LayerKernels
 from paged.models import ops as reference
 
 
@@ -51,27 +51,34 @@ class Rotary:
 class LayerOps:
     """The CPU backend's entries of the op table."""
 
-    def __init__(self, kernels: Kernels | None) -> None:
-        self.kernels = kernels
+    def __init__(self, kernels: list[LayerKernels]) -> None:
+        self.by_dtype = {k.dtype: k for k in kernels}
         self._torch_rotary = Rotary()
 
-    def _compiled(self, x: torch.Tensor) -> bool:
-        return self.kernels is not None and x.dtype == torch.bfloat16
-
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if not self._compiled(x):
+        kernels = self.by_dtype.get(x.dtype)
+        if kernels is None or weight.dtype != x.dtype:
             return reference.rms_norm(x, weight, eps)
-        return self.kernels.rms_norm(x, None, weight, eps)[0]
+        return kernels.rms_norm(x, None, weight, eps)[0]
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-        if not self._compiled(x):
+        kernels = self.by_dtype.get(x.dtype)
+        if kernels is None or weight.dtype != x.dtype:
             return reference.add_rms_norm(x, residual, weight, eps)
-        return self.kernels.rms_norm(x, residual, weight, eps)
+        return kernels.rms_norm(x, residual, weight, eps)
 
     def rotary(self, positions, query, key, cos_sin):
-        if not self._compiled(query) or cos_sin.dtype != torch.float32:
+        kernels = self.by_dtype.get(query.dtype)
+        if kernels is None or cos_sin.dtype != torch.float32:
             return self._torch_rotary(positions, query, key, cos_sin)
-        return self.kernels.rotary(positions, query, cos_sin), self.kernels.rotary(positions, key, cos_sin)
+        return kernels.rotary(positions, query, cos_sin), kernels.rotary(positions, key, cos_sin)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = self.by_dtype.get(x.dtype)
+        if kernels is None or not hasattr(kernels, "silu_and_mul"):
+            return reference.silu_and_mul(x)
+        return kernels.silu_and_mul(x)
 
     def table(self) -> dict[str, Any]:
-        return {"rms_norm": self.rms_norm, "add_rms_norm": self.add_rms_norm, "rotary": self.rotary}
+        return {"rms_norm": self.rms_norm, "add_rms_norm": self.add_rms_norm, "rotary": self.rotary,
+                "silu_and_mul": self.silu_and_mul}

@@ -10,7 +10,14 @@ from typing import Any, Callable
 
 import torch
 
-from paged.backends.interface import Attention, Availability, Backend, Communicator, TorchDistributedCommunicator
+from paged.backends.interface import (
+    Attention,
+    Availability,
+    Backend,
+    Communicator,
+    Precision,
+    TorchDistributedCommunicator,
+)
 
 
 class CUDABackend(Backend):
@@ -100,7 +107,7 @@ class CUDABackend(Backend):
 
         return TritonPagedAttention(max_model_len)
 
-    def ops(self) -> dict[str, Callable[..., Any]]:
+    def ops(self, precision: Precision) -> dict[str, Callable[..., Any]]:
         from paged.backends.cuda.kernels import activation, norm, rotary
 
         return {

@@ -1,4 +1,5 @@
-"""`paged info`: every registered backend, whether it can run here and why, and which one would.
+"""`paged info`: every registered backend, whether it can run here and why, which one would, and what that
+one found here (for the CPU: the probed instruction-set level and the paths it picks).
 
 With --matrix: the compatibility matrix instead, each backend's declared facts, marked verified where
 conformance reports (--merge) say so; --write saves it as markdown (COMPATIBILITY.md is made this way).
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{facts.name:<10} {'yes' if facts.available else 'no':<10} {facts.source:<12} {facts.reason}")
     chosen = choose(registered, args.device)
     print(f"\nchosen: {chosen.name}")
+    for line in chosen.backend().describe():
+        print(f"  {line}")
     return 0
 
 

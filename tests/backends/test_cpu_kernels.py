@@ -1,5 +1,5 @@
-"""The CPU backend's compiled bfloat16 kernels against float64 and the plain-torch ops, and the fallback when
-they cannot be built."""
+"""The CPU backend's compiled kernels (bfloat16 for AVX-512 BF16, float32 for AVX2) against float64 and the
+plain-torch ops, and the fallback when they cannot be built."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import random
 import pytest
 import torch
 
-from paged.backends.cpu import native
-from paged.backends.cpu.linear import OneDNNLinear
+from paged.backends.cpu import isa, native
+from paged.backends.cpu.linear import PACKED_GEMM_MAX_ROWS, OneDNNLinear, PackedBF16Linear
 from paged.backends.cpu.ops import Rotary
 from paged.models import ops as reference
 from paged.models.layers import RotaryEmbedding
 
-KERNELS, WHY = native.load_kernels()
+KERNELS, WHY = native.load_bf16_kernels(isa.probe())
 needs_kernel = pytest.mark.skipif(KERNELS is None, reason=WHY)
+AVX2, AVX2_WHY = native.load_avx2_kernels(isa.probe())
+needs_avx2 = pytest.mark.skipif(AVX2 is None, reason=AVX2_WHY)
 
 
 @needs_kernel
@@ -85,13 +87,84 @@ def test_rotary_matches_torch_on_slices_of_fused_qkv(tokens):
 
 
 def test_without_a_compiler_it_says_why(monkeypatch):
-    monkeypatch.setattr(native, "cpu_flags", lambda: set(native.REQUIRED_CPU_FLAGS))
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    kernels, why = native.load_kernels()
-    assert kernels is None and "/nonexistent/cc" in why and "oneDNN" in why
+    for file in (native.BF16_FILE, native.AVX2_FILE):
+        caps = isa.probe()
+        if not caps.at_least(file.level):
+            continue
+        library, why = native.load(file, caps)
+        assert library is None and "/nonexistent/cc" in why
 
 
-def test_without_the_instructions_it_says_why(monkeypatch):
-    monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2"})
-    kernels, why = native.load_kernels()
+@pytest.mark.parametrize("cap", ["baseline", "avx2"])
+def test_below_a_files_level_it_says_why(monkeypatch, cap):
+    monkeypatch.setenv(isa.CAP_ENV, cap)
+    caps = isa.probe()
+    kernels, why = native.load_bf16_kernels(caps)
     assert kernels is None and "avx512_bf16" in why
+    if cap == "baseline":
+        kernels, why = native.load_avx2_kernels(caps)
+        assert kernels is None and "below avx2" in why
+
+
+# --- the AVX2 float32 kernels ----------------------------------------------------------------------
+
+
+@needs_avx2
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 7, 13, 32, PACKED_GEMM_MAX_ROWS + 3])
+def test_packed_linear_matches_float64(rows):
+    # Odd sizes: a last panel of fewer than 16 columns, padding to 64, any k; with and without a bias.
+    n, k = random.choice([(960, 576), (7, 33), (100, 17), (1001, 77), (64, 1)])
+    layer = torch.nn.Linear(k, n, bias=random.random() < 0.5)
+    method = PackedBF16Linear(AVX2)
+    weight = layer.weight.detach().clone()
+    method.process_weights(layer)
+    assert layer.weight.numel() == 0  # the float32 copy is released
+    x = torch.randn(rows, k)
+    out = method.apply(layer, x, layer.bias)
+    exact = x.double() @ weight.bfloat16().double().T  # bfloat16 weights, exact products
+    if layer.bias is not None:
+        exact += layer.bias.double()
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    assert torch.allclose(out.double(), exact, rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+@needs_avx2
+def test_packed_linear_keeps_a_tied_weight():
+    layer = torch.nn.Linear(32, 48, bias=False)
+    layer.owns_weight = False
+    PackedBF16Linear(AVX2).process_weights(layer)
+    assert layer.weight.shape == (48, 32)
+
+
+@needs_avx2
+def test_unpack_gives_the_bfloat16_weights_back():
+    n, k = random.choice([(100, 17), (960, 576)])
+    weight = torch.randn(n, k)
+    assert torch.equal(AVX2.unpack(AVX2.pack_weight(weight), n), weight.bfloat16().float())
+
+
+@needs_avx2
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_float32_rms_norm_and_rotary_match_torch(tokens):
+    hidden, eps = random.choice([576, 64, 100]), 1e-5
+    x, residual, weight = torch.randn(tokens, hidden), torch.randn(tokens, hidden), 1 + 0.1 * torch.randn(hidden)
+    out, total = AVX2.rms_norm(x, residual, weight, eps)
+    torch_out, torch_total = reference.add_rms_norm(x, residual, weight, eps)
+    assert torch.equal(total, torch_total)
+    assert torch.allclose(out, torch_out, rtol=1e-5, atol=1e-6)
+    heads, kv_heads, head_dim = 6, 2, 64
+    rope = RotaryEmbedding(head_dim, 512, {"rope_theta": 10000.0}, {"rotary": reference.rotary})
+    q, k, _ = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).split(
+        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    positions = torch.randint(0, 512, (tokens,))
+    torch_q, torch_k = reference.rotary(positions, q, k, rope.cos_sin)
+    # Elementwise with torch's rounding steps: the same bits.
+    assert torch.equal(AVX2.rotary(positions, q, rope.cos_sin), torch_q)
+    assert torch.equal(AVX2.rotary(positions, k, rope.cos_sin), torch_k)
+
+
+@needs_avx2
+def test_float32_silu_and_mul_matches_torch():
+    x = torch.randn(random.choice([1, 5, 40]), 2 * random.choice([1536, 100, 3])) * 8
+    assert torch.allclose(AVX2.silu_and_mul(x), reference.silu_and_mul(x), rtol=1e-6, atol=1e-6)

@@ -17,16 +17,18 @@ def test_info_lists_every_backend_and_picks_the_first_available(capsys, monkeypa
     monkeypatch.delenv(ALLOW_CPU_ENV, raising=False)
     assert main(["info"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith("chosen")}
+    chosen = next(i for i, line in enumerate(lines) if line.startswith("chosen: "))
+    rows = {line.split()[0]: line for line in lines[1:chosen] if line.strip()}
     assert set(BUILT_IN) <= set(rows)
     for reg in discover():
         facts = reg.facts()
         assert rows[reg.name].split()[1] == ("yes" if facts.available else "no") and facts.reason in rows[reg.name]
     assert rows["cpu"].split()[1] == "yes"
     assert "habana_frameworks is not installed" in rows["gaudi"]
-    assert lines[-1] == f"chosen: {choose(discover()).name}"
+    assert lines[chosen] == f"chosen: {choose(discover()).name}"
     if not any(r.facts().available for r in discover() if r.name != "cpu"):
-        assert lines[-1] == "chosen: cpu"
+        assert lines[chosen] == "chosen: cpu"
+        assert any(line.strip().startswith("dtype auto: ") for line in lines[chosen:])
 
 
 def test_unavailable_device_is_a_one_line_error(capsys):
