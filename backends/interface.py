@@ -303,8 +303,15 @@ class Backend(ABC):
         """
         return {}
 
-    def describe(self) -> list[str]:
-        """Lines for `paged info` on what this backend found here and will use (instruction sets, paths)."""
+    def max_num_batched_tokens(self, num_parameters: int, max_num_seqs: int) -> int:
+        """Tokens per step when the user sets none: a step must stay short enough that the requests it
+        holds up (a client's abort, others' next tokens) wait a moment, not minutes."""
+        return max(8192, max_num_seqs)
+
+    @classmethod
+    def describe(cls) -> list[str]:
+        """Lines for `paged info` on what this backend found here and would use (instruction sets, paths).
+        Like is_available, it must not initialise a device."""
         return []
 
     # --- collectives ---

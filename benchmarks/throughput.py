@@ -7,7 +7,8 @@
 Prompts are random token ids (torch.Generator seeded), output lengths fixed or uniform in a range,
 greedy, EOS ignored: every engine generates exactly the same number of tokens. With --compare-hf
 (the default on a CPU) transformers' generate runs the same workload in the same process, so the
-ratio is measured side by side. Throughput = generated tokens / wall time of one generate call,
+ratio is measured side by side, in its fastest dtype here (on a CPU float32 and bfloat16 are both tried
+on a short run). Throughput = generated tokens / wall time of one generate call,
 after an untimed warm-up. With --rounds N each engine runs the workload N times, taking turns, and the
 median run and the median of the per-round ratios are reported.
 """
@@ -91,7 +92,8 @@ def run_paged(args, model: str | None) -> tuple[dict, Callable[[], dict], list[l
     if args.profile:
         profile_steps(llm, batch, out_lens, args.profile)
     info = dict(engine="paged", backend=llm.engine.backend.name, device_name=llm.engine.backend.device_name(),
-                dtype=str(llm.engine.dtype).removeprefix("torch."), init_s=round(init, 2),
+                dtype=str(llm.engine.precision), compute_dtype=str(llm.engine.dtype).removeprefix("torch."),
+                init_s=round(init, 2),
                 startup_to_first_token_s=round(startup, 2), num_blocks=llm.engine.num_blocks)
     return info, timed, prompts, out_lens
 
@@ -118,9 +120,10 @@ def profile_steps(llm, batch, out_lens, path: str) -> None:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
 
 
-def run_hf(args, model_path: str | None, prompts, out_lens, dtype: torch.dtype) -> tuple[dict, Callable[[], dict]]:
-    """transformers' generate on the same prompts, batched as one static batch (all lengths equal):
-    (facts, a function timing one run)."""
+def run_hf(args, model_path: str | None, prompts, out_lens, dtypes: list[torch.dtype]
+           ) -> tuple[dict, Callable[[], dict]]:
+    """transformers' generate on the same prompts, batched as one static batch (all lengths equal), in the
+    fastest of `dtypes` on this machine (a short run of each decides): (facts, a function timing one run)."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
@@ -128,26 +131,36 @@ def run_hf(args, model_path: str | None, prompts, out_lens, dtype: torch.dtype) 
     path = Path(model_path)
     kwargs = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
     folder = path.parent if path.suffix == ".gguf" else path
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
     if args.ranged:
         raise SystemExit("--compare-hf needs fixed lengths")
 
-    def generate(batch, n_out):
+    def generate(model, batch, n_out):
         ids = torch.tensor(batch)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_out,
                                  min_new_tokens=n_out, do_sample=False, pad_token_id=0)
         return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
+    models, trial = {}, {}
+    for dtype in dtypes:
+        models[dtype] = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+        generate(models[dtype], [p[:16] for p in prompts[:2]], 4)
+        t = time.perf_counter()
+        generate(models[dtype], prompts, 8)
+        trial[dtype] = time.perf_counter() - t
+    best = min(trial, key=trial.get)
+    model = models[best]
+
     def timed() -> dict:
         t = time.perf_counter()
-        generated = generate(prompts, out_lens[0])
+        generated = generate(model, prompts, out_lens[0])
         return rates(time.perf_counter() - t, generated, sum(map(len, prompts)))
 
-    generate([p[:16] for p in prompts[:2]], 4)
     import transformers
 
-    return dict(engine="transformers-generate", version=transformers.__version__), timed
+    return dict(engine="transformers-generate", version=transformers.__version__,
+                dtype=str(best).removeprefix("torch."),
+                trial_8_tokens_s={str(d).removeprefix("torch."): round(v, 2) for d, v in trial.items()}), timed
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -166,14 +179,14 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a Llama shape with random weights instead of --model")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--device")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--ranged", metavar="LO,HI", help="input and output lengths uniform in [LO, HI] per request")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-batched-tokens", type=int, help="default: the backend's")
     ap.add_argument("--max-model-len", type=int)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
@@ -195,7 +208,9 @@ def main() -> None:
     compare = args.compare_hf if args.compare_hf is not None else info["backend"] == "cpu"
     runs = {"paged": (info, paged_run)}
     if compare:
-        runs["transformers"] = run_hf(args, model, prompts, out_lens, getattr(torch, info["dtype"]))
+        peer = getattr(torch, info["compute_dtype"])
+        dtypes = [torch.float32, torch.bfloat16] if info["backend"] == "cpu" else [peer]
+        runs["transformers"] = run_hf(args, model, prompts, out_lens, dtypes)
     # Taking turns spreads the slow spells of a shared machine over both engines.
     rounds: dict[str, list[dict]] = {name: [] for name in runs}
     for _ in range(args.rounds):

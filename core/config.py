@@ -39,7 +39,7 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     num_gpu_blocks_override: int | None = Field(default=None, gt=0)
     max_num_seqs: int = Field(default=256, gt=0)
-    max_num_batched_tokens: int = Field(default=8192, gt=0)
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)  # None: the backend sizes a step
     max_logprobs: int = Field(default=20, ge=0)
     enforce_eager: bool = False
     tensor_parallel_size: int = Field(default=1, ge=1)

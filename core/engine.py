@@ -23,7 +23,7 @@ from paged.detokenizer import IncrementalDetokenizer
 from paged.errors import UserError
 from paged.model_loading import build_model
 from paged.model_runner import PENDING_TOKEN, InFlightStep, ModelRunner, StepResult
-from paged.model_source import resolve_model
+from paged.model_source import resolve_model, sampling_defaults
 from paged.outputs import CompletionOutput, Logprob, RequestOutput
 from paged.request import Request, RequestStatus
 from paged.sampling_params import RequestOutputKind, SamplingParams
@@ -86,14 +86,19 @@ class LLMEngine:
         self.backend.seed(config.seed)
         self.model = build_model(self.source, self.backend, self.precision, self.max_model_len,
                                  load_format=config.load_format)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or self.backend.max_num_batched_tokens(
+            self.model.num_parameters, config.max_num_seqs)
+        logger.info("model: %.0fM parameters in %s; up to %d tokens per step%s", self.model.num_parameters / 1e6,
+                    self.precision, self.max_num_batched_tokens,
+                    "" if config.max_num_batched_tokens else f" (the {self.backend.name} backend's default)")
         self.runner = ModelRunner(
-            self.model, self.backend, config.block_size, config.max_num_batched_tokens, config.max_num_seqs,
+            self.model, self.backend, config.block_size, self.max_num_batched_tokens, config.max_num_seqs,
             self.max_model_len, hf_config.vocab_size, config.seed,
         )
         self.num_blocks = self._size_kv_cache(hf_config)
         self.runner.kv_caches = self._allocate_kv_cache(hf_config, self.num_blocks)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
         self._in_flight: InFlightStep | None = None
         if self.backend.supports_graphs and not config.enforce_eager:
@@ -103,6 +108,7 @@ class LLMEngine:
                         time.monotonic() - start)
         self.vocab_size = hf_config.vocab_size
         self.eos_token_ids = self._eos_token_ids()
+        self.sampling_defaults = sampling_defaults(config.generation_config, self.source)
         self.groups: dict[str, RequestGroup] = {}
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
@@ -181,7 +187,7 @@ class LLMEngine:
         ours_before = backend.peak_memory()  # the weights
         one_block = backend.kv_cache_shape(-(-self.max_model_len // self.config.block_size), self.config.block_size,
                                            self._kv_heads(hf_config), self._head_dim(hf_config))
-        self.runner.profile_run(self.config.max_num_batched_tokens, hf_config.num_hidden_layers, one_block,
+        self.runner.profile_run(self.max_num_batched_tokens, hf_config.num_hidden_layers, one_block,
                                 self.kv_dtype)
         peak = backend.peak_memory()
         others = max(used_before - ours_before, 0)  # other processes and the runtime's own context
@@ -203,7 +209,7 @@ class LLMEngine:
         for found in (
             self.tokenizer.eos_token_id if self.tokenizer is not None else None,
             getattr(self.source.hf_config, "eos_token_id", None),
-            self.source.generation_defaults().get("eos_token_id"),
+            self.source.generation_eos_token_ids(),
         ):
             ids.update(found if isinstance(found, list) else [found] if found is not None else [])
         return frozenset(ids)

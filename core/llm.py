@@ -80,10 +80,14 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    @staticmethod
-    def _params_for(count: int, sampling_params) -> list[SamplingParams]:
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` samples with when given no SamplingParams: the model's sampling defaults
+        (its generation_config, as with vLLM's --generation-config auto) over SamplingParams' own."""
+        return SamplingParams(**self.engine.sampling_defaults)
+
+    def _params_for(self, count: int, sampling_params) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * count
+            return [self.get_default_sampling_params()] * count
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
         if len(sampling_params) != count:

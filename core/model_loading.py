@@ -33,6 +33,8 @@ def build_model(
                             bind_ops(backend.ops(precision)), max_model_len)
         finally:
             torch.set_default_dtype(previous)
+        # Counted before loading: a backend may repack the weights into buffers that are no parameters.
+        model.num_parameters = sum(p.numel() for p in model.parameters())
         if load_format == "dummy":
             init_random(model)
             model.process_weights()

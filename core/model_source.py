@@ -8,6 +8,7 @@ every transformers call is `local_files_only`.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from paged.backends.common.cache import cache_dir
-from paged.default_model import default_model_path
+from paged.default_model import DEFAULT_MODEL_SAMPLING, default_model_path
 from paged.errors import UserError
 from paged.models.loader import iter_gguf, iter_safetensors
+
+logger = logging.getLogger(__name__)
 
 # generation_config.json key -> our sampling parameter, as vLLM reads a model's sampling defaults.
 _GENERATION_DEFAULTS = {
@@ -45,6 +47,8 @@ class ModelSource:
     hf_config: PretrainedConfig
     tokenizer: str | None = None  # a folder whose tokenizer replaces the model's own
     converted: Path | None = None  # a GGUF's config and tokenizer, saved once as a Hugging Face folder
+    # Sampling defaults its authors recommend where the files carry none (the default model's card).
+    recommended_sampling: dict[str, Any] | None = None
 
     @property
     def folder(self) -> Path:
@@ -64,17 +68,30 @@ class ModelSource:
         """Every weight as (Hugging Face name, tensor); GGUF weights come dequantized to `dtype`."""
         if not self.gguf_file:
             return iter_safetensors(self.path)
-        if self.converted is None or Path(self.path).stat().st_size > _CACHED_GGUF_BYTES:
-            return iter_gguf(self.path, dtype)
-        return _cached_dequantized(self.path, dtype, self.converted / f"weights-{str(dtype).removeprefix('torch.')}")
+        return iter_gguf(self.path, dtype)
 
-    def generation_defaults(self) -> dict[str, Any]:
-        """The sampling defaults the model's authors shipped in generation_config.json; none for a GGUF."""
+    @property
+    def generation_config_file(self) -> Path | None:
         file = self.folder / "generation_config.json"
-        if self.gguf_file or not file.is_file():
-            return {}
-        config = json.loads(file.read_text())
-        return {ours: config[key] for key, ours in _GENERATION_DEFAULTS.items() if config.get(key) is not None}
+        return file if not self.gguf_file and file.is_file() else None
+
+    def generation_defaults(self) -> tuple[dict[str, Any], str]:
+        """The sampling defaults the model's authors shipped, and where they come from: generation_config.json,
+        else (a GGUF has none) what they recommend for it, if paged knows."""
+        if self.generation_config_file is not None:
+            config = json.loads(self.generation_config_file.read_text())
+            found = {ours: config[key] for key, ours in _GENERATION_DEFAULTS.items() if config.get(key) is not None}
+            return found, str(self.generation_config_file)
+        if self.recommended_sampling:
+            return dict(self.recommended_sampling), "the model card's recommendation"
+        return {}, "none"
+
+    def generation_eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids generation_config.json adds to the tokenizer's (Llama 3 lists several)."""
+        if self.generation_config_file is None:
+            return []
+        found = json.loads(self.generation_config_file.read_text()).get("eos_token_id")
+        return found if isinstance(found, list) else [found] if found is not None else []
 
     def config_dtype(self) -> torch.dtype | None:
         """The dtype the checkpoint was saved in, or None when unknown (a GGUF is quantized per tensor)."""
@@ -88,12 +105,30 @@ class ModelSource:
         return dtype if isinstance(dtype, torch.dtype) else None
 
 
+def sampling_defaults(choice: str, source: ModelSource) -> dict[str, Any]:
+    """vLLM's --generation-config: the model's own sampling defaults ('auto'), none ('vllm'), or those of
+    another folder's generation_config.json; SamplingParams names, for fields a request leaves out."""
+    if choice == "vllm":
+        return {}
+    if choice != "auto":
+        folder = Path(choice).expanduser()
+        if not (folder / "generation_config.json").is_file():
+            raise UserError(f"--generation-config {choice}: no generation_config.json there", param="generation_config")
+        source = ModelSource(str(folder), None, None)  # reads generation_config.json the one way
+    defaults, where = source.generation_defaults()
+    if defaults:
+        logger.info("sampling defaults for fields a request leaves out, from %s: %s (--generation-config vllm "
+                    "turns them off)", where, defaults)
+    return defaults
+
+
 def resolve_model(model: str | None, tokenizer: str | None = None) -> ModelSource:
     """Turn what the user named into a ModelSource: None (the default model), a folder with config.json, or a .gguf.
 
     Anything else, or a file transformers cannot read, is a one-line UserError naming the path.
     """
-    if model is None:
+    default = model is None
+    if default:
         model = default_model_path()
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
@@ -109,25 +144,9 @@ def resolve_model(model: str | None, tokenizer: str | None = None) -> ModelSourc
         if not tokenizer_path.is_dir():
             raise UserError(f"tokenizer '{tokenizer}' not found: expected a folder with tokenizer files", "tokenizer")
         source.tokenizer = str(tokenizer_path)
+    if default:
+        source.recommended_sampling = DEFAULT_MODEL_SAMPLING
     return source
-
-
-# GGUFs up to this size keep a dequantized copy next to their converted config: reading a GGUF parses
-# all of its metadata and dequantizes in NumPy (seconds even for a small model), the copy maps in at once.
-_CACHED_GGUF_BYTES = 2 << 30
-
-
-def _cached_dequantized(path: str, dtype: torch.dtype, folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    if not (folder / "model.safetensors").is_file():
-        tensors = dict(iter_gguf(path, dtype))
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-        save_file({name: t.contiguous() for name, t in tensors.items()}, str(staging / "model.safetensors"))
-        try:
-            staging.rename(folder)
-        except OSError:  # another process cached it first
-            shutil.rmtree(staging, ignore_errors=True)
-        return iter(tensors.items())
-    return iter_safetensors(folder)
 
 
 def _converted_gguf(path: Path) -> Path:

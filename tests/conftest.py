@@ -10,7 +10,19 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from paged.backends.cpu.isa import CAP_ENV, probe
 from paged.default_model import default_model_path
+
+# Every instruction-set level the CPU backend can be capped to here: the host's own and each below it
+# (bounded by a PAGED_CPU_ISA the suite itself runs under).
+CPU_LEVELS = probe().levels_covered()
+
+
+@pytest.fixture(params=CPU_LEVELS)
+def cpu_level(request, monkeypatch) -> str:
+    """Run the test once at every CPU level up to this machine's, through PAGED_CPU_ISA."""
+    monkeypatch.setenv(CAP_ENV, request.param)
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -24,26 +25,68 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_fp32(smollm2_gguf):
-    return LLM(model=smollm2_gguf, dtype="float32", device="cpu", kv_cache_memory="512MiB")
-
-
-def test_smollm2_gguf_greedy_matches_transformers(smollm2_fp32, smollm2_gguf):
+def smollm2_expected(smollm2_gguf):
+    """transformers' greedy tokens for PROMPTS from the GGUF in float32, with its weights as dequantized and
+    with the projections' weights rounded to bfloat16 (what `dtype="auto"` multiplies by on a CPU without
+    bfloat16 arithmetic); each computed once, on first use."""
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(smollm2_gguf)
-    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    cache: dict[str, list[list[int]]] = {}
+
+    def expected(weights: str) -> tuple[list[list[int]], list[list[int]]]:
+        if weights not in cache:
+            reference = model if weights == "exact" else with_bfloat16_projections(model)
+            cache[weights] = [hf_greedy(reference, ids, 32) for ids in prompts]
+        return prompts, cache[weights]
+
+    return expected
+
+
+def with_bfloat16_projections(model):
+    """A copy whose linear layers (the lm_head untied from the embedding) hold bfloat16-rounded weights."""
+    rounded = copy.deepcopy(model)
+    rounded.lm_head.weight = torch.nn.Parameter(rounded.lm_head.weight.detach().clone(), requires_grad=False)
+    for module in rounded.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.bfloat16().float()
+    return rounded
+
+
+def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def smollm2_greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     # min_tokens mirrors min_new_tokens: both ban EOS until the end.
     params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
-    outputs = smollm2_fp32.generate(PROMPTS, params, use_tqdm=False)
-    for out in outputs:
-        ids = torch.tensor([out.prompt_token_ids])
-        with torch.no_grad():
-            expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
-                                          min_new_tokens=32, do_sample=False, pad_token_id=0)
-        assert out.outputs[0].token_ids == expected[0, ids.shape[1]:].tolist(), out.prompt
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [out.outputs[0].token_ids for out in outputs]
+
+
+def test_smollm2_gguf_greedy_matches_transformers(smollm2_gguf, smollm2_expected, cpu_level):
+    prompts, expected = smollm2_expected("exact")
+    llm = LLM(model=smollm2_gguf, dtype="float32", device="cpu", kv_cache_memory="512MiB")
+    assert smollm2_greedy(llm, prompts) == expected
+
+
+def test_smollm2_auto_matches_transformers_on_its_weights(smollm2_gguf, smollm2_expected, cpu_level):
+    """dtype auto where it computes in float32: over bfloat16-rounded projections (AVX2 and up) or exact ones."""
+    llm = LLM(model=smollm2_gguf, device="cpu", kv_cache_memory="512MiB")
+    precision = llm.engine.precision
+    if precision.compute != torch.float32:
+        pytest.skip(f"auto is {precision} at {cpu_level}")
+    prompts, expected = smollm2_expected("bfloat16" if precision.weights == torch.bfloat16 else "exact")
+    assert smollm2_greedy(llm, prompts) == expected
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +101,7 @@ def random_prompts(count: int, low: int, high: int) -> list[dict]:
             for _ in range(count)]
 
 
-def test_preemption_gives_the_same_greedy_output(tiny_dir):
+def test_preemption_gives_the_same_greedy_output(tiny_dir, cpu_level):
     prompts = random_prompts(12, 20, 60)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     roomy = LLM(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB")
@@ -70,7 +113,7 @@ def test_preemption_gives_the_same_greedy_output(tiny_dir):
     assert got == expected
 
 
-def test_prefix_caching_reuses_blocks_and_output(tiny_dir):
+def test_prefix_caching_reuses_blocks_and_output(tiny_dir, cpu_level):
     llm = LLM(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB")
     prefix = [random.randrange(3, VOCAB) for _ in range(100)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

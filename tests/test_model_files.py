@@ -208,13 +208,16 @@ def test_safetensors_equal_state_dict(tiny_llama_dir, shard_size: str | None) ->
 
 def test_folder_source(tiny_llama_dir) -> None:
     folder, state_dict = tiny_llama_dir()
-    (folder / "generation_config.json").write_text(
-        json.dumps({"temperature": 0.6, "top_p": 0.9, "top_k": None, "max_new_tokens": 77, "do_sample": True})
-    )
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.6, "top_p": 0.9, "top_k": None, "max_new_tokens": 77, "do_sample": True,
+         "eos_token_id": [2, 7]}
+    ))
     source = resolve_model(str(folder))
 
     assert source.gguf_file is None and source.hf_config.architectures == ["LlamaForCausalLM"]
-    assert source.generation_defaults() == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 77}
+    defaults, where = source.generation_defaults()
+    assert defaults == {"temperature": 0.6, "top_p": 0.9, "max_tokens": 77}
+    assert where.endswith("generation_config.json") and source.generation_eos_token_ids() == [2, 7]
     assert source.config_dtype() == torch.float32
     assert dict(source.iter_weights(torch.bfloat16)).keys() == state_dict.keys()
 
@@ -253,7 +256,11 @@ def test_gguf_config(smollm2: ModelSource, smollm2_gguf: str) -> None:
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (576, 30, 49152)
     assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
     assert config.tie_word_embeddings
-    assert smollm2.config_dtype() is None and smollm2.generation_defaults() == {}
+    assert smollm2.config_dtype() is None
+    # The GGUF carries no generation config; as the default model, it comes with its card's sampling.
+    defaults, where = smollm2.generation_defaults()
+    assert defaults == {"temperature": 0.2, "top_p": 0.9} and "card" in where
+    assert resolve_model(smollm2_gguf).generation_defaults() == ({}, "none")
 
 
 def test_gguf_tokenizer(smollm2: ModelSource) -> None:

@@ -1,11 +1,16 @@
-"""End to end on the CPU: greedy token ids equal transformers' own greedy decoding, exactly, in fp32."""
+"""End to end on the CPU: greedy token ids equal transformers' own greedy decoding, exactly, in fp32, at
+every instruction-set level of the CPU backend up to this machine's; and `dtype="auto"` where it computes
+in float32 over bfloat16 weights equals transformers run on the same bfloat16-rounded weights."""
 
 from __future__ import annotations
 
+import copy
 import random
+import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from paged import LLM, SamplingParams
 from tests.models_factory import ARCHS, VOCAB, save_tiny_model
@@ -26,16 +31,32 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def test_greedy_matches_transformers(tiny):
-    folder, reference = tiny
-    lengths = [1, 7, 16, 17, 40, 95]
+def check_greedy(llm: LLM, reference, lengths=(1, 7, 16, 17, 40, 95)) -> None:
     prompts = [[random.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
-    llm = LLM(model=str(folder), dtype="float32", device="cpu", max_num_batched_tokens=64, kv_cache_memory="64MiB")
     params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24)  # as min_new_tokens: EOS banned
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outputs):
         assert out.prompt_token_ids == prompt
         assert out.outputs[0].token_ids == hf_greedy(reference, prompt, 24)
+
+
+def test_greedy_matches_transformers(tiny, cpu_level):
+    folder, reference = tiny
+    check_greedy(LLM(model=str(folder), dtype="float32", device="cpu", max_num_batched_tokens=64,
+                     kv_cache_memory="64MiB"), reference)
+
+
+def test_auto_on_a_bfloat16_checkpoint(tiny, cpu_level, tmp_path):
+    """Where auto computes in float32 (over bfloat16 weights, or float32 ones below AVX2), the tokens are those
+    of transformers in float32 on the checkpoint's bfloat16 values."""
+    folder, reference = tiny
+    copy.deepcopy(reference).to(torch.bfloat16).save_pretrained(tmp_path)
+    for tokenizer_file in folder.glob("tokenizer*"):
+        shutil.copy(tokenizer_file, tmp_path)
+    llm = LLM(model=str(tmp_path), device="cpu", max_num_batched_tokens=64, kv_cache_memory="64MiB")
+    if llm.engine.precision.compute != torch.float32:
+        pytest.skip(f"auto is {llm.engine.precision} at {cpu_level}")
+    check_greedy(llm, AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval())
 
 
 def test_broken_attention_is_caught(tiny, monkeypatch):

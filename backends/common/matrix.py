@@ -96,6 +96,15 @@ def to_markdown(rows: list[Row]) -> str:
     return "\n".join(out) + "\n"
 
 
+# The conformance reports behind COMPATIBILITY.md, shipped with the package so that `paged info --matrix`
+# prints the same matrix wherever paged is installed.
+VERIFIED = Path(__file__).with_name("verified")
+
+
+def shipped_reports() -> list[str]:
+    return [str(p) for p in sorted(VERIFIED.glob("*.json"))]
+
+
 def load_reports(paths: list[str]) -> list[dict[str, Any]]:
     reports = []
     for path in paths:

@@ -147,6 +147,17 @@ class CPUBackend(Backend):
         layer = f"{ops}: compiled ({why})" if kernels is not None else f"layer ops: plain torch ({why})"
         return [f"linear layers: {matmul}", layer]
 
-    def describe(self) -> list[str]:
-        auto = self.precision(None, None)
-        return [f"CPU: {self.caps.describe()}", f"dtype auto: {auto} ({auto.why})", *self._paths(auto)]
+    # About two seconds of two cores' float32 arithmetic (2 x parameters FLOPs per token).
+    STEP_FLOPS = 4e11
+
+    def max_num_batched_tokens(self, num_parameters: int, max_num_seqs: int) -> int:
+        """A power of two of tokens worth about STEP_FLOPS, at least one decode token per sequence and at most
+        the accelerators' 8,192: 1,024 for a 135M model (an 8,192-token step of it takes a CPU ~15 s)."""
+        fits = max(int(self.STEP_FLOPS // (2 * max(num_parameters, 1))), 1)
+        return max(min(1 << (fits.bit_length() - 1), 8192), max_num_seqs)
+
+    @classmethod
+    def describe(cls) -> list[str]:
+        backend = cls()  # a probe and the kernels' build: no device to initialise
+        auto = backend.precision(None, None)
+        return [f"CPU: {backend.caps.describe()}", f"dtype auto: {auto} ({auto.why})", *backend._paths(auto)]

@@ -83,10 +83,10 @@ class CPUCapabilities:
     def native_bf16(self) -> bool:
         return self.level in NATIVE_BF16_LEVELS and self.onednn_bf16
 
-    def levels_up_to_host(self) -> list[str]:
-        """Every level this machine can be capped to, lowest first."""
+    def levels_covered(self) -> list[str]:
+        """This level and every one below it, lowest first: the caps that still change something here."""
         order = list(_levels(self.arch))
-        return order[: order.index(self.host_level) + 1]
+        return order[: order.index(self.level) + 1]
 
     def describe(self) -> str:
         shown = [flag for needs in _levels(self.arch).values() for flag in needs if flag in self.flags]

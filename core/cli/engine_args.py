@@ -22,7 +22,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="KV cache size for host-memory backends, e.g. 4GiB")
     group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     group.add_argument("--max-num-seqs", type=int, default=256)
-    group.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    group.add_argument("--max-num-batched-tokens", type=int,
+                       help="tokens one step computes (default: 8192 on accelerators; on a CPU, about a second's work)")
     group.add_argument("--max-logprobs", type=int, default=20)
     group.add_argument("--enforce-eager", action="store_true", help="never replay captured graphs")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)

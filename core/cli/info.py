@@ -1,8 +1,9 @@
 """`paged info`: every registered backend, whether it can run here and why, which one would, and what that
 one found here (for the CPU: the probed instruction-set level and the paths it picks).
 
-With --matrix: the compatibility matrix instead, each backend's declared facts, marked verified where
-conformance reports (--merge) say so; --write saves it as markdown (COMPATIBILITY.md is made this way).
+With --matrix: the compatibility matrix instead, each backend's declared facts, marked verified where the
+conformance reports shipped with paged (backends/common/verified) and any given with --merge say so;
+--write saves it as markdown (COMPATIBILITY.md is made this way).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ MATRIX_LEGEND = (
     "Each cell is what the backend declares; ✓ marks what the conformance suite (tests/backends) verified, "
     "✗ what it failed, and the last column says where. Tensor parallel names the collectives and is verified "
     "by two ranks exchanging tensors (no tensor-parallel model run is tested yet). Regenerate: run the suite with "
-    "PAGED_MATRIX_OUT=report.json, then `paged info --matrix --merge REPORT... --write COMPATIBILITY.md`.\n\n"
+    "PAGED_MATRIX_OUT=report.json, put the report in backends/common/verified/ (it ships with the package), then "
+    "`paged info --matrix --write COMPATIBILITY.md`.\n\n"
 )
 
 
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="check this backend as `--device` would")
     parser.add_argument("--matrix", action="store_true", help="print the compatibility matrix")
     parser.add_argument("--merge", nargs="+", default=[], metavar="FILE",
-                        help="with --matrix: conformance reports (JSON) whose results to mark")
+                        help="with --matrix: conformance reports (JSON) to mark over the shipped ones")
     parser.add_argument("--write", metavar="PATH", help="with --matrix: also write the matrix as markdown")
 
 
@@ -39,16 +41,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"{facts.name:<10} {'yes' if facts.available else 'no':<10} {facts.source:<12} {facts.reason}")
     chosen = choose(registered, args.device)
     print(f"\nchosen: {chosen.name}")
-    for line in chosen.backend().describe():
+    for line in chosen.backend.describe():
         print(f"  {line}")
     return 0
 
 
 def _matrix(registered: list, args: argparse.Namespace) -> int:
-    from paged.backends.common.matrix import Row, declared_facts, load_reports, merge, to_markdown
+    from paged.backends.common.matrix import Row, declared_facts, load_reports, merge, shipped_reports, to_markdown
 
     rows = [Row(reg.name, declared_facts(reg.backend) if reg.backend is not None else {}) for reg in registered]
-    table = to_markdown(merge(rows, load_reports(args.merge)))
+    table = to_markdown(merge(rows, load_reports(shipped_reports() + args.merge)))
     print(table, end="")
     if args.write:
         Path(args.write).write_text(MATRIX_TITLE + MATRIX_LEGEND + table)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from paged.cli.engine_args import add_engine_args, engine_kwargs
 from paged.config import parse_bytes
@@ -14,7 +13,6 @@ from paged.errors import UserError
 
 if TYPE_CHECKING:  # imported for real only when serving: `paged --help` must stay quick
     from paged.engine import LLMEngine
-    from paged.model_source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +60,9 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         metrics_require_key=args.metrics_require_key,
         max_body_bytes=max_body_bytes,
-        generation_defaults=_generation_defaults(args.generation_config, engine.source),
+        generation_defaults=engine.sampling_defaults,
     )
     _log_capacity(engine)
-    if settings.generation_defaults:
-        logger.info("sampling defaults from generation_config: %s", settings.generation_defaults)
     app = build_app(AsyncEngine(engine), settings)
     del engine  # the AsyncEngine owns it now, and frees it on shutdown
     logger.info("serving %s on http://%s:%d%s", ", ".join(settings.served_model_names), args.host, args.port,
@@ -84,29 +80,13 @@ def _body_size(value: str) -> int:
         raise UserError(f"--max-body-size: {error}", param="max_body_size") from None
 
 
-def _generation_defaults(choice: str, model: ModelSource) -> dict[str, Any]:
-    """vLLM's --generation-config: the served model's defaults ('auto'), none ('vllm'), or another folder's."""
-    from paged.model_source import ModelSource
-
-    if choice == "vllm":
-        return {}
-    if choice == "auto":
-        return model.generation_defaults()
-    folder = Path(choice).expanduser()
-    if not (folder / "generation_config.json").is_file():
-        raise UserError(f"--generation-config {choice}: no generation_config.json there", param="generation_config")
-    # A ModelSource reads generation_config.json the one way the engine does; only its folder matters here.
-    return ModelSource(str(folder), None, None).generation_defaults()
-
-
 def _log_capacity(engine: LLMEngine) -> None:
-    """What an operator sizes a deployment by: the KV cache and the concurrency it allows.
+    """What an operator sizes a deployment by: the concurrency the KV cache allows.
 
-    Which backend runs, and why, the backend registry has logged already.
+    Which backend runs, and why, the backend registry has logged already, and the engine the KV cache.
     """
     config = engine.config
     tokens = engine.num_blocks * config.block_size
-    logger.info("KV cache: %d blocks of %d tokens = %d tokens", engine.num_blocks, config.block_size, tokens)
     logger.info(
         "maximum concurrency: %d sequences (--max-num-seqs); %.2fx requests of the full %d-token context fit the "
         "KV cache at once", config.max_num_seqs, tokens / engine.max_model_len, engine.max_model_len,

@@ -119,6 +119,15 @@ def test_paged_info_shows_the_level_and_paths(monkeypatch, capsys):
     from paged.cli.main import main
 
     monkeypatch.setenv(isa.CAP_ENV, "baseline")
-    assert main(["info"]) == 0
+    assert main(["info", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "level baseline" in out and "dtype auto: float32" in out and "linear layers:" in out
+
+
+def test_a_cpu_step_stays_short():
+    """Without --max-num-batched-tokens a CPU step is about two seconds of work, not the 8,192 tokens of a GPU:
+    1,024 tokens of SmolLM2-135M, never fewer than one decode token per running sequence."""
+    backend = CPUBackend()
+    assert backend.max_num_batched_tokens(135_000_000, 256) == 1024
+    assert backend.max_num_batched_tokens(8_000_000_000, 256) == 256
+    assert backend.max_num_batched_tokens(1_000_000, 256) == 8192

@@ -49,9 +49,19 @@ def test_matrix_marks_what_a_report_verified(tmp_path, capsys):
     assert set(BUILT_IN) <= set(rows)
     cpu = rows["cpu"]
     assert cpu[0] == "yes ✓" and cpu[1] == "no" and cpu[2] == "bfloat16, float32 (✓ float32)"
-    assert cpu[4] == "gloo ✗" and cpu[-1] == "Test rig (2026-01-02)"
+    assert cpu[4] == "gloo ✗" and cpu[-1].endswith("; Test rig (2026-01-02)")  # over the shipped reports
     assert rows["gaudi"][-1] == "not yet on hardware"
     assert out.read_text().startswith("# Compatibility") and "cpu on Test rig: host" in out.read_text()
+
+
+def test_the_installed_matrix_is_the_repositorys(capsys):
+    """`paged info --matrix` reads the reports shipped in the package: it prints COMPATIBILITY.md's table."""
+    from pathlib import Path
+
+    assert main(["info", "--matrix"]) == 0
+    printed = capsys.readouterr().out
+    assert "✓" in printed
+    assert printed in (Path(__file__).parents[2] / "COMPATIBILITY.md").read_text()
 
 
 def test_matrix_rejects_a_file_that_is_not_a_report(tmp_path, capsys):

@@ -61,12 +61,16 @@ class Server:
 
 
 def start_server(model: str | None, log: Path, *flags: str, env: dict[str, str] | None = None,
-                 timeout: float = 180) -> Server:
-    """Start `paged serve` (on the default model when `model` is None) and wait until /health answers 200."""
+                 timeout: float = 180, as_a_user_would: bool = False) -> Server:
+    """Start `paged serve` (on the default model when `model` is None) and wait until /health answers 200.
+
+    The tests' defaults pin the device and float32; `as_a_user_would` passes nothing but the port.
+    """
     port = free_port()
-    command = [sys.executable, "-m", "paged.cli.main", "serve", *([model] if model else []),
-               "--host", "127.0.0.1", "--port", str(port),
-               "--device", "cpu", "--dtype", "float32", "--uvicorn-log-level", "warning", *flags]
+    ours = [] if as_a_user_would else ["--host", "127.0.0.1", "--device", "cpu", "--dtype", "float32",
+                                       "--uvicorn-log-level", "warning"]
+    command = [sys.executable, "-m", "paged.cli.main", "serve", *([model] if model else []), "--port", str(port),
+               *ours, *flags]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = Server(f"http://127.0.0.1:{port}", process, log)

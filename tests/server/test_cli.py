@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from paged.cli.main import build_parser
-from paged.cli.serve import _generation_defaults, run
+from paged.cli.serve import run
 from paged.engine import LLMEngine
 from paged.errors import UserError
-from paged.model_source import ModelSource
+from paged.model_source import ModelSource, sampling_defaults
 from paged.server.app import build_app
 from paged.server.async_engine import AsyncEngine
 from paged.server.settings import ServerSettings
@@ -46,11 +46,11 @@ def test_generation_config_choices(tmp_path: Path) -> None:
         folder.mkdir()
         (folder / "generation_config.json").write_text(json.dumps({"temperature": temperature, "max_new_tokens": 7}))
     model = ModelSource(str(served), None, None)
-    assert _generation_defaults("auto", model) == {"temperature": 0.3, "max_tokens": 7}
-    assert _generation_defaults(str(other), model) == {"temperature": 0.9, "max_tokens": 7}
-    assert _generation_defaults("vllm", model) == {}
+    assert sampling_defaults("auto", model) == {"temperature": 0.3, "max_tokens": 7}
+    assert sampling_defaults(str(other), model) == {"temperature": 0.9, "max_tokens": 7}
+    assert sampling_defaults("vllm", model) == {}
     with pytest.raises(UserError, match="generation_config.json"):
-        _generation_defaults(str(tmp_path / "missing"), model)
+        sampling_defaults(str(tmp_path / "missing"), model)
 
 
 def test_generation_defaults_apply_when_the_request_leaves_them_out(tiny_chat_model: Path) -> None:

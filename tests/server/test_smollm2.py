@@ -37,3 +37,21 @@ def test_default_model_streams_what_it_returns(smollm2: openai.OpenAI) -> None:
                        if c.choices)
     assert streamed == full.message.content
     assert "\n\n" not in streamed
+
+
+def test_serve_with_no_flags_on_the_smallest_cpu_level(smollm2_gguf: str, tmp_path) -> None:
+    """`paged serve` as the README runs it, on the paths of a CPU with no AVX2 (and oneDNN and torch held to
+    SSE4.1 as well): it starts, says what it chose, and answers a chat request that sets nothing."""
+    log = tmp_path / "serve.log"
+    env = {"PAGED_CPU_ISA": "baseline", "ONEDNN_MAX_CPU_ISA": "SSE41", "ATEN_CPU_CAPABILITY": "default"}
+    server = start_server(None, log, env=env, as_a_user_would=True)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        out = client.chat.completions.create(model=NAME, max_tokens=16,
+                                             messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert out.choices[0].message.content.strip()
+    finally:
+        stop_server(server)
+    text = server.log_text()
+    assert "level baseline" in text and "dtype auto: float32" in text
+    assert "Traceback" not in text
