@@ -32,6 +32,15 @@ def test_prefill(heads, kv_heads):
     run_case(lens, lens, heads, kv_heads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("cached", [0, 1, 37], ids=["first-chunk", "one-cached", "cached-prefix"])
+def test_one_sequence_prefill(heads, kv_heads, cached, dtype):
+    """A lone sequence's chunk: causal over itself, unmasked over what is cached, merged by log-sum-exp."""
+    new = random.randint(2, 60)
+    run_case([cached + new], [new], heads, kv_heads, dtype=dtype)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_prefill_with_cached_prefix(heads, kv_heads):
     ctx = [random.randint(2, 30) for _ in range(4)]
@@ -48,7 +57,7 @@ def test_decode(heads, kv_heads, dtype, num_seqs):
     run_case(ctx, [1] * len(ctx), heads, kv_heads, dtype=dtype, backend=TorchOnlyCPUBackend())
 
 
-@pytest.mark.skipif(CPUBackend().attention(64).decode_kernels is None, reason="no AVX2 kernels on this CPU")
+@pytest.mark.skipif(CPUBackend().attention(64).kernels is None, reason="no AVX2 kernels on this CPU")
 @pytest.mark.parametrize("num_seqs", [1, 3, 17])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(4, 4, 16, 4), (9, 3, 64, 16), (8, 1, 32, 128)])
 def test_decode_kernel(heads, kv_heads, head_dim, block_size, num_seqs):

@@ -10,7 +10,9 @@ Decode steps of many sequences (one query each) multiply in the cache's dtype wi
 and a float32 softmax, as transformers' eager attention does: the flash kernel behind
 scaled_dot_product_attention is built for blocks of queries, and on bfloat16 at one query per sequence
 it is several times slower, while converting the context to float32 first doubles the bytes moved.
-Other steps pad their sequences to one [num_seqs, max_query_len] grid and make one float32
+A single sequence's prefill chunk (the long prompt of a chat) runs the flash kernel causally over its
+own tokens and unmasked over its cached prefix, so nothing above the diagonal is computed. Other steps
+pad their sequences to one [num_seqs, max_query_len] grid and make one float32
 scaled_dot_product_attention call per layer. Index tensors and masks are computed once per step
 (prepare() and the first layer).
 """
@@ -47,6 +49,8 @@ class PaddedBatch:
     # Set when one sequence decodes: it attends to all of its context, so cutting the gathered context to
     # this length replaces the mask (which the flash kernel would first convert, in every layer).
     whole_context: int | None = None
+    # Set when one sequence prefills (a chunk, maybe after a cached prefix): (prefix length, context length).
+    one_prefill: tuple[int, int] | None = None
     indexes: dict[tuple, CacheIndex] = field(default_factory=dict)
 
     @cached_property
@@ -108,8 +112,9 @@ def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
         write_slots = slots[write_rows]
     block_ids = meta.block_tables[:, :blocks_per_seq].long()
     single_decode = len(seq_lens) == 1 and max_q == 1 and int(seq_lens[0]) == meta.max_seq_len
+    one_prefill = (meta.max_seq_len - num_tokens, meta.max_seq_len) if len(seq_lens) == 1 and max_q > 1 else None
     return PaddedBatch(token_to_grid, mask.unsqueeze(1), write_slots, write_rows, block_ids,
-                       meta.max_seq_len if single_decode else None)
+                       meta.max_seq_len if single_decode else None, one_prefill)
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: PaddedBatch) -> None:
@@ -147,30 +152,65 @@ def decode_attention(query: torch.Tensor, context: torch.Tensor, bias: torch.Ten
     return torch.bmm(probs, values).view(query.shape).to(query.dtype)
 
 
+# The flash kernel that also returns each row's log-sum-exp (F.scaled_dot_product_attention keeps it).
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def prefill_attention(query: torch.Tensor, context: torch.Tensor, prefix: int, length: int, scale: float
+                      ) -> torch.Tensor:
+    """One sequence's prefill chunk, [tokens, heads, head_dim], over context [2, 1, kv_heads, >= length, hd].
+
+    Its queries are the last `tokens` positions of `length`: causal over themselves, unmasked over the
+    `prefix` before them. Two flash-kernel calls, one causal and one without a mask, merged by their
+    log-sum-exps, skip the masked half that a single call with an explicit mask computes (and the mask).
+    """
+    tokens, heads, head_dim = query.shape
+    kv_heads = context.shape[2]
+    group = heads // kv_heads
+    keys, values = context[:, 0, :, :length].float()  # [kv_heads, length, head_dim]
+    q = query.transpose(0, 1).float().unsqueeze(0)  # [1, heads, tokens, head_dim]
+    new_k, new_v = (t[:, prefix:].repeat_interleave(group, 0).unsqueeze(0) for t in (keys, values))
+    out, lse = _flash(q, new_k, new_v, 0.0, True, scale=scale)
+    if prefix:
+        # No mask over the prefix: the query heads sharing a KV head can be rows of one matrix.
+        grouped = q.reshape(1, kv_heads, group * tokens, head_dim)
+        old, old_lse = _flash(grouped, keys[None, :, :prefix], values[None, :, :prefix], 0.0, False, scale=scale)
+        old, old_lse = old.reshape(1, heads, tokens, head_dim), old_lse.reshape(1, heads, tokens)
+        top = torch.maximum(lse, old_lse)
+        w_new, w_old = (lse - top).exp_().unsqueeze(-1), (old_lse - top).exp_().unsqueeze(-1)
+        out = (out * w_new + old * w_old) / (w_new + w_old)
+    return out[0].transpose(0, 1).to(query.dtype)
+
+
 class TorchPagedAttention(Attention):
-    """With `decode_kernels` (AVX2Kernels), float32 decode steps run the compiled kernel, which reads the
+    """With `kernels` (AVX2Kernels), float32 decode steps run the compiled kernel, which reads the
     paged cache directly; every other step takes the torch path below."""
 
-    def __init__(self, decode_kernels=None) -> None:
-        self.decode_kernels = decode_kernels
+    def __init__(self, kernels=None) -> None:
+        self.kernels = kernels
 
     def prepare(self, meta: AttentionMetadata) -> PaddedBatch | None:
-        if self.decode_kernels is not None and meta.is_decode_only:
+        if self.kernels is not None and meta.is_decode_only:
             return None  # the kernel needs none of it; a step of another dtype builds it in its first layer
         return build_padded_batch(meta)
 
     def forward(self, query, key, value, kv_cache, meta, scale):
-        if (self.decode_kernels is not None and meta.is_decode_only and query.dtype == torch.float32
+        if (self.kernels is not None and meta.is_decode_only and query.dtype == torch.float32
                 and kv_cache.dtype == torch.float32 and query.shape[-1] % 8 == 0):
-            return self.decode_kernels.decode_attention(query, key, value, kv_cache, meta, scale)
+            return self.kernels.decode_attention(query, key, value, kv_cache, meta, scale)
         if meta.prepared is None:
             meta.prepared = build_padded_batch(meta)
         batch: PaddedBatch = meta.prepared
-        write_kv(kv_cache, key, value, batch)
+        if self.kernels is not None:
+            self.kernels.write_kv(kv_cache, key, value, meta.slot_mapping[: key.shape[0]])
+        else:
+            write_kv(kv_cache, key, value, batch)
         context = gather_context(kv_cache, batch)
         decode = batch.token_to_grid is None
         if decode and meta.num_seqs >= MATMUL_DECODE_FROM_SEQS:
             return decode_attention(query, context, batch.bias, scale)
+        if batch.one_prefill is not None:
+            return prefill_attention(query, context, *batch.one_prefill, scale)
         num_tokens, num_heads, head_dim = query.shape
         seqs, max_q = meta.num_seqs, meta.max_query_len
         if decode:

@@ -119,24 +119,21 @@ void linear_bf16w(const float *x, const uint16_t *w, const float *bias, float *y
     }
 }
 
-/* The packed panels back to a row-major float32 [n, k] matrix: for many rows the float32 GEMM of the
- * BLAS library is faster than the kernel above, and the conversion costs a few percent of its time. */
+/* The packed panels as a float32 [k, n] matrix (W transposed): for many rows the float32 GEMM of the
+ * BLAS library is faster than the kernel above, and widening the weight for it streams: each panel row
+ * of 16 columns becomes 16 consecutive floats, in order (the same interleave as the kernel's). */
 void unpack_bf16w(const uint16_t *w, float *out, int64_t n, int64_t k, int threads) {
-    static const int column_of[PANEL] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
-    int64_t panels = (n + PANEL - 1) / PANEL;
+    int64_t groups = (n + 4 * PANEL - 1) / (4 * PANEL); /* four panels: 64 columns, 256 bytes of a row */
+    const __m256i zero = _mm256_setzero_si256();
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < panels; ++p) {
-        const uint16_t *wp = w + p * k * PANEL;
-        for (int i = 0; i < PANEL; ++i) {
-            int64_t row = p * PANEL + column_of[i];
-            if (row >= n) continue;
-            float *o = out + row * k;
-            for (int64_t j = 0; j < k; ++j) {
-                uint32_t bits = (uint32_t)wp[j * PANEL + i] << 16;
-                __builtin_memcpy(o + j, &bits, 4);
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t j = 0; j < k; ++j)
+            for (int64_t p = 4 * g; p < 4 * g + 4 && p * PANEL < n; ++p) {
+                __m256i packed = _mm256_loadu_si256((const __m256i *)(w + (p * k + j) * PANEL));
+                float *cols = out + j * n + p * PANEL;
+                store_cols(cols, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, packed)), n - p * PANEL);
+                store_cols(cols + 8, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, packed)), n - p * PANEL - 8);
             }
-        }
-    }
 }
 
 /* --- layer ops ------------------------------------------------------------------------------------ */
@@ -236,6 +233,24 @@ void silu_and_mul_f32(const float *x, float *out, int64_t rows, int64_t inter, i
 
 #define MAX_BLOCK 128
 
+/* Store new keys and values at their slots of the paged cache [2, blocks, kv_heads, block_size, head]
+ * (slot -1: a padding row that writes nothing). Any dtype: sizes and strides are in bytes. */
+void write_kv(void *cache, const void *k_new, int64_t k_stride, const void *v_new, int64_t v_stride,
+              const int64_t *slots, int64_t tokens, int64_t kv_heads, int64_t head_bytes, int64_t num_blocks,
+              int64_t block_size) {
+    char *base = (char *)cache;
+    int64_t part = num_blocks * kv_heads * block_size * head_bytes;
+    for (int64_t t = 0; t < tokens; ++t) {
+        if (slots[t] < 0) continue;
+        int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+        for (int64_t h = 0; h < kv_heads; ++h) {
+            char *k = base + ((block * kv_heads + h) * block_size + offset) * head_bytes;
+            __builtin_memcpy(k, (const char *)k_new + t * k_stride + h * head_bytes, head_bytes);
+            __builtin_memcpy(k + part, (const char *)v_new + t * v_stride + h * head_bytes, head_bytes);
+        }
+    }
+}
+
 /* Decode attention straight from the paged cache, one query token per sequence; head_dim % 8 == 0.
  *
  * First the new keys and values are written at their slots (slot -1: a padding row that writes
@@ -251,15 +266,7 @@ void paged_decode_f32(const float *q, const float *k_new, int64_t k_stride, cons
                       float *out, int64_t seqs, int64_t heads, int64_t kv_heads, int64_t hd, int64_t num_blocks,
                       int64_t block_size, int64_t table_stride, float scale, int threads) {
     int64_t tile = block_size * hd, part = num_blocks * kv_heads * tile;
-    for (int64_t s = 0; s < seqs; ++s) {
-        if (slots[s] < 0) continue;
-        int64_t block = slots[s] / block_size, offset = slots[s] % block_size;
-        for (int64_t h = 0; h < kv_heads; ++h) {
-            float *k = cache + (block * kv_heads + h) * tile + offset * hd;
-            __builtin_memcpy(k, k_new + s * k_stride + h * hd, hd * sizeof(float));
-            __builtin_memcpy(k + part, v_new + s * v_stride + h * hd, hd * sizeof(float));
-        }
-    }
+    write_kv(cache, k_new, k_stride * 4, v_new, v_stride * 4, slots, seqs, kv_heads, hd * 4, num_blocks, block_size);
     int64_t group = heads / kv_heads, total = 0;
     for (int64_t s = 0; s < seqs; ++s) total += seq_lens[s];
     int64_t splits = seqs * kv_heads < 4 * threads ? group : 1, per_split = group / splits;

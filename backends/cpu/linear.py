@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from paged.backends.cpu.native import AVX2Kernels, BF16Kernels
 from paged.models.ops import LinearMethod
@@ -53,5 +52,6 @@ class PackedBF16Linear(LinearMethod):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] > PACKED_GEMM_MAX_ROWS:
-            return F.linear(x, self.kernels.unpack(layer.packed_weight, layer.out_features), bias)
+            transposed = self.kernels.unpack(layer.packed_weight, layer.out_features)
+            return torch.mm(x, transposed) if bias is None else torch.addmm(bias, x, transposed)
         return self.kernels.linear(x, layer.packed_weight, layer.out_features, bias)

@@ -60,6 +60,12 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _rows_of_heads(t: torch.Tensor) -> torch.Tensor:
+    """[tokens, heads, head_dim] with each token's heads contiguous (the token rows may be strided, as slices
+    of the fused qkv output are)."""
+    return t if t.stride(-1) == 1 and t.stride(1) == t.shape[-1] else t.contiguous()
+
+
 class LayerKernels:
     """rms_norm and rotary of one dtype, as both files define them (see each file for the rounding)."""
 
@@ -133,7 +139,9 @@ class AVX2Kernels(LayerKernels):
             "rotary_f32": _ROTARY_SIGNATURE,
             "silu_and_mul_f32": ([_P, _P, _I64, _I64, _I32], None),
             "paged_decode_f32": ([_P, _P, _I64, _P, _I64, _P, _P, _P, _P, _P] + [_I64] * 7 + [_F32, _I32], None),
+            "write_kv": ([_P, _P, _I64, _P, _I64, _P] + [_I64] * 5, None),
         })
+        self._scratch: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod
     def pack_weight(cls, weight: torch.Tensor) -> torch.Tensor:
@@ -159,15 +167,21 @@ class AVX2Kernels(LayerKernels):
         self._silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.shape[0], inter, self._threads)
         return out
 
+    def write_kv(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store key/value [tokens, kv_heads, head_dim] (rows may be strided) at slots of the paged cache,
+        any dtype: one C loop instead of an index_copy_ through torch's indexing."""
+        key, value = (_rows_of_heads(t).to(kv_cache.dtype) for t in (key, value))
+        _, num_blocks, kv_heads, block_size, head_dim = kv_cache.shape
+        size = kv_cache.element_size()
+        self._write_kv(kv_cache.data_ptr(), key.data_ptr(), key.stride(0) * size, value.data_ptr(),
+                       value.stride(0) * size, slots.data_ptr(), slots.shape[0], kv_heads, head_dim * size,
+                       num_blocks, block_size)
+
     def decode_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                          meta, scale: float) -> torch.Tensor:
         """Write this step's K/V into the paged cache, then one query per sequence over its context
         (kernels_avx2.c's paged_decode_f32); key and value rows may be strided, as slices of qkv."""
-        query = query.contiguous()
-        if key.stride(-1) != 1 or key.stride(1) != key.shape[-1]:
-            key = key.contiguous()
-        if value.stride(-1) != 1 or value.stride(1) != value.shape[-1]:
-            value = value.contiguous()
+        query, key, value = query.contiguous(), _rows_of_heads(key), _rows_of_heads(value)
         tables = meta.block_tables if meta.block_tables.stride(-1) == 1 else meta.block_tables.contiguous()
         _, num_blocks, kv_heads, block_size, head_dim = kv_cache.shape
         seqs, heads = query.shape[0], query.shape[1]
@@ -178,9 +192,19 @@ class AVX2Kernels(LayerKernels):
                                block_size, tables.stride(0), scale, self._threads)
         return out
 
+    # Widened weights up to this size keep their buffer for the next call of that shape: a fresh one of
+    # megabytes is fresh pages from the kernel, zeroed and faulted in, which costs as much as the widening.
+    SCRATCH_BYTES = 64 << 20
+
     def unpack(self, packed: torch.Tensor, n: int) -> torch.Tensor:
-        """The float32 [n, k] matrix whose bfloat16 rounding `packed` holds."""
-        out = torch.empty((n, packed.shape[1]), dtype=torch.float32)
+        """W^T: the float32 [k, n] matrix whose bfloat16 rounding `packed` holds, transposed. It may be a
+        buffer the next call of the same shape overwrites: use it before then."""
+        shape = (packed.shape[1], n)
+        out = self._scratch.get(shape)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32)
+            if out.numel() * 4 <= self.SCRATCH_BYTES:
+                self._scratch[shape] = out
         self._unpack_bf16w(packed.data_ptr(), out.data_ptr(), n, packed.shape[1], self._threads)
         return out
 

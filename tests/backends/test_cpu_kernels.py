@@ -141,7 +141,7 @@ def test_packed_linear_keeps_a_tied_weight():
 def test_unpack_gives_the_bfloat16_weights_back():
     n, k = random.choice([(100, 17), (960, 576)])
     weight = torch.randn(n, k)
-    assert torch.equal(AVX2.unpack(AVX2.pack_weight(weight), n), weight.bfloat16().float())
+    assert torch.equal(AVX2.unpack(AVX2.pack_weight(weight), n), weight.bfloat16().float().T)
 
 
 @needs_avx2
