@@ -93,6 +93,7 @@ def run_paged(args, model: str | None) -> tuple[dict, Callable[[], dict], list[l
         profile_steps(llm, batch, out_lens, args.profile)
     info = dict(engine="paged", backend=llm.engine.backend.name, device_name=llm.engine.backend.device_name(),
                 dtype=str(llm.engine.precision), compute_dtype=str(llm.engine.dtype).removeprefix("torch."),
+                weights=llm.engine.model.weight_storage,
                 init_s=round(init, 2),
                 startup_to_first_token_s=round(startup, 2), num_blocks=llm.engine.num_blocks)
     return info, timed, prompts, out_lens

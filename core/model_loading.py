@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+from collections import Counter
 
 import torch
 from tqdm import tqdm
@@ -10,8 +12,11 @@ from tqdm import tqdm
 from paged.backends.interface import Backend, Communicator, Precision
 from paged.errors import UserError
 from paged.model_source import ModelSource
+from paged.models.layers import BlockLoading
 from paged.models.ops import bind_ops
 from paged.models.registry import model_class
+
+logger = logging.getLogger(__name__)
 
 
 def build_model(
@@ -28,9 +33,10 @@ def build_model(
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
+            ops = bind_ops(backend.ops(precision))
             with torch.device(backend.device()):
-                model = cls(source.hf_config, comm or backend.communicator(), backend.attention(max_model_len),
-                            bind_ops(backend.ops(precision)), max_model_len)
+                model = cls(source.hf_config, comm or backend.communicator(), backend.attention(max_model_len), ops,
+                            max_model_len)
         finally:
             torch.set_default_dtype(previous)
         # Counted before loading: a backend may repack the weights into buffers that are no parameters.
@@ -39,11 +45,15 @@ def build_model(
             init_random(model)
             model.process_weights()
         else:
-            weights = tqdm(source.iter_weights(dtype), desc="Loading weights", unit=" tensors", file=sys.stderr,
-                           disable=None, leave=False)
+            linear = ops["linear"]
+            weights = tqdm(source.iter_weights(dtype, linear.block_types), desc="Loading weights", unit=" tensors",
+                           file=sys.stderr, disable=None, leave=False)
             model.load_weights(weights)
     except ValueError as e:
         raise UserError(f"cannot load {source.path}: {e}") from None
+    stored = Counter(m.method.storage(m) for m in model.modules() if isinstance(m, BlockLoading))
+    model.weight_storage = ", ".join(f"{kind} x{count}" for kind, count in stored.items())
+    logger.info("linear weights stored as: %s", model.weight_storage)
     return model.eval()
 
 

@@ -24,6 +24,7 @@ from paged.backends.common.cache import cache_dir
 from paged.default_model import DEFAULT_MODEL_SAMPLING, default_model_path
 from paged.errors import UserError
 from paged.models.loader import iter_gguf, iter_safetensors
+from paged.quant.gguf import GGUFBlocks
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,13 @@ class ModelSource:
             return _from_pretrained(AutoTokenizer, "tokenizer", self.converted, None)
         return _from_pretrained(AutoTokenizer, "tokenizer", self.folder, self.gguf_file)
 
-    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every weight as (Hugging Face name, tensor); GGUF weights come dequantized to `dtype`."""
+    def iter_weights(self, dtype: torch.dtype, keep_blocks: frozenset[str] = frozenset()
+                     ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+        """Every weight as (Hugging Face name, tensor); GGUF weights come dequantized to `dtype`, except
+        matrices of a type in keep_blocks, which come as their quantized blocks."""
         if not self.gguf_file:
             return iter_safetensors(self.path)
-        return iter_gguf(self.path, dtype)
+        return iter_gguf(self.path, dtype, keep_blocks)
 
     @property
     def generation_config_file(self) -> Path | None:

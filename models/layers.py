@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from paged.backends.interface import Communicator
+from paged.quant.gguf import GGUFBlocks
 
 
 class WeightLoading:
@@ -22,15 +23,33 @@ class WeightLoading:
         raise NotImplementedError
 
 
-class LinearBase(nn.Module, WeightLoading):
+class BlockLoading:
+    """Mixin for layers whose LinearMethod may compute from a GGUF matrix's quantized blocks.
+
+    Each checkpoint part (shard) is kept as it came, in gguf_blocks; the method packs them in
+    process_weights, or dequantizes them into the weight if the parts do not share one type.
+    """
+
+    num_parts = 1
+
+    def takes_blocks(self, blocks: GGUFBlocks) -> bool:
+        return blocks.qtype in self.method.block_types and self.comm.world_size == 1
+
+    def load_blocks(self, blocks: GGUFBlocks, shard: int | None) -> None:
+        if not hasattr(self, "gguf_blocks"):
+            self.gguf_blocks: dict[int, GGUFBlocks] = {}
+        self.gguf_blocks[shard or 0] = blocks
+
+    def process_weights(self) -> None:
+        self.method.process_weights(self)
+
+
+class LinearBase(nn.Module, WeightLoading, BlockLoading):
     """A linear layer whose product the backend's LinearMethod computes."""
 
     def __init__(self, method) -> None:
         super().__init__()
         self.method = method
-
-    def process_weights(self) -> None:
-        self.method.process_weights(self)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -47,6 +66,7 @@ class ColumnParallelLinear(LinearBase):
                 raise ValueError(f"output size {size} is not divisible by the tensor-parallel size {comm.world_size}")
         self.comm = comm
         self.local_sizes = [size // comm.world_size for size in out_sizes]
+        self.num_parts = len(out_sizes)
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(self.local_sizes)), requires_grad=False) if bias else None
 
@@ -107,7 +127,7 @@ class VocabParallelEmbedding(nn.Module, WeightLoading):
         return self.comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(VocabParallelEmbedding, BlockLoading):
     """Logits over the vocabulary, each rank computing its range and gathering the rest."""
 
     def __init__(self, vocab_size: int, hidden: int, comm: Communicator, ops: dict) -> None:
@@ -115,9 +135,6 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.method = ops["linear"]
         # False once tied to the embedding: a LinearMethod that repacks the weight must keep it for lookups.
         self.owns_weight = True
-
-    def process_weights(self) -> None:
-        self.method.process_weights(self)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         local = self.method.apply(self, hidden, None)

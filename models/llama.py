@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from paged.backends.interface import Attention, AttentionMetadata, Communicator
+from paged.quant.gguf import GGUFBlocks
 from paged.models.layers import (
+    BlockLoading,
     ColumnParallelLinear,
     ParallelLMHead,
     RMSNorm,
@@ -147,8 +149,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors (Hugging Face names) into this rank's parameters; returns names loaded."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFBlocks]]) -> set[str]:
+        """Copy checkpoint tensors (Hugging Face names) into this rank's parameters; returns names loaded.
+
+        GGUF matrices may come as their quantized blocks: a layer whose method computes from them keeps
+        them, anything else gets them dequantized."""
         params = dict(self.named_parameters(remove_duplicate=False))
         modules = dict(self.named_modules())
         loaded: set[str] = set()
@@ -164,6 +169,14 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
             module = modules[target.rsplit(".", 1)[0]]
+            if isinstance(tensor, GGUFBlocks):
+                if self.tied and module is self.model.embed_tokens and self.lm_head.takes_blocks(tensor):
+                    self.lm_head.load_blocks(tensor, None)  # logits from the blocks; lookups from dense rows
+                if isinstance(module, BlockLoading) and module.takes_blocks(tensor):
+                    module.load_blocks(tensor, shard)
+                    loaded.add(target)
+                    continue
+                tensor = tensor.dequantize(param.dtype)
             if isinstance(module, WeightLoading):
                 module.load_shard(param, tensor, shard)
             else:

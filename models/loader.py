@@ -16,7 +16,7 @@ from gguf import GGUFReader
 from safetensors import safe_open
 
 from paged.errors import UserError
-from paged.quant.gguf import dequantize_tensor
+from paged.quant.gguf import GGUFBlocks, dequantize_tensor
 
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
@@ -77,8 +77,10 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_gguf(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a GGUF file, dequantized to `dtype`, under Hugging Face names and in Hugging Face layout.
+def iter_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: frozenset[str] = frozenset()
+              ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+    """The tensors of a GGUF file, dequantized to `dtype`, under Hugging Face names and in Hugging Face layout;
+    matrices of a type in keep_blocks come as their GGUFBlocks instead (rows in the same layout).
 
     `lm_head.weight` only appears when the file has its own output matrix; otherwise the embeddings are tied.
     """
@@ -93,6 +95,12 @@ def iter_gguf(path: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch
         if tensor.name in _GGUF_IGNORED:
             continue
         name, part = _hf_name(tensor.name)
+        if tensor.tensor_type.name in keep_blocks and len(tensor.shape) == 2:
+            blocks = GGUFBlocks.of(tensor)
+            if part in permuted_heads:
+                blocks = blocks.with_rows(_unpermute_rows(blocks.data, permuted_heads[part]))
+            yield name, blocks
+            continue
         weight = dequantize_tensor(tensor, dtype)
         if part in permuted_heads:
             weight = _unpermute_rows(weight, permuted_heads[part])

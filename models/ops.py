@@ -56,13 +56,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 class LinearMethod:
     """How a linear layer computes y = x W^T + b. A backend may repack W into its own layout once the
-    checkpoint is loaded (process_weights), then compute from that layout (apply)."""
+    checkpoint is loaded (process_weights), then compute from that layout (apply). A method that computes
+    from GGUF's quantized blocks names their types in block_types: the loader then hands it those matrices
+    as they are (layers.BlockLoading), not dequantized."""
+
+    block_types: frozenset[str] = frozenset()
 
     def process_weights(self, layer: torch.nn.Module) -> None:
         return None
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
+
+    def storage(self, layer: torch.nn.Module) -> str:
+        """How the layer's weight is stored, for the start-up log."""
+        return str(layer.weight.dtype).removeprefix("torch.")
 
 
 NATIVE: dict[str, Any] = {

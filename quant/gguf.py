@@ -8,6 +8,8 @@ and whichever others the installed gguf version adds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, ReaderTensor
@@ -37,3 +39,28 @@ def dequantize_tensor(tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
     if not values.flags.writeable:  # F32 comes back as a view of the read-only memory-mapped file
         values = np.array(values)
     return torch.from_numpy(values).reshape(torch_shape(tensor)).to(dtype)
+
+
+@dataclass
+class GGUFBlocks:
+    """A matrix kept in its GGUF blocks, for a backend that computes from them: `data` holds each row's
+    blocks as bytes, [rows, bytes per row]; `shape` is the matrix's, [rows, columns], in torch orientation."""
+
+    qtype: str
+    data: torch.Tensor
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, tensor: ReaderTensor) -> GGUFBlocks:
+        rows, cols = torch_shape(tensor)
+        data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True)).view(rows, -1)
+        return cls(GGMLQuantizationType(tensor.tensor_type).name, data, (rows, cols))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense matrix, exactly as dequantize_tensor gives it."""
+        values = dequantize(self.data.numpy(), GGMLQuantizationType[self.qtype])
+        return torch.from_numpy(values).reshape(self.shape).to(dtype)
+
+    def with_rows(self, data: torch.Tensor) -> GGUFBlocks:
+        """The same matrix with its rows replaced (reordered) by `data`."""
+        return GGUFBlocks(self.qtype, data, self.shape)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import random
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from paged import LLM, SamplingParams
 from paged.errors import UserError
+from paged.models.layers import BlockLoading
 from tests.models_factory import VOCAB, save_tiny_model
 
 PROMPTS = [
@@ -26,9 +26,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smollm2_expected(smollm2_gguf):
-    """transformers' greedy tokens for PROMPTS from the GGUF in float32, with its weights as dequantized and
-    with the projections' weights rounded to bfloat16 (what `dtype="auto"` multiplies by on a CPU without
-    bfloat16 arithmetic); each computed once, on first use."""
+    """transformers' greedy tokens for PROMPTS from the GGUF in float32 (its weights as gguf-py dequantizes them)."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,25 +35,7 @@ def smollm2_expected(smollm2_gguf):
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
-    cache: dict[str, list[list[int]]] = {}
-
-    def expected(weights: str) -> tuple[list[list[int]], list[list[int]]]:
-        if weights not in cache:
-            reference = model if weights == "exact" else with_bfloat16_projections(model)
-            cache[weights] = [hf_greedy(reference, ids, 32) for ids in prompts]
-        return prompts, cache[weights]
-
-    return expected
-
-
-def with_bfloat16_projections(model):
-    """A copy whose linear layers (the lm_head untied from the embedding) hold bfloat16-rounded weights."""
-    rounded = copy.deepcopy(model)
-    rounded.lm_head.weight = torch.nn.Parameter(rounded.lm_head.weight.detach().clone(), requires_grad=False)
-    for module in rounded.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight.data = module.weight.data.bfloat16().float()
-    return rounded
+    return prompts, [hf_greedy(model, ids, 32) for ids in prompts]
 
 
 def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
@@ -74,18 +54,22 @@ def smollm2_greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 
 
 def test_smollm2_gguf_greedy_matches_transformers(smollm2_gguf, smollm2_expected, cpu_level):
-    prompts, expected = smollm2_expected("exact")
+    prompts, expected = smollm2_expected
     llm = LLM(model=smollm2_gguf, dtype="float32", device="cpu", kv_cache_memory="512MiB")
     assert smollm2_greedy(llm, prompts) == expected
 
 
 def test_smollm2_auto_matches_transformers_on_its_weights(smollm2_gguf, smollm2_expected, cpu_level):
-    """dtype auto where it computes in float32: over bfloat16-rounded projections (AVX2 and up) or exact ones."""
+    """dtype auto where it computes in float32 (no bfloat16 arithmetic): the Q4_1 and Q8_0 matrices stay in
+    their GGUF blocks (AVX2 and up) or are dequantized (below), and either way the tokens are exactly those
+    of the dequantized model in float32."""
     llm = LLM(model=smollm2_gguf, device="cpu", kv_cache_memory="512MiB")
     precision = llm.engine.precision
     if precision.compute != torch.float32:
         pytest.skip(f"auto is {precision} at {cpu_level}")
-    prompts, expected = smollm2_expected("bfloat16" if precision.weights == torch.bfloat16 else "exact")
+    stored = {m.method.storage(m) for m in llm.engine.model.modules() if isinstance(m, BlockLoading)}
+    assert stored == ({"Q4_1", "Q8_0"} if precision.weights == torch.bfloat16 else {"float32"})
+    prompts, expected = smollm2_expected
     assert smollm2_greedy(llm, prompts) == expected
 
 

@@ -14,7 +14,7 @@ import torch
 
 from paged.backends.cpu.attention import TorchPagedAttention
 from paged.backends.cpu.isa import CPUCapabilities, probe
-from paged.backends.cpu.linear import PACKED_GEMM_MAX_ROWS, OneDNNLinear, PackedBF16Linear
+from paged.backends.cpu.linear import PACKED_GEMM_MAX_ROWS, OneDNNLinear, PackedLinear
 from paged.backends.cpu.native import AVX2Kernels, BF16Kernels, load_avx2_kernels, load_bf16_kernels
 from paged.backends.cpu.ops import LayerOps
 from paged.backends.interface import Attention, Availability, Backend, Precision
@@ -103,8 +103,8 @@ class CPUBackend(Backend):
             return Precision(torch.bfloat16, torch.bfloat16, f"{caps.level}: bfloat16 arithmetic in hardware")
         kernels, why = self._avx2_kernels
         if kernels is not None:
-            return Precision(torch.float32, torch.bfloat16,
-                             f"{caps.level}: no bfloat16 arithmetic; the AVX2 kernels read half the bytes of float32 weights")
+            return Precision(torch.float32, torch.bfloat16, f"{caps.level}: no bfloat16 arithmetic; the AVX2 kernels "
+                             "read a GGUF's 4- and 8-bit blocks as they are, other weights as bfloat16")
         return Precision(torch.float32, torch.float32, f"{caps.level}: no bfloat16 arithmetic, and no AVX2 kernels "
                          f"({why})")
 
@@ -126,7 +126,7 @@ class CPUBackend(Backend):
             kernels = self._avx2_kernels[0]
             if precision.compute != torch.float32 or precision.weights != torch.bfloat16 or kernels is None:
                 raise ValueError(f"the CPU backend has no linear layers for {precision}")
-            return PackedBF16Linear(kernels)
+            return PackedLinear(kernels)
         if precision.compute == torch.bfloat16 and self.caps.onednn_bf16:
             return OneDNNLinear(self._bf16_kernels[0])
         if precision.compute == torch.float32 and self.caps.onednn:
@@ -135,8 +135,9 @@ class CPUBackend(Backend):
 
     def _paths(self, precision: Precision) -> list[str]:
         linear = self._linear(precision)
-        if isinstance(linear, PackedBF16Linear):
-            matmul = f"AVX2 kernel over packed bfloat16 weights (BLAS above {PACKED_GEMM_MAX_ROWS} rows)"
+        if isinstance(linear, PackedLinear):
+            matmul = (f"AVX2 kernel over weights kept in GGUF's Q4_0/Q4_1/Q8_0 blocks, or packed as bfloat16 "
+                      f"(BLAS above {PACKED_GEMM_MAX_ROWS} rows)")
         elif isinstance(linear, OneDNNLinear):
             matmul = "oneDNN" + (", AVX-512 BF16 GEMV for 1-2 rows" if linear.kernels is not None else "")
         else:

@@ -20,9 +20,17 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define PANEL 16
 #define ROW_CHUNK 96 /* rows of x kept in L2 while every panel streams past them */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
 
 static inline __m256i first_lanes(int64_t valid) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -41,20 +49,86 @@ static inline __attribute__((always_inline)) void store_cols(float *y, __m256 v,
     }
 }
 
-/* y[0..MR) x [col, col + 16 * NP) from MR rows of x (stride k) and NP consecutive panels at w. One
- * function per shape, so that each one's accumulators are an array the compiler keeps in registers. */
-#define DEFINE_TILE(MR, NP)                                                                                    \
-    static void tile_##MR##_##NP(const float *x, const uint16_t *w, const float *bias, float *y, int64_t n,   \
-                                 int64_t k, int64_t col) {                                                    \
+/* Weight formats, each in panels of 16 output columns (zero-padded to a multiple of 64 columns):
+ *
+ * BF16W: [panels][k][16] bfloat16, columns in the order 0-3, 8-11, 4-7, 12-15 (see the top of the file).
+ * Q4W:   GGUF's Q4_0 and Q4_1 blocks regrouped: w = d * q + m per column and block of 32 k, q in 0..15.
+ *        q: [panels][k][8] bytes, byte c holding column c (low nibble) and column c + 8 (high nibble);
+ *        d, m: [panels][k / 32][16] float16 (Q4_0's m is -8 d, exactly).
+ * Q8W:   GGUF's Q8_0 regrouped: w = d * q, q: [panels][k][16] int8, d: [panels][k / 32][16] float16.
+ * k is a multiple of 32 for the block formats, as GGUF guarantees. Widening a block weight is exact: d * q
+ * is exact in float32 and the FMA adds m with one rounding, which is what gguf-py's dequantization gives.
+ */
+enum { BF16W = 0, Q4W = 1, Q8W = 2 };
+
+typedef struct {
+    const void *q;
+    const uint16_t *d, *m;
+} weights_t;
+
+/* Widen the 16 columns of panel p, rows j0..j1 of k, to float32 at dst + (j - j0) * stride. Inlined where
+ * the format is a constant, so each caller gets a loop of one format. */
+static inline __attribute__((always_inline)) void widen_panel(int format, weights_t w, int64_t k, int64_t p, int64_t j0, int64_t j1, float *dst,
+                        int64_t stride, int64_t valid) {
+    const __m256i zero = _mm256_setzero_si256();
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    __m256 d0 = _mm256_setzero_ps(), d1 = d0, m0 = d0, m1 = d0;
+    for (int64_t j = j0; j < j1; ++j) {
+        __m256 lo, hi;
+        if (format == BF16W) {
+            __m256i packed = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w.q + (p * k + j) * PANEL));
+            lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, packed));
+            hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, packed));
+        } else {
+            if (j == j0 || j % 32 == 0) {
+                const uint16_t *scales = w.d + (p * (k / 32) + j / 32) * PANEL;
+                d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scales));
+                d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 8)));
+                if (format == Q4W) {
+                    const uint16_t *mins = w.m + (p * (k / 32) + j / 32) * PANEL;
+                    m0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mins));
+                    m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + 8)));
+                }
+            }
+            if (format == Q4W) {
+                __m128i bytes = _mm_loadl_epi64((const __m128i *)((const uint8_t *)w.q + (p * k + j) * 8));
+                __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(bytes, nibble)));
+                __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)));
+                lo = _mm256_fmadd_ps(q0, d0, m0);
+                hi = _mm256_fmadd_ps(q1, d1, m1);
+            } else {
+                __m128i bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)w.q + (p * k + j) * PANEL));
+                lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), d0);
+                hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))), d1);
+            }
+        }
+        store_cols(dst + (j - j0) * stride, lo, valid);
+        store_cols(dst + (j - j0) * stride + 8, hi, valid - 8);
+    }
+}
+
+/* y[0..MR) x [col, col + 16 * NP) from MR rows of x (stride k) and NP consecutive panels at w: bfloat16
+ * panels read directly, or float32 ones already widened. One function per shape and source, so that each
+ * one's accumulators are an array the compiler keeps in registers. */
+#define LOAD_BF16(w, p, j, k, lo, hi)                                                                          \
+    __m256i packed = _mm256_loadu_si256((const __m256i *)((const uint16_t *)(w) + ((p) * (k) + (j)) * PANEL)); \
+    __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, packed));                                      \
+    __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, packed));
+#define LOAD_F32(w, p, j, k, lo, hi)                                                                           \
+    __m256 lo = _mm256_loadu_ps((const float *)(w) + ((p) * (k) + (j)) * PANEL);                               \
+    __m256 hi = _mm256_loadu_ps((const float *)(w) + ((p) * (k) + (j)) * PANEL + 8);
+
+#define DEFINE_TILE(MR, NP, SRC)                                                                               \
+    static void tile_##SRC##_##MR##_##NP(const float *x, const void *w, const float *bias, float *y,          \
+                                         int64_t n, int64_t k, int64_t col) {                                  \
         __m256 acc[MR][NP][2];                                                                                 \
         for (int r = 0; r < MR; ++r)                                                                           \
             for (int p = 0; p < NP; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();                    \
         const __m256i zero = _mm256_setzero_si256();                                                           \
+        (void)zero;                                                                                            \
         for (int64_t j = 0; j < k; ++j) {                                                                      \
             for (int p = 0; p < NP; ++p) {                                                                     \
-                __m256i packed = _mm256_loadu_si256((const __m256i *)(w + (p * k + j) * PANEL));               \
-                __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, packed));                          \
-                __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, packed));                          \
+                LOAD_##SRC(w, p, j, k, lo, hi)                                                                 \
                 for (int r = 0; r < MR; ++r) {                                                                 \
                     __m256 xr = _mm256_broadcast_ss(x + r * k + j);                                            \
                     acc[r][p][0] = _mm256_fmadd_ps(xr, lo, acc[r][p][0]);                                      \
@@ -75,77 +149,191 @@ static inline __attribute__((always_inline)) void store_cols(float *y, __m256 v,
             }                                                                                                  \
         }                                                                                                      \
     }
+#define DEFINE_TILES(SRC)                                                                                      \
+    DEFINE_TILE(1, 4, SRC)                                                                                     \
+    DEFINE_TILE(2, 2, SRC)                                                                                     \
+    DEFINE_TILE(3, 2, SRC)                                                                                     \
+    DEFINE_TILE(1, 1, SRC)                                                                                     \
+    DEFINE_TILE(2, 1, SRC)                                                                                     \
+    DEFINE_TILE(3, 1, SRC)                                                                                     \
+    DEFINE_TILE(4, 1, SRC)                                                                                     \
+    DEFINE_TILE(5, 1, SRC)                                                                                     \
+    DEFINE_TILE(6, 1, SRC)                                                                                     \
+    static const tile_fn SRC##_few[4] = {0, tile_##SRC##_1_4, tile_##SRC##_2_2, tile_##SRC##_3_2};             \
+    static const tile_fn SRC##_rows[7] = {0,                tile_##SRC##_1_1, tile_##SRC##_2_1,                \
+                                          tile_##SRC##_3_1, tile_##SRC##_4_1, tile_##SRC##_5_1,                \
+                                          tile_##SRC##_6_1};
 
-DEFINE_TILE(1, 4)
-DEFINE_TILE(2, 2)
-DEFINE_TILE(3, 2)
-DEFINE_TILE(1, 1)
-DEFINE_TILE(2, 1)
-DEFINE_TILE(3, 1)
-DEFINE_TILE(4, 1)
-DEFINE_TILE(5, 1)
-DEFINE_TILE(6, 1)
+typedef void (*tile_fn)(const float *, const void *, const float *, float *, int64_t, int64_t, int64_t);
+DEFINE_TILES(BF16)
+DEFINE_TILES(F32)
 
-typedef void (*tile_fn)(const float *, const uint16_t *, const float *, float *, int64_t, int64_t, int64_t);
-
-/* Rows [0, m) of one chunk against the NP panels from column col: blocks of six rows, then the rest. */
-static void panel_group(const float *x, const uint16_t *w, const float *bias, float *y, int64_t m, int64_t n,
-                        int64_t k, int64_t col, int np) {
-    const uint16_t *wg = w + col * k;
-    if (np > 1) { /* few rows: one tile of them all */
-        tile_fn few = m == 1 ? tile_1_4 : m == 2 ? tile_2_2 : tile_3_2;
-        few(x, wg, bias, y, n, k, col);
-        return;
+/* Few rows against block-format panels, the weights widened in registers (no buffer): per block of 32 k,
+ * sums of x * q in integers' float form, then scaled once by the block's d and, for Q4, offset by m times
+ * the block's sum of x: y = sum_b d_b sum_j x_j q_j + m_b sum_j x_j. Decoding is bound by reading the
+ * weights, and this reads 0.625 (Q4) or 1.06 (Q8) bytes a weight. */
+#define DEFINE_QTILE(MR, NP, FMT)                                                                              \
+    static void qtile_##FMT##_##MR##_##NP(const float *x, weights_t w, const float *bias, float *y, int64_t n, \
+                                          int64_t k, int64_t col) {                                            \
+        __m256 total[MR][NP][2];                                                                               \
+        for (int r = 0; r < MR; ++r)                                                                           \
+            for (int p = 0; p < NP; ++p) total[r][p][0] = total[r][p][1] = _mm256_setzero_ps();                \
+        const int64_t p0 = col / PANEL, blocks = k / 32;                                                       \
+        const __m128i nibble = _mm_set1_epi8(0x0f);                                                            \
+        (void)nibble;                                                                                          \
+        for (int64_t b = 0; b < blocks; ++b) {                                                                 \
+            __m256 acc[MR][NP][2];                                                                             \
+            for (int r = 0; r < MR; ++r)                                                                       \
+                for (int p = 0; p < NP; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();                \
+            for (int64_t j = b * 32; j < b * 32 + 32; ++j) {                                                   \
+                for (int p = 0; p < NP; ++p) {                                                                 \
+                    __m256 q0, q1;                                                                             \
+                    if (FMT == Q4W) {                                                                          \
+                        __m128i bytes = _mm_loadl_epi64((const __m128i *)((const uint8_t *)w.q + ((p0 + p) * k + j) * 8)); \
+                        q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(bytes, nibble)));           \
+                        q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble))); \
+                    } else {                                                                                   \
+                        __m128i bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)w.q + ((p0 + p) * k + j) * PANEL)); \
+                        q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));                                  \
+                        q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));               \
+                    }                                                                                          \
+                    for (int r = 0; r < MR; ++r) {                                                             \
+                        __m256 xr = _mm256_broadcast_ss(x + r * k + j);                                        \
+                        acc[r][p][0] = _mm256_fmadd_ps(xr, q0, acc[r][p][0]);                                  \
+                        acc[r][p][1] = _mm256_fmadd_ps(xr, q1, acc[r][p][1]);                                  \
+                    }                                                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int p = 0; p < NP; ++p) {                                                                     \
+                const uint16_t *scales = w.d + ((p0 + p) * blocks + b) * PANEL;                                \
+                __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scales));                         \
+                __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 8)));                   \
+                for (int r = 0; r < MR; ++r) {                                                                 \
+                    total[r][p][0] = _mm256_fmadd_ps(acc[r][p][0], d0, total[r][p][0]);                        \
+                    total[r][p][1] = _mm256_fmadd_ps(acc[r][p][1], d1, total[r][p][1]);                        \
+                }                                                                                              \
+                if (FMT == Q4W) {                                                                              \
+                    const uint16_t *mins = w.m + ((p0 + p) * blocks + b) * PANEL;                              \
+                    __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mins));                       \
+                    __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + 8)));                 \
+                    for (int r = 0; r < MR; ++r) {                                                             \
+                        const float *xb = x + r * k + b * 32;                                                  \
+                        __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xb), _mm256_loadu_ps(xb + 8)),  \
+                                                 _mm256_add_ps(_mm256_loadu_ps(xb + 16), _mm256_loadu_ps(xb + 24))); \
+                        __m256 sx = _mm256_set1_ps(hsum(s));                                                   \
+                        total[r][p][0] = _mm256_fmadd_ps(sx, m0, total[r][p][0]);                              \
+                        total[r][p][1] = _mm256_fmadd_ps(sx, m1, total[r][p][1]);                              \
+                    }                                                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int p = 0; p < NP; ++p) {                                                                         \
+            int64_t c = col + p * PANEL;                                                                       \
+            __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();                                         \
+            if (bias) {                                                                                        \
+                b0 = load_cols(bias + c, n - c);                                                               \
+                b1 = load_cols(bias + c + 8, n - c - 8);                                                       \
+            }                                                                                                  \
+            for (int r = 0; r < MR; ++r) {                                                                     \
+                store_cols(y + r * n + c, _mm256_add_ps(total[r][p][0], b0), n - c);                           \
+                store_cols(y + r * n + c + 8, _mm256_add_ps(total[r][p][1], b1), n - c - 8);                   \
+            }                                                                                                  \
+        }                                                                                                      \
     }
-    static const tile_fn rest[6] = {0, tile_1_1, tile_2_1, tile_3_1, tile_4_1, tile_5_1};
-    int64_t r = 0;
-    for (; r + 6 <= m; r += 6) tile_6_1(x + r * k, wg, bias, y + r * n, n, k, col);
-    if (m > r) rest[m - r](x + r * k, wg, bias, y + r * n, n, k, col);
+
+typedef void (*qtile_fn)(const float *, weights_t, const float *, float *, int64_t, int64_t, int64_t);
+DEFINE_QTILE(1, 2, Q4W)
+DEFINE_QTILE(2, 1, Q4W)
+DEFINE_QTILE(3, 1, Q4W)
+DEFINE_QTILE(1, 2, Q8W)
+DEFINE_QTILE(2, 1, Q8W)
+DEFINE_QTILE(3, 1, Q8W)
+/* By format, then rows: the tiles for one to three rows (one panel each but for a single row's two). */
+static const qtile_fn qtiles[3][4] = {{0}, {0, qtile_Q4W_1_2, qtile_Q4W_2_1, qtile_Q4W_3_1},
+                                      {0, qtile_Q8W_1_2, qtile_Q8W_2_1, qtile_Q8W_3_1}};
+#define QTILE_MAX_ROWS 3
+
+/* A thread's buffer for the widened panels of a block format, grown as needed and kept. */
+static float *scratch_for(int64_t floats) {
+    static __thread float *buffer = 0;
+    static __thread int64_t capacity = 0;
+    if (floats > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (size_t)((floats * 4 + 63) / 64 * 64));
+        capacity = buffer ? floats : 0;
+    }
+    return buffer;
 }
 
+/* Rows [0, m) of one chunk against the np panels from column col: blocks of six rows, then the rest.
+ * Block formats widen the panels once into the thread's buffer, and every block of rows reads that. */
+static void panel_group(int format, const float *x, weights_t w, const float *bias, float *y, int64_t m, int64_t n,
+                        int64_t k, int64_t col, int np) {
+    const tile_fn *few = BF16_few, *rows = BF16_rows;
+    const void *panels = (const uint16_t *)w.q + col * k;
+    if (format != BF16W && m <= QTILE_MAX_ROWS) {
+        for (int p = 0; p < np; p += m == 1 ? 2 : 1) qtiles[format][m](x, w, bias, y, n, k, col + p * PANEL);
+        return;
+    }
+    if (format != BF16W) {
+        float *widened = scratch_for(np * k * PANEL);
+        for (int p = 0; p < np; ++p) {
+            float *dst = widened + p * k * PANEL;
+            if (format == Q4W)
+                widen_panel(Q4W, w, k, col / PANEL + p, 0, k, dst, PANEL, PANEL);
+            else
+                widen_panel(Q8W, w, k, col / PANEL + p, 0, k, dst, PANEL, PANEL);
+        }
+        few = F32_few;
+        rows = F32_rows;
+        panels = widened;
+    }
+    if (np > 1) { /* few rows: one tile of them all */
+        few[m](x, panels, bias, y, n, k, col);
+        return;
+    }
+    int64_t r = 0;
+    for (; r + 6 <= m; r += 6) rows[6](x + r * k, panels, bias, y + r * n, n, k, col);
+    if (m > r) rows[m - r](x + r * k, panels, bias, y + r * n, n, k, col);
+}
 
-/* x: [m, k], w: the packed panels of a [n, k] matrix, bias: [n] or NULL, y: [m, n]; all float32 but w.
- * Few rows take several panels at once, so that enough independent sums are in flight to stream W at
+/* x: [m, k], w: a [n, k] matrix in one of the formats above, bias: [n] or NULL, y: [m, n]; all float32 but
+ * w. Few rows take several panels at once, so that enough independent sums are in flight to stream W at
  * the memory's speed; six rows and more fill the registers with one panel. */
-void linear_bf16w(const float *x, const uint16_t *w, const float *bias, float *y, int64_t m, int64_t n, int64_t k,
-                  int threads) {
+void linear_packed(int format, const float *x, const void *q, const uint16_t *d, const uint16_t *mins,
+                   const float *bias, float *y, int64_t m, int64_t n, int64_t k, int threads) {
+    weights_t w = {q, d, mins};
     int np = m == 1 ? 4 : m <= 3 ? 2 : 1;
     int64_t groups = (n + np * PANEL - 1) / (np * PANEL);
     for (int64_t r0 = 0; r0 < m; r0 += ROW_CHUNK) {
         int64_t rows = m - r0 < ROW_CHUNK ? m - r0 : ROW_CHUNK;
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t g = 0; g < groups; ++g)
-            panel_group(x + r0 * k, w, bias, y + r0 * n, rows, n, k, g * np * PANEL, np);
+            panel_group(format, x + r0 * k, w, bias, y + r0 * n, rows, n, k, g * np * PANEL, np);
     }
 }
 
-/* The packed panels as a float32 [k, n] matrix (W transposed): for many rows the float32 GEMM of the
- * BLAS library is faster than the kernel above, and widening the weight for it streams: each panel row
- * of 16 columns becomes 16 consecutive floats, in order (the same interleave as the kernel's). */
-void unpack_bf16w(const uint16_t *w, float *out, int64_t n, int64_t k, int threads) {
-    int64_t groups = (n + 4 * PANEL - 1) / (4 * PANEL); /* four panels: 64 columns, 256 bytes of a row */
-    const __m256i zero = _mm256_setzero_si256();
+/* The matrix as float32 [k, n] (W transposed): for many rows the float32 GEMM of the BLAS library is faster
+ * than the kernels above, and widening the weight for it streams, 16 consecutive floats per panel row. */
+void widen_transposed(int format, const void *q, const uint16_t *d, const uint16_t *mins, float *out, int64_t n,
+                      int64_t k, int threads) {
+    weights_t w = {q, d, mins};
+    int64_t panels = (n + PANEL - 1) / PANEL;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t g = 0; g < groups; ++g)
-        for (int64_t j = 0; j < k; ++j)
-            for (int64_t p = 4 * g; p < 4 * g + 4 && p * PANEL < n; ++p) {
-                __m256i packed = _mm256_loadu_si256((const __m256i *)(w + (p * k + j) * PANEL));
-                float *cols = out + j * n + p * PANEL;
-                store_cols(cols, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, packed)), n - p * PANEL);
-                store_cols(cols + 8, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, packed)), n - p * PANEL - 8);
-            }
+    for (int64_t p = 0; p < panels; ++p) {
+        if (format == BF16W)
+            widen_panel(BF16W, w, k, p, 0, k, out + p * PANEL, n, n - p * PANEL);
+        else if (format == Q4W)
+            widen_panel(Q4W, w, k, p, 0, k, out + p * PANEL, n, n - p * PANEL);
+        else
+            widen_panel(Q8W, w, k, p, 0, k, out + p * PANEL, n, n - p * PANEL);
+    }
 }
 
 /* --- layer ops ------------------------------------------------------------------------------------ */
 
 #define PARALLEL_ROWS 16
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* out = weight * (h * rsqrt(mean(h^2) + eps)) with h = x, or h = x + residual stored into sum_out when
  * residual is given. All [rows, hidden] float32. */

@@ -5,10 +5,10 @@
   torch's plain F.linear re-lays out the weight on every call for bf16 and falls to a slow path for a
   single row; a pre-reordered weight goes straight to oneDNN's kernels (about 2x on the vocabulary
   projection, many times for single-sequence decode, on the machines measured here).
-- PackedBF16Linear: float32 activations over bfloat16-stored weights (kernels_avx2.c), for CPUs without
-  bfloat16 arithmetic: decoding reads half the bytes of float32 weights. From PACKED_GEMM_MAX_ROWS rows
-  on (long prefills) the step is compute-bound and BLAS's float32 GEMM beats the kernel, so the weight is
-  widened back for that call.
+- PackedLinear: float32 activations over weights stored as bfloat16, or in a GGUF file's own 4- and 8-bit
+  blocks (kernels_avx2.c, packing.py), for CPUs without bfloat16 arithmetic: decoding reads half or less
+  of float32's bytes. From PACKED_GEMM_MAX_ROWS rows on (long prefills) the step is compute-bound and
+  BLAS's float32 GEMM beats the kernel, so the weight is widened for that call.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from paged.backends.cpu.native import AVX2Kernels, BF16Kernels
+from paged.backends.cpu.packing import BLOCK_TYPES, pack_bf16, pack_gguf
+from paged.quant.gguf import GGUFBlocks
 from paged.models.ops import LinearMethod
 
 
@@ -38,20 +40,35 @@ class OneDNNLinear(LinearMethod):
 PACKED_GEMM_MAX_ROWS = 128
 
 
-class PackedBF16Linear(LinearMethod):
+class PackedLinear(LinearMethod):
+    """Float32 activations over weights packed by packing.py: a GGUF matrix in Q4_0 / Q4_1 / Q8_0 keeps its
+    blocks (the loader hands them over: block_types), every other weight is rounded to bfloat16."""
+
+    block_types = BLOCK_TYPES
+
     def __init__(self, kernels: AVX2Kernels) -> None:
         self.kernels = kernels
 
     def process_weights(self, layer: torch.nn.Module) -> None:
-        weight = layer.weight.detach()
-        layer.packed_weight = self.kernels.pack_weight(weight)
-        layer.out_features = weight.shape[0]
+        blocks = getattr(layer, "gguf_blocks", {})
+        parts = [blocks.get(i) for i in range(getattr(layer, "num_parts", 1))]
+        if parts and all(p is not None and p.qtype == parts[0].qtype for p in parts):
+            rows = torch.cat([p.data for p in parts])  # q, k, v (or gate, up) stacked as the layer stacks them
+            layer.packed_weight = pack_gguf(GGUFBlocks(parts[0].qtype, rows, (rows.shape[0], parts[0].shape[1])))
+        else:
+            for shard, part in blocks.items():  # kept for a matrix whose other parts are in another format
+                layer.load_shard(layer.weight, part.dequantize(layer.weight.dtype), shard)
+            layer.packed_weight = pack_bf16(layer.weight.detach())
+        layer.gguf_blocks = {}
         if getattr(layer, "owns_weight", True):
             # The float32 copy is never read again; a weight tied to the embedding stays for its lookups.
-            layer.weight = torch.nn.Parameter(torch.empty(0, weight.shape[1]), requires_grad=False)
+            layer.weight = torch.nn.Parameter(torch.empty(0, layer.weight.shape[1]), requires_grad=False)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] > PACKED_GEMM_MAX_ROWS:
-            transposed = self.kernels.unpack(layer.packed_weight, layer.out_features)
+            transposed = self.kernels.widen_transposed(layer.packed_weight)
             return torch.mm(x, transposed) if bias is None else torch.addmm(bias, x, transposed)
-        return self.kernels.linear(x, layer.packed_weight, layer.out_features, bias)
+        return self.kernels.linear(x, layer.packed_weight, bias)
+
+    def storage(self, layer: torch.nn.Module) -> str:
+        return layer.packed_weight.source

@@ -6,8 +6,8 @@ library is named by a hash of its source and flags, so an edited kernel builds a
 built only where the probe (isa.py) says the CPU runs its instructions:
 
 - kernels_bf16.c (AVX-512 BF16): bfloat16 GEMV for decoding, rms_norm and rotary on bfloat16;
-- kernels_avx2.c (AVX2 + FMA): float32 linear layers over bfloat16-stored weights, rms_norm and rotary
-  on float32, for CPUs without bfloat16 arithmetic.
+- kernels_avx2.c (AVX2 + FMA): float32 linear layers over weights stored as bfloat16 or in GGUF's own
+  4- and 8-bit blocks (packing.py), and float32 layer ops, for CPUs without bfloat16 arithmetic.
 
 Without a compiler, or below a file's level, the backend keeps oneDNN and plain torch, and says why.
 """
@@ -28,6 +28,7 @@ import torch
 
 from paged.backends.common.cache import cache_dir
 from paged.backends.cpu.isa import CPUCapabilities
+from paged.backends.cpu.packing import PackedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -125,16 +126,14 @@ class BF16Kernels(LayerKernels):
 
 
 class AVX2Kernels(LayerKernels):
-    """kernels_avx2.c, called on contiguous float32 tensors and weights packed by pack_weight."""
+    """kernels_avx2.c, called on contiguous float32 tensors and weights packed by packing.py."""
 
     dtype, suffix = torch.float32, "f32"
-    PANEL = 16
-    PAD_COLUMNS = 64  # four panels: the widest tile
 
     def __init__(self, library: ctypes.CDLL) -> None:
         super().__init__(library, {
-            "linear_bf16w": ([_P, _P, _P, _P, _I64, _I64, _I64, _I32], None),
-            "unpack_bf16w": ([_P, _P, _I64, _I64, _I32], None),
+            "linear_packed": ([_I32, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I32], None),
+            "widen_transposed": ([_I32, _P, _P, _P, _P, _I64, _I64, _I32], None),
             "rms_norm_f32": _NORM_SIGNATURE,
             "rotary_f32": _ROTARY_SIGNATURE,
             "silu_and_mul_f32": ([_P, _P, _I64, _I64, _I32], None),
@@ -143,22 +142,30 @@ class AVX2Kernels(LayerKernels):
         })
         self._scratch: dict[tuple[int, int], torch.Tensor] = {}
 
-    @classmethod
-    def pack_weight(cls, weight: torch.Tensor) -> torch.Tensor:
-        """[n, k] weight -> bfloat16 panels [ceil(n / 64) * 4, k, 16], columns of a panel in the order
-        0-3, 8-11, 4-7, 12-15 (kernels_avx2.c says why)."""
-        n, k = weight.shape
-        padded = torch.zeros(-(-n // cls.PAD_COLUMNS) * cls.PAD_COLUMNS, k, dtype=torch.bfloat16)
-        padded[:n] = weight
-        # Column c of a panel is b * 8 + a * 4 + j; it is stored at a * 8 + b * 4 + j.
-        return padded.view(-1, 2, 2, 4, k).permute(0, 4, 2, 1, 3).contiguous().view(-1, k, cls.PANEL)
-
-    def linear(self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
         x = x.contiguous()
-        y = torch.empty((x.shape[0], n), dtype=torch.float32)
-        self._linear_bf16w(x.data_ptr(), packed.data_ptr(), _pointer(bias), y.data_ptr(), x.shape[0], n,
-                           x.shape[1], self._threads)
+        y = torch.empty((x.shape[0], weight.n), dtype=torch.float32)
+        self._linear_packed(weight.format, x.data_ptr(), weight.q.data_ptr(), _pointer(weight.d),
+                            _pointer(weight.m), _pointer(bias), y.data_ptr(), x.shape[0], weight.n, weight.k,
+                            self._threads)
         return y
+
+    # Widened weights up to this size keep their buffer for the next call of that shape: a fresh one of
+    # megabytes is fresh pages from the kernel, zeroed and faulted in, which costs as much as the widening.
+    SCRATCH_BYTES = 64 << 20
+
+    def widen_transposed(self, weight: PackedWeight) -> torch.Tensor:
+        """W^T as float32 [k, n], exactly the values the kernel multiplies by. It may be a buffer the next
+        call of the same shape overwrites: use it before then."""
+        shape = (weight.k, weight.n)
+        out = self._scratch.get(shape)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32)
+            if out.numel() * 4 <= self.SCRATCH_BYTES:
+                self._scratch[shape] = out
+        self._widen_transposed(weight.format, weight.q.data_ptr(), _pointer(weight.d), _pointer(weight.m),
+                               out.data_ptr(), weight.n, weight.k, self._threads)
+        return out
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -190,22 +197,6 @@ class AVX2Kernels(LayerKernels):
                                kv_cache.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(),
                                meta.seq_lens.data_ptr(), out.data_ptr(), seqs, heads, kv_heads, head_dim, num_blocks,
                                block_size, tables.stride(0), scale, self._threads)
-        return out
-
-    # Widened weights up to this size keep their buffer for the next call of that shape: a fresh one of
-    # megabytes is fresh pages from the kernel, zeroed and faulted in, which costs as much as the widening.
-    SCRATCH_BYTES = 64 << 20
-
-    def unpack(self, packed: torch.Tensor, n: int) -> torch.Tensor:
-        """W^T: the float32 [k, n] matrix whose bfloat16 rounding `packed` holds, transposed. It may be a
-        buffer the next call of the same shape overwrites: use it before then."""
-        shape = (packed.shape[1], n)
-        out = self._scratch.get(shape)
-        if out is None:
-            out = torch.empty(shape, dtype=torch.float32)
-            if out.numel() * 4 <= self.SCRATCH_BYTES:
-                self._scratch[shape] = out
-        self._unpack_bf16w(packed.data_ptr(), out.data_ptr(), n, packed.shape[1], self._threads)
         return out
 
 

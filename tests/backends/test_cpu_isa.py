@@ -8,7 +8,7 @@ import torch
 
 from paged.backends.cpu import isa
 from paged.backends.cpu.backend import CPUBackend
-from paged.backends.cpu.linear import OneDNNLinear, PackedBF16Linear
+from paged.backends.cpu.linear import OneDNNLinear, PackedLinear
 from paged.backends.interface import Precision
 from paged.errors import UserError
 
@@ -87,7 +87,7 @@ def test_auto_without_bfloat16_arithmetic(monkeypatch):
     backend = backend_at(monkeypatch, "avx2")
     precision = backend.precision(None, None)
     assert precision == Precision(torch.float32, torch.bfloat16, precision.why)
-    assert isinstance(backend.ops(precision)["linear"], PackedBF16Linear)
+    assert isinstance(backend.ops(precision)["linear"], PackedLinear)
     assert backend.precision(None, torch.float32) == Precision(torch.float32, torch.float32, "the checkpoint's dtype")
 
 

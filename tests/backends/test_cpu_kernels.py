@@ -7,10 +7,14 @@ import random
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
 
 from paged.backends.cpu import isa, native
-from paged.backends.cpu.linear import PACKED_GEMM_MAX_ROWS, OneDNNLinear, PackedBF16Linear
+from paged.backends.cpu.linear import PACKED_GEMM_MAX_ROWS, OneDNNLinear, PackedLinear
 from paged.backends.cpu.ops import Rotary
+from paged.backends.cpu.packing import BLOCK_TYPES, pack_bf16, pack_gguf
+from paged.quant.gguf import GGUFBlocks
 from paged.models import ops as reference
 from paged.models.layers import RotaryEmbedding
 
@@ -116,7 +120,7 @@ def test_packed_linear_matches_float64(rows):
     # Odd sizes: a last panel of fewer than 16 columns, padding to 64, any k; with and without a bias.
     n, k = random.choice([(960, 576), (7, 33), (100, 17), (1001, 77), (64, 1)])
     layer = torch.nn.Linear(k, n, bias=random.random() < 0.5)
-    method = PackedBF16Linear(AVX2)
+    method = PackedLinear(AVX2)
     weight = layer.weight.detach().clone()
     method.process_weights(layer)
     assert layer.weight.numel() == 0  # the float32 copy is released
@@ -129,11 +133,46 @@ def test_packed_linear_matches_float64(rows):
     assert torch.allclose(out.double(), exact, rtol=1e-5, atol=1e-5 * k**0.5)
 
 
+def gguf_blocks(qtype: str, n: int, k: int) -> GGUFBlocks:
+    """A random [n, k] matrix quantized by gguf-py, as the loader hands such a matrix over."""
+    values = (torch.randn(n, k) * random.choice([0.02, 1.0])).numpy()
+    return GGUFBlocks(qtype, torch.from_numpy(quantize(values, GGMLQuantizationType[qtype])), (n, k))
+
+
+@needs_avx2
+@pytest.mark.parametrize("qtype", sorted(BLOCK_TYPES))
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 32, PACKED_GEMM_MAX_ROWS + 3])
+def test_gguf_blocks_linear_matches_float64_of_the_dequantized_weights(qtype, rows):
+    """Every path (in-register widening for few rows, widened panels, BLAS over the widened matrix) against
+    float64 products with gguf-py's dequantization of the same blocks; n not a multiple of 16 or 64."""
+    n, k = random.choice([(960, 576), (7, 32), (100, 64), (1001, 96)])
+    blocks = gguf_blocks(qtype, n, k)
+    layer = torch.nn.Linear(k, n, bias=random.random() < 0.5)
+    layer.gguf_blocks, layer.num_parts = {0: blocks}, 1
+    PackedLinear(AVX2).process_weights(layer)
+    assert layer.packed_weight.source == qtype and layer.weight.numel() == 0
+    x = torch.randn(rows, k)
+    exact = x.double() @ blocks.dequantize(torch.float64).T
+    if layer.bias is not None:
+        exact += layer.bias.double()
+    out = PackedLinear(AVX2).apply(layer, x, layer.bias)
+    assert torch.allclose(out.double(), exact, rtol=1e-5, atol=1e-5 * k**0.5 * exact.abs().max().item())
+
+
+@needs_avx2
+@pytest.mark.parametrize("qtype", sorted(BLOCK_TYPES))
+def test_gguf_blocks_widen_to_exactly_gguf_py_values(qtype):
+    n, k = random.choice([(100, 64), (49, 128)])
+    blocks = gguf_blocks(qtype, n, k)
+    widened = AVX2.widen_transposed(pack_gguf(blocks))
+    assert torch.equal(widened, blocks.dequantize(torch.float32).T)
+
+
 @needs_avx2
 def test_packed_linear_keeps_a_tied_weight():
     layer = torch.nn.Linear(32, 48, bias=False)
     layer.owns_weight = False
-    PackedBF16Linear(AVX2).process_weights(layer)
+    PackedLinear(AVX2).process_weights(layer)
     assert layer.weight.shape == (48, 32)
 
 
@@ -141,7 +180,7 @@ def test_packed_linear_keeps_a_tied_weight():
 def test_unpack_gives_the_bfloat16_weights_back():
     n, k = random.choice([(100, 17), (960, 576)])
     weight = torch.randn(n, k)
-    assert torch.equal(AVX2.unpack(AVX2.pack_weight(weight), n), weight.bfloat16().float().T)
+    assert torch.equal(AVX2.widen_transposed(pack_bf16(weight)), weight.bfloat16().float().T)
 
 
 @needs_avx2
