@@ -66,5 +66,12 @@ def test_decode_kernel(heads, kv_heads, head_dim, block_size, num_seqs):
     run_case(ctx, [1] * len(ctx), heads, kv_heads, head_dim, block_size)
 
 
-def test_mixed_batch_bf16():
-    run_case([17, 5, 33, 8], [17, 1, 4, 1], 8, 4, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decodes", [2, MATMUL_DECODE_FROM_SEQS + 1])
+@pytest.mark.parametrize("backend", [CPUBackend, TorchOnlyCPUBackend], ids=["kernels", "torch"])
+def test_mixed_step(dtype, decodes, backend):
+    """Prefill chunks (one a first chunk, one after a cached prefix) and decode tokens in one step, in a
+    shuffled order: each prefill runs on its own, the decode tokens together."""
+    lens = [(17, 17), (33, 4)] + [(random.randint(1, 40), 1) for _ in range(decodes)]
+    random.shuffle(lens)
+    run_case([c for c, _ in lens], [q for _, q in lens], 8, 4, dtype=dtype, backend=backend())

@@ -10,11 +10,11 @@ Decode steps of many sequences (one query each) multiply in the cache's dtype wi
 and a float32 softmax, as transformers' eager attention does: the flash kernel behind
 scaled_dot_product_attention is built for blocks of queries, and on bfloat16 at one query per sequence
 it is several times slower, while converting the context to float32 first doubles the bytes moved.
-A single sequence's prefill chunk (the long prompt of a chat) runs the flash kernel causally over its
-own tokens and unmasked over its cached prefix, so nothing above the diagonal is computed. Other steps
-pad their sequences to one [num_seqs, max_query_len] grid and make one float32
-scaled_dot_product_attention call per layer. Index tensors and masks are computed once per step
-(prepare() and the first layer).
+Float32 decode tokens take the compiled kernel where the backend built it (kernels_avx2.c), which reads
+the paged cache itself. Each sequence's prefill chunk runs the flash kernel causally over its own tokens
+and unmasked over its cached prefix, so nothing above the diagonal is computed and no sequence is padded
+to another's length; in a step that also decodes, the decode tokens go their own way. Index tensors and
+masks are computed once per step (prepare() and the first layer).
 """
 
 from __future__ import annotations
@@ -37,21 +37,35 @@ class CacheIndex:
     gathered: torch.Tensor  # the buffer every layer gathers its context into
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """One sequence's query tokens of a step that has more than one: rows start:end of the step, the last
+    positions of its `length` tokens of context, after a `prefix` already in the cache."""
+
+    seq: int
+    start: int
+    end: int
+    prefix: int
+    length: int
+
+
 @dataclass
 class PaddedBatch:
-    """Index tensors that move a ragged step onto the padded grid and back."""
+    """What every layer of a step shares: which cache rows it writes and reads, and how its sequences split
+    into prefill chunks and single decode tokens."""
 
-    token_to_grid: torch.Tensor | None  # [num_tokens] flat index into [num_seqs * max_query_len]; None when decode-only
-    mask: torch.Tensor  # [num_seqs, 1, max_query_len, context] bool, True where a query may attend
+    mask: torch.Tensor  # [num_seqs, 1, 1, context] bool: a decode token's keys (its whole context)
     write_slots: torch.Tensor  # slot_mapping without padding
     write_rows: torch.Tensor | None  # token rows that write (None: all)
     block_ids: torch.Tensor  # [num_seqs, blocks_per_seq] int64: the block tables cut to the step's context
+    prefills: list[Prefill]  # sequences with more than one query token this step
+    decode_seqs: torch.Tensor | None  # in a step with prefills, the sequences with one query token...
+    decode_tokens: torch.Tensor | None  # ...and the rows of those tokens
     # Set when one sequence decodes: it attends to all of its context, so cutting the gathered context to
     # this length replaces the mask (which the flash kernel would first convert, in every layer).
     whole_context: int | None = None
-    # Set when one sequence prefills (a chunk, maybe after a cached prefix): (prefix length, context length).
-    one_prefill: tuple[int, int] | None = None
     indexes: dict[tuple, CacheIndex] = field(default_factory=dict)
+    _decode_meta: AttentionMetadata | None = None
 
     @cached_property
     def bias(self) -> torch.Tensor:
@@ -59,6 +73,26 @@ class PaddedBatch:
         a padding row that may attend to nothing stays finite)."""
         return torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(
             ~self.mask, torch.finfo(torch.float32).min)
+
+    @cached_property
+    def decode_mask(self) -> torch.Tensor:
+        return self.mask[self.decode_seqs]
+
+    @cached_property
+    def decode_bias(self) -> torch.Tensor:
+        return self.bias[self.decode_seqs]
+
+    def decode_meta(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """The step's metadata cut to its decoding sequences, for the compiled kernel; their K/V are written
+        already (slot -1)."""
+        if self._decode_meta is None:
+            seqs = self.decode_seqs
+            self._decode_meta = AttentionMetadata(
+                slot_mapping=torch.full((len(seqs),), -1, dtype=torch.int64, device=seqs.device),
+                query_start_loc=torch.arange(len(seqs) + 1, dtype=torch.int32, device=seqs.device),
+                seq_lens=meta.seq_lens[seqs].contiguous(), block_tables=meta.block_tables[seqs].contiguous(),
+                max_query_len=1, max_seq_len=meta.max_seq_len, block_size=meta.block_size)
+        return self._decode_meta
 
     def index_for(self, kv_cache: torch.Tensor) -> CacheIndex:
         key = (tuple(kv_cache.shape), kv_cache.dtype)
@@ -82,26 +116,23 @@ class PaddedBatch:
 
 def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
     device = meta.seq_lens.device
-    starts = meta.query_start_loc[:-1].long()
-    query_lens = meta.query_start_loc[1:].long() - starts
     seq_lens = meta.seq_lens.long()
     num_tokens = int(meta.query_start_loc[-1])
-    max_q = meta.max_query_len
     blocks_per_seq = -(-meta.max_seq_len // meta.block_size)
-
-    # Position in the context of every grid cell; padded query rows get position 0 so they stay finite.
-    row = torch.arange(max_q, device=device)
-    query_pos = seq_lens[:, None] - query_lens[:, None] + row[None, :]
-    valid_row = row[None, :] < query_lens[:, None]
-    query_pos = torch.where(valid_row, query_pos, torch.zeros_like(query_pos))
     key_pos = torch.arange(blocks_per_seq * meta.block_size, device=device)
-    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
+    mask = (key_pos[None, :] < seq_lens[:, None]).view(len(seq_lens), 1, 1, -1)
 
-    token_to_grid = None
-    if max_q > 1:
-        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens), device=device), query_lens)
-        offset = torch.arange(num_tokens, device=device) - starts[seq_of_token]
-        token_to_grid = seq_of_token * max_q + offset
+    prefills, decode_seqs, decode_tokens = [], None, None
+    if meta.max_query_len > 1:
+        starts, lengths = meta.query_start_loc.tolist(), seq_lens.tolist()
+        singles = []
+        for seq, (start, end, length) in enumerate(zip(starts, starts[1:], lengths)):
+            if end - start > 1:
+                prefills.append(Prefill(seq, start, end, length - (end - start), length))
+            else:
+                singles.append((seq, start))
+        if singles:
+            decode_seqs, decode_tokens = (torch.tensor(v, device=device) for v in zip(*singles))
 
     slots = meta.slot_mapping[:num_tokens]
     keep = slots >= 0
@@ -111,10 +142,9 @@ def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
         write_rows = keep.nonzero().squeeze(1)
         write_slots = slots[write_rows]
     block_ids = meta.block_tables[:, :blocks_per_seq].long()
-    single_decode = len(seq_lens) == 1 and max_q == 1 and int(seq_lens[0]) == meta.max_seq_len
-    one_prefill = (meta.max_seq_len - num_tokens, meta.max_seq_len) if len(seq_lens) == 1 and max_q > 1 else None
-    return PaddedBatch(token_to_grid, mask.unsqueeze(1), write_slots, write_rows, block_ids,
-                       meta.max_seq_len if single_decode else None, one_prefill)
+    single_decode = len(seq_lens) == 1 and meta.max_query_len == 1 and int(seq_lens[0]) == meta.max_seq_len
+    return PaddedBatch(mask, write_slots, write_rows, block_ids, prefills, decode_seqs, decode_tokens,
+                       meta.max_seq_len if single_decode else None)
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: PaddedBatch) -> None:
@@ -195,8 +225,7 @@ class TorchPagedAttention(Attention):
         return build_padded_batch(meta)
 
     def forward(self, query, key, value, kv_cache, meta, scale):
-        if (self.kernels is not None and meta.is_decode_only and query.dtype == torch.float32
-                and kv_cache.dtype == torch.float32 and query.shape[-1] % 8 == 0):
+        if meta.is_decode_only and self._compiled(query, kv_cache):
             return self.kernels.decode_attention(query, key, value, kv_cache, meta, scale)
         if meta.prepared is None:
             meta.prepared = build_padded_batch(meta)
@@ -206,26 +235,35 @@ class TorchPagedAttention(Attention):
         else:
             write_kv(kv_cache, key, value, batch)
         context = gather_context(kv_cache, batch)
-        decode = batch.token_to_grid is None
-        if decode and meta.num_seqs >= MATMUL_DECODE_FROM_SEQS:
-            return decode_attention(query, context, batch.bias, scale)
-        if batch.one_prefill is not None:
-            return prefill_attention(query, context, *batch.one_prefill, scale)
-        num_tokens, num_heads, head_dim = query.shape
-        seqs, max_q = meta.num_seqs, meta.max_query_len
-        if decode:
-            grid = query.view(seqs, 1, num_heads, head_dim)
-        else:
-            grid = query.new_zeros(seqs * max_q, num_heads, head_dim)
-            grid.index_copy_(0, batch.token_to_grid, query)
-            grid = grid.view(seqs, max_q, num_heads, head_dim)
-        mask = batch.mask
-        if batch.whole_context is not None:
-            context, mask = context[..., : batch.whole_context, :], None
+        if not batch.prefills:
+            return self._decode(query, context, batch.mask, batch.bias, batch.whole_context, scale)
+        out = torch.empty_like(query)
+        for p in batch.prefills:
+            out[p.start : p.end] = prefill_attention(query[p.start : p.end], context[:, p.seq : p.seq + 1], p.prefix,
+                                                     p.length, scale)
+        if batch.decode_seqs is not None:
+            rows = batch.decode_tokens
+            if self._compiled(query, kv_cache):
+                out[rows] = self.kernels.decode_attention(query[rows], key[rows], value[rows], kv_cache,
+                                                          batch.decode_meta(meta), scale)
+            else:
+                out[rows] = self._decode(query[rows], context[:, batch.decode_seqs], batch.decode_mask,
+                                         batch.decode_bias, None, scale)
+        return out
+
+    def _compiled(self, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        return (self.kernels is not None and query.dtype == torch.float32 and kv_cache.dtype == torch.float32
+                and query.shape[-1] % 8 == 0)
+
+    @staticmethod
+    def _decode(query, context, mask, bias, whole_context, scale):
+        """One query per sequence, [seqs, heads, head_dim], over context [2, seqs, kv_heads, length, hd]."""
+        seqs, heads, head_dim = query.shape
+        if seqs >= MATMUL_DECODE_FROM_SEQS:
+            return decode_attention(query, context, bias, scale)
+        if whole_context is not None:
+            context, mask = context[..., :whole_context, :], None
         keys, values = context.float()
-        out = F.scaled_dot_product_attention(
-            grid.transpose(1, 2).float(), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-        ).transpose(1, 2).to(query.dtype)
-        if decode:
-            return out.reshape(num_tokens, num_heads, head_dim)
-        return out.reshape(seqs * max_q, num_heads, head_dim).index_select(0, batch.token_to_grid)
+        out = F.scaled_dot_product_attention(query.view(seqs, 1, heads, head_dim).transpose(1, 2).float(), keys,
+                                             values, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(seqs, heads, head_dim).to(query.dtype)
