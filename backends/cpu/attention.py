@@ -129,7 +129,7 @@ def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
         for seq, (start, end, length) in enumerate(zip(starts, starts[1:], lengths)):
             if end - start > 1:
                 prefills.append(Prefill(seq, start, end, length - (end - start), length))
-            else:
+            elif end - start == 1:
                 singles.append((seq, start))
         if singles:
             decode_seqs, decode_tokens = (torch.tensor(v, device=device) for v in zip(*singles))
