@@ -127,9 +127,9 @@ class CPUBackend(Backend):
             if precision.compute != torch.float32 or precision.weights != torch.bfloat16 or kernels is None:
                 raise ValueError(f"the CPU backend has no linear layers for {precision}")
             return PackedLinear(kernels)
-        if precision.compute == torch.bfloat16 and self.caps.onednn_bf16:
+        if precision.compute == torch.bfloat16 and self.caps.onednn_bf16 and OneDNNLinear.runs(torch.bfloat16):
             return OneDNNLinear(self._bf16_kernels[0])
-        if precision.compute == torch.float32 and self.caps.onednn:
+        if precision.compute == torch.float32 and self.caps.onednn and OneDNNLinear.runs(torch.float32):
             return OneDNNLinear()
         return None  # plain F.linear
 

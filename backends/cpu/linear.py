@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from paged.backends.cpu.native import AVX2Kernels, BF16Kernels
@@ -24,6 +26,18 @@ from paged.models.ops import LinearMethod
 class OneDNNLinear(LinearMethod):
     def __init__(self, kernels: BF16Kernels | None = None) -> None:
         self.kernels = kernels
+
+    @staticmethod
+    @functools.cache
+    def runs(dtype: torch.dtype) -> bool:
+        """Whether this torch's oneDNN takes a linear layer of this dtype here: tried on a tiny one, since
+        builds and CPUs differ (an Arm build's oneDNN, or an x86 one below its bfloat16 level, raises)."""
+        try:
+            weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), None)
+            torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=dtype), weight, None, "none", [], "")
+        except (RuntimeError, AttributeError):
+            return False
+        return True
 
     def process_weights(self, layer: torch.nn.Module) -> None:
         layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)

@@ -131,3 +131,29 @@ def test_a_cpu_step_stays_short():
     assert backend.max_num_batched_tokens(135_000_000, 256) == 1024
     assert backend.max_num_batched_tokens(8_000_000_000, 256) == 256
     assert backend.max_num_batched_tokens(1_000_000, 256) == 8192
+
+
+AVX2_MACHINE = {isa.CAP_ENV: "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
+def test_an_avx2_machine_runs_either_dtype_from_the_command_line(tmp_path, dtype):
+    """As on an AVX2-only CPU (paged, oneDNN and torch all held to AVX2 in a fresh process, where oneDNN's
+    bfloat16 path raises): `paged generate` answers, bfloat16 with a warning that it is slow, never a
+    traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.models_factory import save_tiny_model
+
+    save_tiny_model("llama", tmp_path)
+    done = subprocess.run([sys.executable, "-m", "paged.cli.main", "generate", "w5 w6 w7", "--model", str(tmp_path),
+                           "--dtype", dtype, "--max-tokens", "4", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **AVX2_MACHINE})
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout.strip()
+    if dtype == "bfloat16":
+        assert "no bfloat16 arithmetic" in done.stderr
+    else:
+        assert "dtype auto: float32" in done.stderr
