@@ -35,9 +35,12 @@ class Precision:
     compute: torch.dtype
     weights: torch.dtype
     why: str = ""
+    kept: str | None = None  # the checkpoint's own quantized format, where matrices are computed from it
 
     def __str__(self) -> str:
         name = str(self.compute).removeprefix("torch.")
+        if self.kept:
+            return f"{name} from {self.kept}"
         if self.weights == self.compute:
             return name
         return f"{name} over {str(self.weights).removeprefix('torch.')} weights"
@@ -253,13 +256,14 @@ class Backend(ABC):
         """The compute dtype that `dtype="auto"` resolves to when the model's own is not supported."""
         return self.supported_dtypes[0]
 
-    def precision(self, requested: torch.dtype | None, saved: torch.dtype | None) -> Precision:
-        """What a model runs in: the requested dtype, or for `dtype="auto"` (requested None) the
-        checkpoint's own dtype where supported, else the backend's default."""
+    def precision(self, requested: torch.dtype | None, stored: torch.dtype | str | None) -> Precision:
+        """What a model runs in: the requested dtype, or for `dtype="auto"` (requested None) the dtype the
+        checkpoint is stored in where supported, else the backend's default. `stored` is that dtype, or for
+        a GGUF the quantization type of most of its matrices ("Q4_1"), or None when unknown."""
         if requested is not None:
             return Precision(requested, requested, "requested")
-        if saved in self.supported_dtypes:
-            return Precision(saved, saved, "the checkpoint's dtype")
+        if stored in self.supported_dtypes:
+            return Precision(stored, stored, "the checkpoint's dtype")
         dtype = self.default_dtype()
         return Precision(dtype, dtype, f"the {self.name} backend's default")
 

@@ -133,7 +133,7 @@ class LLMEngine:
 
     def _resolve_precision(self) -> Precision:
         requested = None if self.config.dtype == "auto" else DTYPES[self.config.dtype]
-        precision = self.backend.precision(requested, self.source.config_dtype())
+        precision = self.backend.precision(requested, self.source.stored_as())
         logger.info("dtype %s: %s (%s)", self.config.dtype, precision, precision.why)
         return precision
 

@@ -23,7 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from paged.backends.common.cache import cache_dir
 from paged.default_model import DEFAULT_MODEL_SAMPLING, default_model_path
 from paged.errors import UserError
-from paged.models.loader import iter_gguf, iter_safetensors
+from paged.models.loader import gguf_matrix_type, iter_gguf, iter_safetensors
 from paged.quant.gguf import GGUFBlocks
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,10 @@ class ModelSource:
             return []
         found = json.loads(self.generation_config_file.read_text()).get("eos_token_id")
         return found if isinstance(found, list) else [found] if found is not None else []
+
+    def stored_as(self) -> torch.dtype | str | None:
+        """What the weights are stored in: the config's dtype, or for a GGUF the type of most of its matrices."""
+        return gguf_matrix_type(self.path) if self.gguf_file else self.config_dtype()
 
     def config_dtype(self) -> torch.dtype | None:
         """The dtype the checkpoint was saved in, or None when unknown (a GGUF is quantized per tensor)."""

@@ -6,8 +6,10 @@ both formats lets model code describe its weights once.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,7 +86,7 @@ def iter_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: frozenset[str] 
 
     `lm_head.weight` only appears when the file has its own output matrix; otherwise the embeddings are tied.
     """
-    reader = GGUFReader(path)
+    reader = gguf_reader(path)
     arch = _field(reader, "general.architecture")
     if arch not in _GGUF_PERMUTES_QK:
         raise UserError(
@@ -105,6 +107,27 @@ def iter_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: frozenset[str] 
         if part in permuted_heads:
             weight = _unpermute_rows(weight, permuted_heads[part])
         yield name, weight
+
+
+def gguf_reader(path: str | Path) -> GGUFReader:
+    """The file's reader, parsed once per file version: parsing reads the whole metadata (seconds for a
+    large vocabulary), and both the precision choice and the weight loading need it."""
+    stat = Path(path).stat()
+    return _reader(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, size: int, mtime_ns: int) -> GGUFReader:
+    return GGUFReader(path)
+
+
+def gguf_matrix_type(path: str | Path) -> str:
+    """The GGUF type that most of the file's matrix weights (by count) are stored in, e.g. "Q4_1"."""
+    counts: Counter[str] = Counter()
+    for tensor in gguf_reader(path).tensors:
+        if len(tensor.shape) == 2:
+            counts[tensor.tensor_type.name] += int(tensor.n_elements)
+    return counts.most_common(1)[0][0] if counts else "F32"
 
 
 def _hf_name(gguf_name: str) -> tuple[str, str | None]:

@@ -16,6 +16,7 @@ from paged.backends.cpu.attention import TorchPagedAttention
 from paged.backends.cpu.isa import CPUCapabilities, probe
 from paged.backends.cpu.linear import PACKED_GEMM_MAX_ROWS, OneDNNLinear, PackedLinear
 from paged.backends.cpu.native import AVX2Kernels, BF16Kernels, load_avx2_kernels, load_bf16_kernels
+from paged.backends.cpu.packing import BLOCK_TYPES
 from paged.backends.cpu.ops import LayerOps
 from paged.backends.interface import Attention, Availability, Backend, Precision
 
@@ -89,22 +90,27 @@ class CPUBackend(Backend):
     def attention(self, max_model_len: int) -> Attention:
         return TorchPagedAttention(self._avx2_kernels[0])
 
-    def precision(self, requested: torch.dtype | None, saved: torch.dtype | None) -> Precision:
-        """`auto` gives the fastest dtype this CPU really has: bfloat16 where it multiplies bfloat16 in
-        hardware, else float32 arithmetic over bfloat16-stored weights where the AVX2 kernels run (half
-        the bytes to read per token), else plain float32. A float32 checkpoint stays float32."""
+    def precision(self, requested: torch.dtype | None, stored: torch.dtype | str | None) -> Precision:
+        """`auto` gives the fastest dtype this CPU really has. A GGUF stored in Q4_0 / Q4_1 / Q8_0 computes in
+        float32 from its blocks as they are (where the AVX2 kernels run; exact, and a quarter to half the
+        bytes of bfloat16). Other checkpoints: bfloat16 where the CPU multiplies bfloat16 in hardware, else
+        float32 arithmetic over bfloat16-stored weights (AVX2 kernels), else plain float32. A float32
+        checkpoint stays float32."""
         caps = self.caps
         if requested == torch.bfloat16 and not caps.native_bf16:
             logger.warning("bfloat16 was requested, but this CPU (%s) has no bfloat16 arithmetic: it runs through "
                            "plain torch, several times slower than dtype auto", caps.level)
-        if requested is not None or saved == torch.float32:
-            return super().precision(requested, saved)
+        if requested is not None or stored == torch.float32:
+            return super().precision(requested, stored)
+        kernels, why = self._avx2_kernels
+        if kernels is not None and stored in BLOCK_TYPES:
+            return Precision(torch.float32, torch.bfloat16, f"{caps.level}: the AVX2 kernels multiply the blocks as "
+                             "they are (any matrix of another type is packed as bfloat16)", kept=f"GGUF {stored} blocks")
         if caps.native_bf16:
             return Precision(torch.bfloat16, torch.bfloat16, f"{caps.level}: bfloat16 arithmetic in hardware")
-        kernels, why = self._avx2_kernels
         if kernels is not None:
             return Precision(torch.float32, torch.bfloat16, f"{caps.level}: no bfloat16 arithmetic; the AVX2 kernels "
-                             "read a GGUF's 4- and 8-bit blocks as they are, other weights as bfloat16")
+                             "read bfloat16 weights, half the bytes of float32")
         return Precision(torch.float32, torch.float32, f"{caps.level}: no bfloat16 arithmetic, and no AVX2 kernels "
                          f"({why})")
 
@@ -160,5 +166,6 @@ class CPUBackend(Backend):
     @classmethod
     def describe(cls) -> list[str]:
         backend = cls()  # a probe and the kernels' build: no device to initialise
-        auto = backend.precision(None, None)
-        return [f"CPU: {backend.caps.describe()}", f"dtype auto: {auto} ({auto.why})", *backend._paths(auto)]
+        auto, gguf = backend.precision(None, torch.bfloat16), backend.precision(None, "Q4_1")
+        return [f"CPU: {backend.caps.describe()}", f"dtype auto: {auto} ({auto.why})", *backend._paths(auto),
+                f"dtype auto for a GGUF in Q4_0, Q4_1 or Q8_0: {gguf} ({gguf.why})"]

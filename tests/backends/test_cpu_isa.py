@@ -85,7 +85,7 @@ def test_auto_without_bfloat16_arithmetic(monkeypatch):
     if not host.at_least("avx2"):
         pytest.skip("the host has no AVX2")
     backend = backend_at(monkeypatch, "avx2")
-    precision = backend.precision(None, None)
+    precision = backend.precision(None, torch.bfloat16)
     assert precision == Precision(torch.float32, torch.bfloat16, precision.why)
     assert isinstance(backend.ops(precision)["linear"], PackedLinear)
     assert backend.precision(None, torch.float32) == Precision(torch.float32, torch.float32, "the checkpoint's dtype")
@@ -112,7 +112,24 @@ def test_auto_with_bfloat16_arithmetic(monkeypatch):
     if not host.native_bf16:
         pytest.skip(f"the host is {host.level}")
     monkeypatch.delenv(isa.CAP_ENV, raising=False)
-    assert CPUBackend().precision(None, None).compute == torch.bfloat16
+    assert CPUBackend().precision(None, torch.bfloat16).compute == torch.bfloat16
+
+
+@pytest.mark.parametrize("cap", ["baseline", "avx2", None])
+def test_a_gguf_of_block_types_computes_from_its_blocks_wherever_the_kernels_run(monkeypatch, cap):
+    """Even where bfloat16 is native: the blocks are exact and fewer bytes (benchmarks/RESULTS.md)."""
+    if cap is None:
+        monkeypatch.delenv(isa.CAP_ENV, raising=False)
+        backend = CPUBackend()
+    else:
+        backend = backend_at(monkeypatch, cap)
+    precision = backend.precision(None, "Q4_1")
+    if backend.caps.at_least("avx2"):
+        assert precision.compute == torch.float32 and str(precision) == "float32 from GGUF Q4_1 blocks"
+        assert backend.ops(precision)["linear"].block_types >= {"Q4_0", "Q4_1", "Q8_0"}
+    else:
+        assert precision == Precision(torch.float32, torch.float32, precision.why)
+    assert backend.precision(None, "Q6_K").kept is None
 
 
 def test_paged_info_shows_the_level_and_paths(monkeypatch, capsys):
