@@ -118,6 +118,21 @@ static inline __attribute__((always_inline)) void widen_panel(int format, weight
     __m256 lo = _mm256_loadu_ps((const float *)(w) + ((p) * (k) + (j)) * PANEL);                               \
     __m256 hi = _mm256_loadu_ps((const float *)(w) + ((p) * (k) + (j)) * PANEL + 8);
 
+/* The tile's sums, plus the bias, into y's MR rows and the NP panels' columns (fewer at the matrix's edge). */
+#define STORE_TILE(SUMS, MR, NP)                                                                               \
+    for (int p = 0; p < NP; ++p) {                                                                             \
+        int64_t c = col + p * PANEL;                                                                           \
+        __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();                                             \
+        if (bias) {                                                                                            \
+            b0 = load_cols(bias + c, n - c);                                                                   \
+            b1 = load_cols(bias + c + 8, n - c - 8);                                                           \
+        }                                                                                                      \
+        for (int r = 0; r < MR; ++r) {                                                                         \
+            store_cols(y + r * n + c, _mm256_add_ps(SUMS[r][p][0], b0), n - c);                                \
+            store_cols(y + r * n + c + 8, _mm256_add_ps(SUMS[r][p][1], b1), n - c - 8);                        \
+        }                                                                                                      \
+    }
+
 #define DEFINE_TILE(MR, NP, SRC)                                                                               \
     static void tile_##SRC##_##MR##_##NP(const float *x, const void *w, const float *bias, float *y,          \
                                          int64_t n, int64_t k, int64_t col) {                                  \
@@ -136,18 +151,7 @@ static inline __attribute__((always_inline)) void widen_panel(int format, weight
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
-        for (int p = 0; p < NP; ++p) {                                                                         \
-            int64_t c = col + p * PANEL;                                                                       \
-            __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();                                         \
-            if (bias) {                                                                                        \
-                b0 = load_cols(bias + c, n - c);                                                               \
-                b1 = load_cols(bias + c + 8, n - c - 8);                                                       \
-            }                                                                                                  \
-            for (int r = 0; r < MR; ++r) {                                                                     \
-                store_cols(y + r * n + c, _mm256_add_ps(acc[r][p][0], b0), n - c);                             \
-                store_cols(y + r * n + c + 8, _mm256_add_ps(acc[r][p][1], b1), n - c - 8);                     \
-            }                                                                                                  \
-        }                                                                                                      \
+        STORE_TILE(acc, MR, NP)                                                                                \
     }
 #define DEFINE_TILES(SRC)                                                                                      \
     DEFINE_TILE(1, 4, SRC)                                                                                     \
@@ -227,18 +231,7 @@ DEFINE_TILES(F32)
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
-        for (int p = 0; p < NP; ++p) {                                                                         \
-            int64_t c = col + p * PANEL;                                                                       \
-            __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();                                         \
-            if (bias) {                                                                                        \
-                b0 = load_cols(bias + c, n - c);                                                               \
-                b1 = load_cols(bias + c + 8, n - c - 8);                                                       \
-            }                                                                                                  \
-            for (int r = 0; r < MR; ++r) {                                                                     \
-                store_cols(y + r * n + c, _mm256_add_ps(total[r][p][0], b0), n - c);                           \
-                store_cols(y + r * n + c + 8, _mm256_add_ps(total[r][p][1], b1), n - c - 8);                   \
-            }                                                                                                  \
-        }                                                                                                      \
+        STORE_TILE(total, MR, NP)                                                                              \
     }
 
 typedef void (*qtile_fn)(const float *, weights_t, const float *, float *, int64_t, int64_t, int64_t);
