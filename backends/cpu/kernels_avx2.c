@@ -71,7 +71,7 @@ typedef struct {
 static inline __attribute__((always_inline)) void widen_panel(int format, weights_t w, int64_t k, int64_t p, int64_t j0, int64_t j1, float *dst,
                         int64_t stride, int64_t valid) {
     const __m256i zero = _mm256_setzero_si256();
-    const __m128i nibble = _mm_set1_epi8(0x0f);
+    const __m256i nibble = _mm256_set1_epi32(0x0f);
     __m256 d0 = _mm256_setzero_ps(), d1 = d0, m0 = d0, m1 = d0;
     for (int64_t j = j0; j < j1; ++j) {
         __m256 lo, hi;
@@ -92,8 +92,9 @@ static inline __attribute__((always_inline)) void widen_panel(int format, weight
             }
             if (format == Q4W) {
                 __m128i bytes = _mm_loadl_epi64((const __m128i *)((const uint8_t *)w.q + (p * k + j) * 8));
-                __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(bytes, nibble)));
-                __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)));
+                __m256i both = _mm256_cvtepu8_epi32(bytes); /* a byte per lane: both nibbles of a column pair */
+                __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(both, nibble));
+                __m256 q1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(both, 4));
                 lo = _mm256_fmadd_ps(q0, d0, m0);
                 hi = _mm256_fmadd_ps(q1, d1, m1);
             } else {
@@ -183,7 +184,7 @@ DEFINE_TILES(F32)
         for (int r = 0; r < MR; ++r)                                                                           \
             for (int p = 0; p < NP; ++p) total[r][p][0] = total[r][p][1] = _mm256_setzero_ps();                \
         const int64_t p0 = col / PANEL, blocks = k / 32;                                                       \
-        const __m128i nibble = _mm_set1_epi8(0x0f);                                                            \
+        const __m256i nibble = _mm256_set1_epi32(0x0f);                                                        \
         (void)nibble;                                                                                          \
         for (int64_t b = 0; b < blocks; ++b) {                                                                 \
             __m256 acc[MR][NP][2];                                                                             \
@@ -194,8 +195,9 @@ DEFINE_TILES(F32)
                     __m256 q0, q1;                                                                             \
                     if (FMT == Q4W) {                                                                          \
                         __m128i bytes = _mm_loadl_epi64((const __m128i *)((const uint8_t *)w.q + ((p0 + p) * k + j) * 8)); \
-                        q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(bytes, nibble)));           \
-                        q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble))); \
+                        __m256i both = _mm256_cvtepu8_epi32(bytes);                                            \
+                        q0 = _mm256_cvtepi32_ps(_mm256_and_si256(both, nibble));                               \
+                        q1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(both, 4));                                   \
                     } else {                                                                                   \
                         __m128i bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)w.q + ((p0 + p) * k + j) * PANEL)); \
                         q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));                                  \
