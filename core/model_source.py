@@ -167,6 +167,7 @@ def _converted_gguf(path: Path) -> Path:
     folder = cache_dir() / "converted" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (folder / "config.json").is_file():
         return folder
+    logger.info("reading the config and tokenizer of %s once, into %s (the next start skips this)", path.name, folder)
     config = _with_architectures(_from_pretrained(AutoConfig, "config", path.parent, path.name))
     tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", path.parent, path.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
