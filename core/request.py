@@ -31,10 +31,9 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    prompt: str | None = None
     group_id: str = ""  # the user's request id; n > 1 makes several sequences under one
     index: int = 0  # which of the group's n sequences this is
-    detokenizer: Any = None  # IncrementalDetokenizer, when the output is detokenized
+    client_index: int = 0  # the frontend (API server) it came from
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     # Prompt + generated tokens; the first num_computed_tokens of them have K/V in the cache.
@@ -46,9 +45,11 @@ class Request:
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_preemptions: int = 0
     generator: torch.Generator | None = None
-    stop_reason: int | str | None = None
-    logprobs: list[Any] | None = None
-    prompt_logprobs: list[Any] | None = None
+    stop_reason: int | None = None
+    # Not yet sent to the frontend: logprobs of new tokens (when asked for), a chunk of prompt logprobs.
+    new_logprobs: list[Any] | None = None
+    prompt_logprobs: Any = None
+    num_emitted: int = 0  # output tokens already sent
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -56,6 +57,8 @@ class Request:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.group_id = self.group_id or self.request_id
+        if self.params.logprobs is not None:
+            self.new_logprobs = []
 
     @property
     def num_tokens(self) -> int:

@@ -48,9 +48,9 @@ def test_decode_graphs_give_the_eager_tokens(tmp_path, monkeypatch):
                   max_model_len=128)
     eager = LLM(**kwargs, enforce_eager=True).generate(prompts, params, use_tqdm=False)
 
-    import paged.engine
+    import paged.engine_core
 
-    monkeypatch.setattr(paged.engine, "load_backend", lambda device: ReplayingCPUBackend())
+    monkeypatch.setattr(paged.engine_core, "load_backend", lambda device: ReplayingCPUBackend())
     llm = LLM(**kwargs)
     assert sorted(llm.engine.runner.graphs) == [1, 2, 4, 8, 16]
     replayed = []
@@ -79,9 +79,9 @@ def test_running_ahead_matches_eager_with_stops(tmp_path, monkeypatch):
         params.append(SamplingParams(temperature=0, max_tokens=4 + 3 * i, stop=stop, stop_token_ids=stop_ids))
     expected = eager.generate(prompts, params, use_tqdm=False)
 
-    import paged.engine
+    import paged.engine_core
 
-    monkeypatch.setattr(paged.engine, "load_backend", lambda device: ReplayingCPUBackend())
+    monkeypatch.setattr(paged.engine_core, "load_backend", lambda device: ReplayingCPUBackend())
     llm = LLM(**kwargs)
     launched = []
     original = llm.engine.runner.launch_greedy

@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from paged.engine import EngineStats, LLMEngine
+from paged.core_protocol import EngineStats
+from paged.engine import LLMEngine
 from paged.errors import UserError
 from paged.outputs import RequestOutput
 from paged.sampling_params import SamplingParams

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from paged.engine import EngineStats
+from paged.core_protocol import EngineStats
 from paged.outputs import RequestOutput
 
 router = APIRouter()

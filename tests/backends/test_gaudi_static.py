@@ -87,8 +87,8 @@ def test_greedy_in_the_engine_matches_cpu(tmp_path, monkeypatch):
     kwargs = dict(model=str(tmp_path), dtype="float32", device="cpu", kv_cache_memory="16MiB", max_model_len=128)
     expected = LLM(**kwargs).generate(prompts, params, use_tqdm=False)
 
-    import paged.engine
+    import paged.engine_core
 
-    monkeypatch.setattr(paged.engine, "load_backend", lambda device: GaudiAttentionOnCPU())
+    monkeypatch.setattr(paged.engine_core, "load_backend", lambda device: GaudiAttentionOnCPU())
     got = LLM(**kwargs).generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]

@@ -1,0 +1,85 @@
+"""What crosses the seam between the engine core and its frontends: requests in, token-level outputs out.
+
+The core computes tokens; a frontend (the offline LLMEngine in the same process, or an API server in
+another) tokenizes, detokenizes, checks stop strings and shapes responses. These messages are msgspec
+structs, sent as msgpack over ZeroMQ between processes (no pickling), and used as plain objects in-process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from paged.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineStats:
+    """Counters and gauges of the core, for metrics and the periodic stats log."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    finished_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One user request, tokenized and checked: the core runs params.n sequences of it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    client_index: int = 0  # which API server sent it, so its outputs go back there
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Log-probabilities at one position: the token's own, its rank, and the top alternatives."""
+
+    logprob: float
+    rank: int
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
+class PromptLogprobs(msgspec.Struct, array_like=True):
+    """Log-probabilities of the prompt positions one step scored, from first_position on."""
+
+    first_position: int
+    positions: list[TokenLogprobs]
+
+
+class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What one sequence gained in a step: its new tokens, and whether (and why) it ended."""
+
+    request_id: str  # the sequence's own id: the request's, or "{request}#{i}" for its i-th of n
+    group_id: str  # the user request's id
+    index: int  # which of the request's n sequences
+    new_token_ids: list[int] = []
+    new_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: int | None = None  # the stop token, when one ended it
+    num_cached_tokens: int = 0
+    # time.monotonic() of arrival, first schedule, first and latest token (one clock for every process)
+    times: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    error: str | None = None  # set when the core could not take the request at all
+
+
+class CoreOutputs(msgspec.Struct, array_like=True):
+    """One step's outputs for one frontend, with the core's stats after the step."""
+
+    outputs: list[CoreOutput]
+    stats: EngineStats
+
+
+ENCODER = msgspec.msgpack.Encoder()
+REQUEST_DECODER = msgspec.msgpack.Decoder(CoreRequest)
+OUTPUTS_DECODER = msgspec.msgpack.Decoder(CoreOutputs)
+IDS_DECODER = msgspec.msgpack.Decoder(list[str])

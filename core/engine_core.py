@@ -1,0 +1,370 @@
+"""The engine core: requests of token ids in, one scheduled step at a time, token-level outputs out.
+
+`step()` schedules, runs the model once, samples and applies every stop condition that needs no text
+(EOS, stop tokens, lengths); text, stop strings and response shapes are the frontend's (processing.py).
+Everything that touches a device goes through the backend picked at start-up; nothing here knows which
+it is. In `paged serve` this object lives in its own process (server/core_process.py), so stepping never
+waits on HTTP; the offline LLMEngine calls it in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch.profiler import record_function
+
+from paged.backends.interface import Backend, Precision
+from paged.backends.registry import load_backend
+from paged.block_manager import BlockManager
+from paged.config import EngineConfig
+from paged.core_protocol import CoreOutput, CoreRequest, EngineStats, PromptLogprobs, TokenLogprobs
+from paged.errors import UserError
+from paged.model_loading import build_model
+from paged.model_runner import PENDING_TOKEN, InFlightStep, ModelRunner, StepResult
+from paged.model_source import ModelSource
+from paged.processing import resolve_max_model_len
+from paged.request import Request, RequestStatus
+from paged.sampling_params import RequestOutputKind
+from paged.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        self.config = config
+        if config.tensor_parallel_size != 1:
+            # The layers are written for it (column/row-parallel over the communicator); launching one
+            # worker per device is not there yet.
+            raise UserError("tensor_parallel_size > 1 is not supported yet", param="tensor_parallel_size")
+        self.backend: Backend = load_backend(config.device)
+        self.source = source
+        hf_config = source.hf_config
+        self.precision = self._resolve_precision()
+        self.dtype = self.precision.compute
+        self.kv_dtype = self.backend.kv_cache_dtype(self.dtype)
+        self.max_model_len = resolve_max_model_len(source, config.max_model_len)
+        problems = self.backend.validate(self._head_dim(hf_config), config.block_size, self.dtype)
+        if problems:
+            raise UserError(f"backend {self.backend.name} cannot run this model: {'; '.join(problems)}")
+        self.backend.seed(config.seed)
+        self.model = build_model(source, self.backend, self.precision, self.max_model_len,
+                                 load_format=config.load_format)
+        self.max_num_batched_tokens = config.max_num_batched_tokens or self.backend.max_num_batched_tokens(
+            self.model.num_parameters, config.max_num_seqs)
+        logger.info("model: %.0fM parameters in %s; up to %d tokens per step%s", self.model.num_parameters / 1e6,
+                    self.precision, self.max_num_batched_tokens,
+                    "" if config.max_num_batched_tokens else f" (the {self.backend.name} backend's default)")
+        self.runner = ModelRunner(
+            self.model, self.backend, config.block_size, self.max_num_batched_tokens, config.max_num_seqs,
+            self.max_model_len, hf_config.vocab_size, config.seed,
+        )
+        self.num_blocks = self._size_kv_cache(hf_config)
+        self.runner.kv_caches = self._allocate_kv_cache(hf_config, self.num_blocks)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
+                                   self.max_model_len)
+        self._in_flight: InFlightStep | None = None
+        if self.backend.supports_graphs and not config.enforce_eager:
+            start = time.monotonic()
+            sizes = self.runner.capture_graphs()
+            logger.info("captured decode graphs for %d batch sizes up to %d in %.1f s", len(sizes), sizes[-1],
+                        time.monotonic() - start)
+        self.vocab_size = hf_config.vocab_size
+        self.groups: dict[str, list[Request]] = {}  # user request id -> its sequences
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        tokens = self.num_blocks * config.block_size
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens; up to %.1f requests of %d tokens at once",
+            self.num_blocks, config.block_size, tokens, tokens / self.max_model_len, self.max_model_len,
+        )
+
+    # --- start-up -----------------------------------------------------------------------------
+
+    def _resolve_precision(self) -> Precision:
+        requested = None if self.config.dtype == "auto" else DTYPES[self.config.dtype]
+        precision = self.backend.precision(requested, self.source.stored_as())
+        logger.info("dtype %s: %s (%s)", self.config.dtype, precision, precision.why)
+        return precision
+
+    @staticmethod
+    def _head_dim(hf_config) -> int:
+        return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+    def _kv_heads(self, hf_config) -> int:
+        return hf_config.num_key_value_heads // self.config.tensor_parallel_size
+
+    def _bytes_per_block(self, hf_config) -> int:
+        per_layer = 2 * self.config.block_size * self._kv_heads(hf_config) * self._head_dim(hf_config)
+        return per_layer * hf_config.num_hidden_layers * self.kv_dtype.itemsize
+
+    def _size_kv_cache(self, hf_config) -> int:
+        if self.config.num_gpu_blocks_override:
+            return self.config.num_gpu_blocks_override
+        if self.backend.kv_cache_from_device_memory:
+            budget = self._device_kv_budget()
+        else:
+            budget = self.config.kv_cache_memory
+        num_blocks = budget // self._bytes_per_block(hf_config)
+        needed = -(-self.max_model_len // self.config.block_size)
+        if num_blocks < needed:
+            raise UserError(
+                f"the KV cache holds {num_blocks * self.config.block_size} tokens, fewer than one request of "
+                f"max_model_len={self.max_model_len}: give it more memory or lower max_model_len"
+            )
+        return int(num_blocks)
+
+    def _device_kv_budget(self) -> int:
+        """Device memory left for KV blocks under gpu_memory_utilization, after the weights, the peak
+        activations of the largest step the scheduler can make, and whatever other processes hold."""
+        backend, hf_config = self.backend, self.source.hf_config
+        backend.synchronize()
+        backend.empty_cache()
+        backend.reset_peak_memory()
+        total = backend.total_memory()
+        used_before = total - backend.free_memory()
+        ours_before = backend.peak_memory()  # the weights
+        one_block = backend.kv_cache_shape(-(-self.max_model_len // self.config.block_size), self.config.block_size,
+                                           self._kv_heads(hf_config), self._head_dim(hf_config))
+        self.runner.profile_run(self.max_num_batched_tokens, hf_config.num_hidden_layers, one_block,
+                                self.kv_dtype)
+        peak = backend.peak_memory()
+        others = max(used_before - ours_before, 0)  # other processes and the runtime's own context
+        budget = int(total * self.config.gpu_memory_utilization) - peak - others
+        backend.empty_cache()
+        logger.info("device memory: %.1f GiB total, weights %.2f GiB, peak step %.2f GiB, others %.2f GiB; "
+                    "%.2f GiB for the KV cache", total / 2**30, ours_before / 2**30, (peak - ours_before) / 2**30,
+                    others / 2**30, budget / 2**30)
+        return budget
+
+    def _allocate_kv_cache(self, hf_config, num_blocks: int) -> list[torch.Tensor]:
+        shape = self.backend.kv_cache_shape(
+            num_blocks, self.config.block_size, self._kv_heads(hf_config), self._head_dim(hf_config)
+        )
+        return [self.backend.allocate_kv_cache(shape, self.kv_dtype) for _ in range(hf_config.num_hidden_layers)]
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def add_request(self, request: CoreRequest) -> None:
+        """Queue a checked request (InputProcessor.make_request): params.n sequences of its prompt."""
+        params = request.params
+        if request.request_id in self.groups:
+            raise UserError(f"request id {request.request_id!r} is already in use")
+        children = []
+        for index in range(params.n):
+            child_params = params.for_child(index)
+            child = Request(f"{request.request_id}#{index}" if params.n > 1 else request.request_id,
+                            request.prompt_token_ids, child_params, group_id=request.request_id, index=index)
+            child.arrival_time = request.arrival_time
+            child.client_index = request.client_index
+            if child_params.seed is not None:
+                child.generator = self.backend.generator(child_params.seed)
+            children.append(child)
+        self.groups[request.request_id] = children
+        for child in children:
+            self.requests[child.request_id] = child
+            self.scheduler.add(child)
+        self.stats.prompt_tokens += len(request.prompt_token_ids)
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """End user requests (by their id) or single sequences of them (by the sequence's id): aborted, or
+        stopped where the frontend found a stop string."""
+        for request_id in request_ids:
+            sequences = self.groups.get(request_id) or [r for r in [self.requests.get(request_id)] if r]
+            for sequence in sequences:
+                if not sequence.status.finished:
+                    self._finish(sequence, status)
+                self._forget(sequence)
+        self._refresh_gauges()
+
+    def _forget(self, sequence: Request) -> None:
+        self.requests.pop(sequence.request_id, None)
+        group = self.groups.get(sequence.group_id)
+        if group is not None and all(s.status.finished for s in group):
+            del self.groups[sequence.group_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or self._in_flight is not None
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def step(self) -> list[CoreOutput]:
+        """One scheduled forward pass; returns what the sequences it advanced (or finished) gained.
+
+        Plain greedy decoding on a backend with graphs runs one step ahead: step N+1 is launched before
+        step N's tokens are read back (its inputs come from N's on the device), so the host's work of
+        reading, detokenizing and scheduling overlaps the device's work instead of adding to it.
+        """
+        touched: list[Request] = []
+        ahead = self._can_run_ahead()
+        if self._in_flight is not None and not ahead:
+            touched += self._retire()
+        with record_function("paged.schedule"):
+            sched = self.scheduler.schedule()
+        for request in sched.preempted:
+            self.runner.release(request.request_id)
+        flight = None
+        if not sched.is_empty and ahead:
+            with record_function("paged.launch"):
+                flight = self.runner.launch_greedy(sched, self._in_flight)
+            if flight is None:  # _can_run_ahead promised a graph-sized decode step: the two disagree
+                raise RuntimeError("a step predicted to run ahead could not be launched")
+        if flight is not None:
+            for s in sched.scheduled:
+                s.request.num_computed_tokens += 1
+                flight.indices.append(s.request.num_tokens)
+                s.request.token_ids.append(PENDING_TOKEN)
+        if self._in_flight is not None:
+            with record_function("paged.apply"):
+                touched += self._retire()
+        self._in_flight = flight
+        if flight is None and not sched.is_empty:
+            with record_function("paged.execute"):
+                result = self.runner.execute(sched)
+            with record_function("paged.apply"):
+                touched += self._apply(sched, result)
+        return self._outputs(touched)
+
+    def _can_run_ahead(self) -> bool:
+        """Whether the next step is sure to be a graph-replayed, plain-greedy decode of every running request."""
+        running = self.scheduler.running
+        sizes = self.runner.graph_sizes
+        return self.backend.runs_ahead and bool(sizes) and not self.scheduler.waiting \
+            and len(running) <= sizes[-1] and all(
+            r.params.plain_greedy and r.params.prompt_logprobs is None and r.num_tokens - r.num_computed_tokens <= 1
+            for r in running
+        )
+
+    def _retire(self) -> list[Request]:
+        """Read back the step in flight and put its tokens in place of their placeholders."""
+        flight, self._in_flight = self._in_flight, None
+        now = time.monotonic()
+        touched = []
+        for request, index, token in zip(flight.requests, flight.indices, flight.token_ids()):
+            if request.status.finished:
+                continue  # aborted, or finished by the token before: this one was computed in vain
+            request.token_ids[index] = token
+            self._accept_token(request, token, index + 1, None, 0, now)
+            touched.append(request)
+        self._refresh_gauges()
+        return touched
+
+    def _outputs(self, touched: list[Request]) -> list[CoreOutput]:
+        """The new tokens of each sequence advanced; a final-only sequence with no stop strings (the
+        frontend checks those token by token) says nothing until it ends."""
+        outputs = []
+        for request in dict.fromkeys(touched):
+            finished = request.status.finished
+            params = request.params
+            if not finished and params.output_kind is RequestOutputKind.FINAL_ONLY and not params.stop:
+                continue
+            known = request.num_tokens - (1 if request.token_ids[-1] == PENDING_TOKEN else 0)
+            new = request.token_ids[request.num_prompt_tokens + request.num_emitted : known]
+            request.num_emitted += len(new)
+            logprobs, request.new_logprobs = request.new_logprobs, [] if request.new_logprobs is not None else None
+            prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
+            outputs.append(CoreOutput(
+                request.request_id, request.group_id, request.index, new, logprobs, prompt_logprobs,
+                request.finish_reason, request.stop_reason, request.num_cached_tokens,
+                (request.arrival_time, request.first_scheduled_time or 0.0, request.first_token_time or 0.0,
+                 request.last_token_time or 0.0),
+            ))
+            if finished:
+                self._forget(request)
+        return outputs
+
+    def _apply(self, sched, result: StepResult) -> list[Request]:
+        """Advance every scheduled sequence by what the step computed; returns those that gained a token or
+        prompt logprobs."""
+        now = time.monotonic()
+        sampled = result.sampled
+        host = {}
+        if sampled is not None:
+            host["tokens"] = sampled.token_ids.tolist()
+            if sampled.logprobs is not None:
+                host["logprobs"] = sampled.logprobs.tolist()
+                host["ranks"] = sampled.ranks.tolist()
+                host["top_ids"] = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+                host["top_logprobs"] = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        touched = []
+        row = 0
+        for s in sched.scheduled:
+            request = s.request
+            if request.status.finished:
+                continue  # finished while this step was being prepared
+            completes = s.completes  # read before the count below moves
+            request.num_computed_tokens += s.num_new_tokens
+            chunk = result.prompt_logprobs.get(request.request_id)
+            if chunk is not None:
+                request.prompt_logprobs = _prompt_logprobs(chunk)
+                touched.append(request)
+            if not completes:
+                continue
+            request.token_ids.append(host["tokens"][row])
+            self._accept_token(request, host["tokens"][row], request.num_tokens, host, row, now)
+            row += 1
+            touched.append(request)
+        self._refresh_gauges()
+        return touched
+
+    def _refresh_gauges(self) -> None:
+        self.stats.num_running = len(self.scheduler.running)
+        self.stats.num_waiting = len(self.scheduler.waiting)
+        self.stats.kv_cache_usage = self.block_manager.usage()
+        self.stats.num_preemptions = self.scheduler.num_preemptions
+        self.stats.prefix_cache_queries = self.block_manager.prefix_queries
+        self.stats.prefix_cache_hits = self.block_manager.prefix_hits
+
+    def _accept_token(self, request: Request, token: int, length: int, host: dict | None, row: int, now: float) -> None:
+        """Account for the token just placed at token_ids[length - 1]: timing, logprobs, stop conditions."""
+        self.stats.generation_tokens += 1
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.last_token_time = now
+        if request.new_logprobs is not None:
+            k = request.params.logprobs
+            top_ids, top_lps = host.get("top_ids"), host.get("top_logprobs")
+            request.new_logprobs.append(TokenLogprobs(
+                host["logprobs"][row], host["ranks"][row], top_ids[row][:k] if top_ids else [],
+                top_lps[row][:k] if top_lps else []))
+        status = self._stop_status(request, token, length)
+        if status is not None:
+            del request.token_ids[length:]  # a token launched after this one is dropped
+            self._finish(request, status)
+
+    def _stop_status(self, request: Request, token: int, length: int) -> RequestStatus | None:
+        """Whether the sequence stops at this token, the length-th of its token list (stop strings are the
+        frontend's: they need the text)."""
+        params = request.params
+        num_output = length - request.num_prompt_tokens
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token in params.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if num_output >= params.max_tokens or length >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(request, status)
+        self.runner.release(request.request_id)
+        reason = request.finish_reason
+        self.stats.finished_reasons[reason] = self.stats.finished_reasons.get(reason, 0) + 1
+
+
+
+def _prompt_logprobs(chunk) -> PromptLogprobs:
+    """The runner's chunk of prompt logprobs as plain lists."""
+    top_ids = chunk.top_ids.tolist() if chunk.top_ids is not None else None
+    top_lps = chunk.top_logprobs.tolist() if chunk.top_logprobs is not None else None
+    return PromptLogprobs(chunk.first_position, [
+        TokenLogprobs(lp, rank, top_ids[i] if top_ids else [], top_lps[i] if top_lps else [])
+        for i, (lp, rank) in enumerate(zip(chunk.token_logprobs.tolist(), chunk.ranks.tolist()))
+    ])
