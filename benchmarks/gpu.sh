@@ -4,7 +4,9 @@
 # PARTS (comma-separated, default all): checks (kernels at full size + greedy-vs-transformers tests),
 # conformance (tests/backends on this machine's backends, writing matrix-cuda.json for COMPATIBILITY.md),
 # peers (ceilings, transformers generate / generate_batch), w1, single, w2, w1-8b, single-8b, w2-8b,
-# profile. Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
+# profile, serve (paged serve against the offline engine on the same model, for each API_SERVERS count),
+# serve-hf (`transformers serve` with continuous batching, and paged on the same chat workload).
+# Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
 # summary.md (the table for RESULTS.md), and a log per part group.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu.sh OUTDIR [PARTS]}
@@ -58,6 +60,60 @@ want w2 && bench w2-1b --shape 1b --num-prompts 256 --ranged 100,1024
 want w1-8b && bench w1-8b --shape 8b --num-prompts 256 --input-len 512 --output-len 256
 want single-8b && bench single-8b --shape 8b --num-prompts 1 --input-len 512 --output-len 512
 want w2-8b && bench w2-8b --shape 8b --num-prompts 256 --ranged 100,1024
+serve_model=/tmp/paged-serve-1b
+if want serve || want serve-hf; then
+  [ -d $serve_model ] || python3 benchmarks/serving_model.py --tokenizer .bench/smollm2-tokenizer --out $serve_model \
+    >>"$OUT/serve.log" 2>&1 || { tail -5 "$OUT/serve.log"; exit 1; }
+fi
+wait_ready() {  # url, pid: until it answers /v1/models (the server is up) or its process is gone
+  for _ in $(seq 600); do
+    curl -sf "$1/v1/models" >/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.5
+  done
+  return 1
+}
+load() {  # name, url, then serve.py arguments; one JSON line per level into results.jsonl
+  local name=$1 url=$2; shift 2
+  echo "== $name: $*"
+  python3 benchmarks/serve.py --base-url "$url" --ignore-eos --result-json "$OUT/$name.json" "$@" >>"$OUT/serve.log" 2>&1
+  python3 -c "import json; [print(json.dumps({**s, 'name': '$name'})) for s in json.load(open('$OUT/$name.json'))]" \
+    | tee -a "$RESULTS"
+}
+paged_server() {  # api server count, then the loads to run against it (a shell function name)
+  local count=$1 url=http://127.0.0.1:8100; shift
+  python3 -m paged.cli.main serve $serve_model --port 8100 --host 127.0.0.1 --api-server-count "$count" \
+    --max-model-len 2048 --uvicorn-log-level warning >"$OUT/paged-serve-$count.log" 2>&1 &
+  local pid=$!
+  if wait_ready $url $pid; then "$@" "$count" $url; else echo "paged serve did not start"; tail -5 "$OUT/paged-serve-$count.log"; fi
+  kill -TERM $pid; wait $pid
+}
+paged_loads() {  # api server count, url
+  load "paged-a$1-c32" "$2" --num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 32
+  load "paged-a$1-c256" "$2" --num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 256
+  load "paged-a$1-4x64" "$2" --num-prompts 1024 --input-len 512 --output-len 256 --max-concurrency 256 --num-clients 4
+  load "paged-a$1-mixed-4x64" "$2" --dataset mixed --num-prompts 1024 --input-len 256 --output-len 192 \
+    --max-concurrency 256 --num-clients 4
+}
+chat_load() {  # name, url: the workload both servers can take (chat, random words)
+  load "$1" "$2" --endpoint chat --model $serve_model --num-prompts 256 --input-len 512 --output-len 256 \
+    --max-concurrency 256 --num-clients 4 --timeout 300
+}
+if want serve; then
+  bench offline-serve-1b --model $serve_model --num-prompts 256 --input-len 512 --output-len 256
+  for count in ${API_SERVERS:-2 4}; do paged_server "$count" paged_loads; done
+fi
+if want serve-hf; then
+  paged_chat() { chat_load "paged-a$1-chat-4x64" "$2"; }
+  paged_server "${API_SERVERS%% *}" paged_chat
+  transformers serve --help >"$OUT/transformers-serve.log" 2>&1
+  transformers serve --continuous-batching --force-model $serve_model --port 8200 --host 127.0.0.1 --device cuda \
+    --dtype bfloat16 >>"$OUT/transformers-serve.log" 2>&1 &
+  hf_pid=$!
+  if wait_ready http://127.0.0.1:8200 $hf_pid; then chat_load hf-serve-chat-4x64 http://127.0.0.1:8200
+  else echo "transformers serve did not start"; tail -5 "$OUT/transformers-serve.log"; fi
+  kill -TERM $hf_pid; wait $hf_pid
+fi
 if want profile; then
   python3 benchmarks/throughput.py --shape 1b --num-prompts 256 --input-len 512 --output-len 256 --no-compare-hf \
     --profile "$OUT/profile.txt" >>"$OUT/bench.log" 2>&1

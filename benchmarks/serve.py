@@ -9,10 +9,17 @@ request; each is reported as mean, median and p99, with request and output-token
 are Poisson at --request-rate (inf: all at once), capped at --max-concurrency in flight. Several values
 of either sweep the load, one run each, and --plot draws latency against it.
 
-Workloads: random prompts of --input-len token ids (sent as token ids to /v1/completions, which vLLM and
-paged accept, so lengths are exact; with --endpoint chat, random words of about that many tokens), or a
-JSONL file of {"prompt": "..."} or {"messages": [...]} lines, each optionally with "max_tokens".
-Only httpx is needed; matplotlib only for --plot.
+Workloads (--dataset): `random`, prompts of --input-len token ids (sent as token ids to /v1/completions,
+which vLLM and paged accept, so lengths are exact; with --endpoint chat, random words of about that many
+tokens); `mixed`, the same with ShareGPT-like long-tailed lengths per request (log-normal input and output
+lengths around --input-len and --output-len, clipped to [4, 8x]); a ShareGPT JSON file (a list of
+{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]}): the first human turn
+is the prompt, the reply's length (about 4 characters a token) its max_tokens; or a JSONL file of
+{"prompt": "..."} or {"messages": [...]} lines, each optionally with "max_tokens".
+
+One client process tops out near 10k streamed tokens/s (JSON parsing of the chunks), so --num-clients N
+runs N processes, each with 1/N of the requests, rate and concurrency, all starting at the same moment;
+their results are merged as one run. Only httpx is needed; matplotlib only for --plot.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import os
 import random
 import statistics
@@ -68,12 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
     p.add_argument("--model", help="default: the first model /v1/models lists")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    p.add_argument("--dataset", default="random", help="'random' or a JSONL file")
+    p.add_argument("--dataset", default="random", help="'random', 'mixed', a ShareGPT .json or a JSONL file")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--input-len", type=int, default=128, help="random workload: prompt tokens")
     p.add_argument("--output-len", type=int, default=128, help="max_tokens where the workload gives none")
     p.add_argument("--request-rate", type=float, nargs="+", default=[math.inf], help="requests/s (Poisson); inf")
-    p.add_argument("--max-concurrency", type=int, nargs="+", default=[0], help="requests in flight; 0: no cap")
+    p.add_argument("--max-concurrency", type=int, nargs="+", default=[0],
+                   help="requests in flight, over all clients; 0: no cap")
+    p.add_argument("--num-clients", type=int, default=1, help="client processes sharing the load")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM's extra) for exact lengths")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -83,12 +93,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if len(args.request_rate) > 1 and len(args.max_concurrency) > 1:
         p.error("sweep one of --request-rate and --max-concurrency, not both")
+    if args.num_clients < 1:
+        p.error("--num-clients must be at least 1")
     return args
 
 
 def load_workload(args: argparse.Namespace, rng: random.Random) -> list[WorkItem]:
     if args.dataset == "random":
-        return [_random_item(args, rng) for _ in range(args.num_prompts)]
+        return [_random_item(args, rng, args.input_len, args.output_len) for _ in range(args.num_prompts)]
+    if args.dataset == "mixed":
+        return [_random_item(args, rng, _long_tailed(rng, args.input_len), _long_tailed(rng, args.output_len))
+                for _ in range(args.num_prompts)]
+    if args.dataset.endswith(".json"):
+        items = _sharegpt(args.dataset)
+        return (items * (args.num_prompts // len(items) + 1))[: args.num_prompts] if items else []
     items = []
     with open(args.dataset) as f:
         for line in f:
@@ -103,12 +121,29 @@ def load_workload(args: argparse.Namespace, rng: random.Random) -> list[WorkItem
     return (items * (args.num_prompts // len(items) + 1))[: args.num_prompts] if items else []
 
 
-def _random_item(args: argparse.Namespace, rng: random.Random) -> WorkItem:
+def _random_item(args: argparse.Namespace, rng: random.Random, input_len: int, output_len: int) -> WorkItem:
     if args.endpoint == "completions":
-        prompt: Any = [rng.randrange(1000, 10000) for _ in range(args.input_len)]
-        return WorkItem({"prompt": prompt, "max_tokens": args.output_len})
-    words = " ".join(rng.choice(_WORDS) for _ in range(args.input_len))
-    return WorkItem({"messages": [{"role": "user", "content": words}], "max_tokens": args.output_len})
+        prompt: Any = [rng.randrange(1000, 10000) for _ in range(input_len)]
+        return WorkItem({"prompt": prompt, "max_tokens": output_len})
+    words = " ".join(rng.choice(_WORDS) for _ in range(input_len))
+    return WorkItem({"messages": [{"role": "user", "content": words}], "max_tokens": output_len})
+
+
+def _long_tailed(rng: random.Random, median: int) -> int:
+    """A length as ShareGPT's are spread: log-normal around the median, a long tail, clipped to [4, 8x]."""
+    return max(4, min(8 * median, round(rng.lognormvariate(math.log(median), 0.9))))
+
+
+def _sharegpt(path: str) -> list[WorkItem]:
+    with open(path) as f:
+        conversations = json.load(f)
+    items = []
+    for record in conversations:
+        turns = record.get("conversations") or []
+        if len(turns) >= 2 and turns[0].get("from") == "human" and turns[0].get("value"):
+            max_tokens = max(4, len(turns[1].get("value", "")) // 4)
+            items.append(WorkItem({"prompt": turns[0]["value"], "max_tokens": max_tokens}))
+    return items
 
 
 _WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
@@ -169,7 +204,8 @@ def _chunk_text(choice: dict[str, Any]) -> str:
 
 
 async def run_level(args: argparse.Namespace, model: str, items: list[WorkItem], rate: float,
-                    concurrency: int) -> tuple[list[RequestResult], float]:
+                    concurrency: int, start_at: float | None = None) -> tuple[list[RequestResult], float, float]:
+    """Send `items` at `rate`, at most `concurrency` in flight; the results, and when the first and last ran."""
     rng = random.Random(args.seed)
     limit = asyncio.Semaphore(concurrency or len(items) or 1)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -180,6 +216,8 @@ async def run_level(args: argparse.Namespace, model: str, items: list[WorkItem],
             async with limit:
                 return await send(client, *request_body(item, args, model))
 
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         start = time.perf_counter()
         tasks = []
         for item in items:
@@ -187,7 +225,29 @@ async def run_level(args: argparse.Namespace, model: str, items: list[WorkItem],
             if math.isfinite(rate):
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
-    return results, time.perf_counter() - start
+    return results, start, time.perf_counter()
+
+
+def _client_process(args: argparse.Namespace, model: str, items: list[WorkItem], rate: float, concurrency: int,
+                    start_at: float) -> tuple[list[RequestResult], float, float]:
+    return asyncio.run(run_level(args, model, items, rate, concurrency, start_at))
+
+
+def run_clients(args: argparse.Namespace, model: str, items: list[WorkItem], rate: float,
+                concurrency: int) -> tuple[list[RequestResult], float]:
+    """The level from --num-clients processes (perf_counter is one clock for all of them on Linux and macOS)."""
+    n = args.num_clients
+    if n == 1:
+        results, start, end = asyncio.run(run_level(args, model, items, rate, concurrency))
+        return results, end - start
+    shares = [items[i::n] for i in range(n)]
+    per_client = [max(1, concurrency // n + (i < concurrency % n)) if concurrency else 0 for i in range(n)]
+    start_at = time.perf_counter() + 2.0 + 0.5 * n  # every process started and connected
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        parts = pool.starmap(_client_process, [(args, model, shares[i], rate / n, per_client[i], start_at)
+                                               for i in range(n)])
+    results = [r for part, _, _ in parts for r in part]
+    return results, max(end for _, _, end in parts) - min(start for _, start, _ in parts)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -263,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         loads, xlabel = args.request_rate, "request rate (req/s)"
     summaries = []
     for rate, concurrency, label in levels:
-        results, duration = asyncio.run(run_level(args, model, items, rate, concurrency))
-        summary = summarize(f"{model}, {len(items)} requests, {label}", results, duration)
+        results, duration = run_clients(args, model, items, rate, concurrency)
+        clients = f", {args.num_clients} client processes" if args.num_clients > 1 else ""
+        summary = summarize(f"{model}, {len(items)} requests, {label}{clients}", results, duration)
         print_summary(summary)
         for failure in [r for r in results if not r.ok][:3]:
             print(f"  failed: {failure.error}", file=sys.stderr)

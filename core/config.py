@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from paged.errors import UserError
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
@@ -47,6 +49,16 @@ class EngineConfig(BaseModel):
     generation_config: str = "auto"  # "auto": sampling defaults from the model; "vllm": none
     load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights, for benchmarks of a shape
     skip_tokenizer_init: bool = False  # token ids in, token ids out
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """The config, or a UserError naming the first bad argument (a one-line message at the CLI)."""
+        try:
+            return cls(**kwargs)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise UserError(f"invalid engine argument {where}: {first['msg']}", param=where) from None
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ structs, sent as msgpack over ZeroMQ between processes (no pickling), and used a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import msgspec
 
@@ -70,6 +71,7 @@ class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # time.monotonic() of arrival, first schedule, first and latest token (one clock for every process)
     times: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     error: str | None = None  # set when the core could not take the request at all
+    client_index: int = 0  # the API server it goes back to
 
 
 class CoreOutputs(msgspec.Struct, array_like=True):
@@ -79,7 +81,25 @@ class CoreOutputs(msgspec.Struct, array_like=True):
     stats: EngineStats
 
 
+class InputKind(bytes, Enum):
+    """The first frame of a message to the core; the second is its msgpack payload."""
+
+    ADD = b"A"  # a CoreRequest
+    ABORT = b"X"  # user request or sequence ids the client gave up
+    STOP = b"S"  # sequence ids the frontend ended at a stop string
+    CLIENT_DEAD = b"D"  # the index of an API server that died: its requests are aborted
+
+
+class OutputKind(bytes, Enum):
+    """The first frame of a message from the core."""
+
+    OUTPUTS = b"O"  # CoreOutputs
+    FAILED = b"F"  # why the core stopped: every open request fails with it
+
+
 ENCODER = msgspec.msgpack.Encoder()
 REQUEST_DECODER = msgspec.msgpack.Decoder(CoreRequest)
 OUTPUTS_DECODER = msgspec.msgpack.Decoder(CoreOutputs)
 IDS_DECODER = msgspec.msgpack.Decoder(list[str])
+INDEX_DECODER = msgspec.msgpack.Decoder(int)
+TEXT_DECODER = msgspec.msgpack.Decoder(str)

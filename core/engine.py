@@ -1,14 +1,12 @@
 """The offline engine: a frontend (InputProcessor, OutputProcessor) and the engine core, in one process.
 
 `step()` steps the core once and turns its token-level outputs into RequestOutputs; a sequence the
-frontend ends at a stop string is aborted in the core at once. This is what the offline LLM API and the
-in-process server client (server/async_engine.py) drive; `paged serve` runs the same two halves in
-separate processes (server/core_process.py, server/core_client.py).
+frontend ends at a stop string is aborted in the core at once. The offline LLM API drives this; the
+API servers of `paged serve` run the same frontend half against the core in its own process
+(server/engine_client.py, server/core_process.py).
 """
 
 from __future__ import annotations
-
-from pydantic import ValidationError
 
 from paged.config import EngineConfig
 from paged.engine_core import EngineCore
@@ -30,13 +28,7 @@ class LLMEngine:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> LLMEngine:
-        try:
-            config = EngineConfig(**kwargs)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise UserError(f"invalid engine argument {where}: {first['msg']}", param=where) from None
-        return cls(config)
+        return cls(EngineConfig.from_kwargs(**kwargs))
 
     # What callers read of either half, under the names they had when both were one class.
     tokenizer = property(lambda self: self.inputs.tokenizer)

@@ -272,7 +272,7 @@ class EngineCore:
                 request.request_id, request.group_id, request.index, new, logprobs, prompt_logprobs,
                 request.finish_reason, request.stop_reason, request.num_cached_tokens,
                 (request.arrival_time, request.first_scheduled_time or 0.0, request.first_token_time or 0.0,
-                 request.last_token_time or 0.0),
+                 request.last_token_time or 0.0), client_index=request.client_index,
             ))
             if finished:
                 self._forget(request)

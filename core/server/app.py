@@ -18,11 +18,12 @@ from starlette.exceptions import HTTPException
 from paged import __version__
 from paged.errors import UserError
 from paged.server import chat, completions, metrics, misc, models, tokenize
-from paged.server.async_engine import AsyncEngine, EngineDeadError
+from paged.server.engine_client import EngineClient, EngineDeadError
 from paged.server.errors import APIError, ClientDisconnected, describe_error, error_response
 from paged.server.metrics import EngineMetrics
 from paged.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from paged.server.settings import ServerSettings
+from paged.server.stats_log import StatsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +32,24 @@ _CLIENT_CLOSED = 499
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
-def build_app(engine_client: AsyncEngine, settings: ServerSettings) -> FastAPI:
-    """The app over `engine_client`, which it starts on start-up and shuts down (freeing it) on shutdown."""
-    engine_metrics = EngineMetrics(settings.model_name, engine_client.max_model_len)
+def build_app(engine_client: EngineClient, settings: ServerSettings, log_stats: bool = False) -> FastAPI:
+    """The app over `engine_client`, which it connects on start-up and disconnects on shutdown; with
+    `log_stats`, it also logs the core's stats every few seconds."""
+    engine_metrics = EngineMetrics(settings.model_name, engine_client.max_model_len,
+                                   core_pid=getattr(engine_client, "core_pid", None))
     engine_client.observer = engine_metrics
+    stats_logger = StatsLogger(lambda: engine_client.stats) if log_stats else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         engine_client.start()
+        if stats_logger is not None:
+            stats_logger.start()
         try:
             yield
         finally:
+            if stats_logger is not None:
+                stats_logger.stop()
             await engine_client.shutdown()
 
     # strict_content_type=False: clients that send JSON without a Content-Type header still work, as with vLLM.

@@ -15,7 +15,7 @@ from paged.server.errors import ERROR_RESPONSES
 from paged.server.generation import ChoiceDelta, DeltaTracker, final_outputs, sse_response, stream_chunks, usage_of
 from paged.server.logprobs import ChatLogprobs, chat_logprobs
 from paged.server.protocol import ChatMessage, ChoiceEnd, ResponseHead, SamplingFields, UsageInfo, created_now
-from paged.server.sampling import build_sampling_params, check_context_length, check_stream_options
+from paged.server.sampling import build_sampling_params, check_context_length, check_request
 
 router = APIRouter()
 
@@ -64,7 +64,7 @@ class ChatCompletionChunk(ResponseHead):
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, engine: Engine, settings: Settings):
     model = settings.resolve_model(body.model)
-    check_stream_options(body)
+    check_request(body)
     if body.top_logprobs and not body.logprobs:
         raise UserError("top_logprobs needs logprobs to be true", param="top_logprobs")
     max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"

@@ -24,7 +24,7 @@ from paged.server.generation import (
 )
 from paged.server.logprobs import CompletionLogprobs, completion_logprobs
 from paged.server.protocol import ChoiceEnd, ResponseHead, SamplingFields, UsageInfo, created_now
-from paged.server.sampling import build_sampling_params, check_context_length, check_stream_options
+from paged.server.sampling import build_sampling_params, check_context_length, check_request
 
 router = APIRouter()
 
@@ -59,7 +59,7 @@ class _Prompt:
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
 async def create_completion(body: CompletionRequest, request: Request, engine: Engine, settings: Settings):
     model = settings.resolve_model(body.model)
-    check_stream_options(body)
+    check_request(body)
     if body.suffix:
         raise UserError("suffix is not supported", param="suffix")
     prompts = [_tokenize(engine, prompt, body.max_tokens) for prompt in _split_prompts(body.prompt)]

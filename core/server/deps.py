@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from paged.server.async_engine import AsyncEngine
+from paged.server.engine_client import EngineClient
 from paged.server.settings import ServerSettings
 
 
-def _engine(request: Request) -> AsyncEngine:
+def _engine(request: Request) -> EngineClient:
     return request.app.state.engine
 
 
@@ -18,5 +18,5 @@ def _settings(request: Request) -> ServerSettings:
     return request.app.state.settings
 
 
-Engine = Annotated[AsyncEngine, Depends(_engine)]
+Engine = Annotated[EngineClient, Depends(_engine)]
 Settings = Annotated[ServerSettings, Depends(_settings)]

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from paged.errors import UserError
-from paged.server.async_engine import EngineDeadError
+from paged.server.engine_client import EngineDeadError
 
 # The OpenAI SDK's exception class per status; others fall back to the status phrase.
 _TYPES = {

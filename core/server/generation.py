@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from paged.outputs import PositionLogprobs, RequestOutput
-from paged.server.async_engine import RequestStream
+from paged.server.engine_client import RequestStream
 from paged.server.errors import ClientDisconnected, describe_error, error_body
 from paged.server.protocol import UsageInfo
 

@@ -1,9 +1,11 @@
 """Prometheus metrics under vLLM's names and labels, so a dashboard built for vLLM works unchanged.
 
-Counters and gauges are read from the engine's stats snapshot at scrape time (they are the engine's
-own totals, so they move by exactly the tokens served); latency histograms are observed per request
-from the timestamps in RequestOutput.metrics. Everything is recorded on the engine thread before any
-client sees the step's outputs, so a client that got its answer finds it counted.
+Counters and gauges are read from the core's stats, which come with every step's outputs (they are
+the core's own totals, so every API server reports the same numbers); latency histograms are observed
+per request from the timestamps in RequestOutput.metrics, before the client sees the step's outputs,
+so a client that got its answer finds it counted. With several API servers, each writes its
+histograms to Prometheus' multiprocess folder and any of them answers /metrics with the sum.
+`process_*` is the answering API server's process; `paged_engine_core_process_*` the core's.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, ProcessCollector, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -74,17 +79,25 @@ class _StatsCollector(Collector):
 
 
 class EngineMetrics:
-    """The server's registry; an `EngineObserver` the AsyncEngine tells about every step."""
+    """The server's registry; an `EngineObserver` the EngineClient tells about every step."""
 
-    def __init__(self, model_name: str, max_model_len: int) -> None:
+    def __init__(self, model_name: str, max_model_len: int, core_pid: int | None = None) -> None:
         self.model_name = model_name
         self.stats = EngineStats()
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(self))
+        ProcessCollector(registry=self.registry)
+        if core_pid is not None:
+            ProcessCollector(namespace="paged_engine_core", pid=lambda: core_pid, registry=self.registry)
+        # In multiprocess mode the histograms live in files, summed over the API servers at scrape time.
+        shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        if shared:
+            MultiProcessCollector(self.registry)
         self._last_token_time: dict[str, float] = {}  # running requests seen before
 
         def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
-            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(model_name)
+            return Histogram(name, doc, ["model_name"], buckets=buckets,
+                             registry=None if shared else self.registry).labels(model_name)
 
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between generated tokens.", _ITL_BUCKETS)

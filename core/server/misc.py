@@ -18,7 +18,7 @@ class VersionResponse(BaseModel):
 
 @router.get("/health", responses={503: {"model": ErrorResponse}})
 async def health(engine: Engine) -> Response:
-    """200 while the engine thread lives; 503 once it died, so an orchestrator restarts the server."""
+    """200 while the engine core lives; 503 once it died, so an orchestrator restarts the server."""
     if engine.dead:
         return error_response(503, f"the engine is not running: {engine.error}")
     return Response(status_code=200)

@@ -7,10 +7,15 @@ sampling values are checked once, by `SamplingParams`, so the two can never disa
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from paged.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # Seeds seed a torch.Generator, which takes a 64-bit integer.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -26,8 +31,52 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+# Fields of OpenAI's or vLLM's API that would change the output and are not implemented yet, with the value
+# that asks for nothing (sent by clients that fill every field). Any other value is a 400 naming the field:
+# a client must not get plain text where it asked for JSON or a tool call.
+UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "response_format": {"type": "text"},
+    "tools": [],
+    "tool_choice": "none",
+    "functions": [],
+    "function_call": "none",
+    "parallel_tool_calls": None,
+    "structured_outputs": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "guided_decoding_backend": None,
+    "guided_whitespace_pattern": None,
+    "best_of": 1,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "bad_words": [],
+    "allowed_token_ids": None,
+    "logits_processors": None,
+    "truncate_prompt_tokens": None,
+    "prompt_embeds": None,
+    "return_tokens_as_token_ids": False,
+    "continue_final_message": False,
+    "chat_template": None,
+    "chat_template_kwargs": None,
+    "documents": None,
+    "audio": None,
+    "modalities": ["text"],
+    "prediction": None,
+    "reasoning_effort": None,
+    "mm_processor_kwargs": None,
+}
+
+
 class SamplingFields(StrictModel):
-    """The body fields that become `SamplingParams`, common to /v1/completions and /v1/chat/completions."""
+    """The body fields that become `SamplingParams`, common to /v1/completions and /v1/chat/completions.
+
+    Fields beyond these are kept (extra="allow") so they can be reported rather than dropped: see
+    `check_extra_fields`.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
 
     model: str | None = Field(None, description="a served model name; omitted: the first one")
     n: int = Field(1, ge=1, le=128)
@@ -51,6 +100,19 @@ class SamplingFields(StrictModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+
+
+    def check_extra_fields(self) -> None:
+        """A 400 for an output-changing field that is not implemented; a log warning for any other unknown one
+        (harmless: `metadata`, `store`, a client's own additions), as vLLM treats them."""
+        extra = self.model_extra or {}
+        for name, value in extra.items():
+            if name in UNSUPPORTED_FIELDS and value != UNSUPPORTED_FIELDS[name] and value is not None:
+                raise UserError(f"{name} is not supported by this server yet", param=name)
+        ignored = sorted(name for name in extra if name not in UNSUPPORTED_FIELDS)
+        if ignored:
+            logger.warning("request fields ignored (not part of the API this server implements): %s",
+                           ", ".join(ignored))
 
 
 class TextPart(StrictModel):

@@ -58,6 +58,8 @@ def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_mod
         )
 
 
-def check_stream_options(body: SamplingFields) -> None:
+def check_request(body: SamplingFields) -> None:
+    """What is checked before any tokenizing: fields this server does not implement, stream options."""
+    body.check_extra_fields()
     if body.stream_options is not None and not body.stream:
         raise UserError("stream_options can only be set when stream is true", param="stream_options")

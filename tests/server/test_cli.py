@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import httpx
 import pytest
-
 from paged.cli.main import build_parser
 from paged.cli.serve import run
-from paged.engine import LLMEngine
 from paged.errors import UserError
 from paged.model_source import ModelSource, sampling_defaults
-from paged.server.app import build_app
-from paged.server.async_engine import AsyncEngine
-from paged.server.settings import ServerSettings
+
+from .conftest import start_server, stop_server
 
 
 def parse(*argv: str):
@@ -53,23 +49,18 @@ def test_generation_config_choices(tmp_path: Path) -> None:
         sampling_defaults(str(tmp_path / "missing"), model)
 
 
-def test_generation_defaults_apply_when_the_request_leaves_them_out(tiny_chat_model: Path) -> None:
-    engine = LLMEngine.from_kwargs(model=str(tiny_chat_model), device="cpu", dtype="float32",
-                                   kv_cache_memory="16MiB", max_model_len=128)
-    engine_client = AsyncEngine(engine)
-    settings = ServerSettings(["tiny"], str(tiny_chat_model), generation_defaults={"max_tokens": 3})
-    app = build_app(engine_client, settings)
-
-    async def main() -> None:
-        engine_client.start()
-        try:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://paged", timeout=60) as http:
-                body = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
-                assert (await http.post("/v1/chat/completions", json=body)).json()["usage"]["completion_tokens"] == 3
-                body["max_tokens"] = 5
-                assert (await http.post("/v1/chat/completions", json=body)).json()["usage"]["completion_tokens"] == 5
-        finally:
-            await engine_client.shutdown()
-
-    asyncio.run(asyncio.wait_for(main(), timeout=120))
+def test_generation_defaults_apply_when_the_request_leaves_them_out(tiny_chat_model: Path, tmp_path: Path) -> None:
+    defaults = tmp_path / "defaults"
+    defaults.mkdir()
+    (defaults / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3}))
+    server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--max-model-len", "128",
+                          "--kv-cache-memory", "16MiB", "--generation-config", str(defaults))
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()["usage"][
+            "completion_tokens"] == 3
+        body["max_tokens"] = 5
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()["usage"][
+            "completion_tokens"] == 5
+    finally:
+        stop_server(server)

@@ -94,3 +94,31 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer(server: Server, http
     # Every one of the 32 sequences is aborted (the engine counts finish reasons per sequence).
     _wait_for_metric(http, "vllm:request_success_total", aborted + 32, model_name="tiny", finished_reason="abort")
     _wait_for_metric(http, "vllm:num_requests_running", 0, model_name="tiny")
+
+
+def test_1000_concurrent_short_requests_are_all_answered(server: Server) -> None:
+    async def main() -> list:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=300) as async_client:
+            async def one(i: int):
+                return await async_client.completions.create(model="tiny", prompt=f"{PROMPT} {i}", max_tokens=4,
+                                                             extra_body={"ignore_eos": True})
+
+            return await asyncio.gather(*(one(i) for i in range(1000)))
+
+    results = asyncio.run(main())
+    assert len({r.id for r in results}) == 1000
+    assert all(r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length" for r in results)
+
+
+def test_the_periodic_stats_line_and_process_metrics(server: Server, http: httpx.Client,
+                                                     client: openai.OpenAI) -> None:
+    deadline = time.monotonic() + 25
+    while "Avg generation throughput" not in server.log_text():
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, extra_body={"ignore_eos": True})
+        assert time.monotonic() < deadline, "no stats line in the log"
+    line = next(line for line in server.log_text().splitlines() if "Avg generation throughput" in line)
+    for part in ("Avg prompt throughput", "Running:", "Waiting:", "KV cache usage", "Prefix cache hit rate"):
+        assert part in line, line
+    assert metric(http, "process_resident_memory_bytes") > 0
+    assert metric(http, "paged_engine_core_process_resident_memory_bytes") > 0

@@ -1,62 +1,178 @@
-"""An engine that fails mid-generation: the stream gets an error event, /health turns 503, nothing hangs.
+"""The engine core failing or dying under a real `paged serve --api-server-count 2`.
 
-In-process (httpx over ASGI) so the engine's step can be made to fail on cue.
+Every open stream ends with an error event, /health turns 503 while the API servers still stand, and the
+server exits non-zero within seconds, leaving no process behind. A step that raises is injected through
+a sitecustomize on the server's PYTHONPATH (every spawned process imports it); a death is a SIGKILL.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
 
-from paged.engine import LLMEngine
-from paged.server.app import build_app
-from paged.server.async_engine import AsyncEngine
-from paged.server.settings import ServerSettings
+from .conftest import Server, start_server, stop_server
+
+_FAILING_STEP = '''
+import os
+from paged.engine_core import EngineCore
+
+_real_step, _calls = EngineCore.step, [0]
 
 
-def _failing_engine(model: Path, fail_after: int) -> LLMEngine:
-    engine = LLMEngine.from_kwargs(model=str(model), device="cpu", dtype="float32", kv_cache_memory="16MiB",
-                                   max_model_len=128)
-    real_step, calls = engine.step, 0
-
-    def step():
-        nonlocal calls
-        calls += 1
-        if calls > fail_after:
-            raise RuntimeError("device lost")
-        return real_step()
-
-    engine.step = step
-    return engine
+def _step(self):
+    _calls[0] += 1
+    if _calls[0] > int(os.environ["PAGED_TEST_FAIL_AFTER"]):
+        raise RuntimeError("device lost")
+    return _real_step(self)
 
 
-def test_engine_failure_mid_stream(tiny_chat_model: Path) -> None:
-    engine_client = AsyncEngine(_failing_engine(tiny_chat_model, fail_after=4))
-    app = build_app(engine_client, ServerSettings(["tiny"], str(tiny_chat_model)))
+EngineCore.step = _step
+'''
 
-    async def main() -> None:
-        engine_client.start()
-        try:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://paged", timeout=30) as http:
-                assert (await http.get("/health")).status_code == 200
-                body = {"prompt": "Hello", "max_tokens": 50, "stream": True, "ignore_eos": True}
-                response = await http.post("/v1/completions", json=body)
-                assert response.status_code == 200
-                events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
-                assert events[-1] == "[DONE]"
-                error = json.loads(events[-2])["error"]
-                assert "device lost" in error["message"] and error["code"] >= 500
-                assert any(json.loads(e).get("choices") for e in events[:-2])  # text streamed before the failure
 
-                health = await http.get("/health")
-                assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
-                later = await http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
-                assert later.status_code == 503 and later.json()["error"]["code"] == 503
-        finally:
-            await engine_client.shutdown()
+def _children(pid: int) -> list[int]:
+    """Every descendant of pid, from /proc."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+                frontier.append(int(entry.name))
+    return found
 
-    asyncio.run(asyncio.wait_for(main(), timeout=120))
+
+def _pid_from_log(server: Server) -> int:
+    line = next(line for line in server.log_text().splitlines() if "the engine core (pid" in line)
+    return int(line.split("the engine core (pid ")[1].split(")")[0])
+
+
+def _stream_events(url: str, events: list, started: threading.Event) -> None:
+    body = {"prompt": "Hello", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+                    started.set()
+    except httpx.TransportError as error:
+        events.append(f"transport error: {error}")
+    started.set()
+
+
+def _streams_while(server: Server, count: int, action) -> list[list[str]]:
+    """Start `count` streams, run `action` once each has produced a chunk, return every stream's events."""
+    results: list[list[str]] = [[] for _ in range(count)]
+    started = [threading.Event() for _ in range(count)]
+    readers = [threading.Thread(target=_stream_events, args=(server.url, results[i], started[i]))
+               for i in range(count)]
+    for reader in readers:
+        reader.start()
+    assert all(event.wait(60) for event in started)
+    action()
+    for reader in readers:
+        reader.join(60)
+    return results
+
+
+def _assert_ended_with_error(events: list[str], words: str) -> None:
+    assert events[-1] == "[DONE]", events[-3:]
+    error = json.loads(events[-2])["error"]
+    assert words in error["message"] and error["code"] >= 500, error
+    assert any(json.loads(e).get("choices") for e in events[:-2])  # text streamed before the failure
+
+
+def _assert_exits_nonzero_leaving_nothing(server: Server, children: list[int]) -> None:
+    assert server.process.wait(30) not in (0, None)
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "orphaned processes"
+
+
+def test_a_failing_step_errors_every_stream_and_the_server_exits(tiny_chat_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(_FAILING_STEP)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "PAGED_TEST_FAIL_AFTER": "30"}
+    server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--api-server-count", "2",
+                          "--max-model-len", "256", "--kv-cache-memory", "16MiB", env=env)
+    try:
+        children = _children(server.process.pid)
+        results = _streams_while(server, 4, lambda: None)
+        for events in results:
+            _assert_ended_with_error(events, "device lost")
+        _assert_exits_nonzero_leaving_nothing(server, children)
+        assert "device lost" in server.log_text()
+    finally:
+        stop_server(server)
+
+
+def test_killing_the_core_mid_stream(tiny_chat_model: Path, tmp_path: Path) -> None:
+    server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--api-server-count", "2",
+                          "--max-model-len", "256", "--kv-cache-memory", "16MiB")
+    try:
+        children = _children(server.process.pid)
+        core = _pid_from_log(server)
+        health: list[int] = []
+
+        def kill_core() -> None:
+            os.kill(core, signal.SIGKILL)
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and server.process.poll() is None:
+                try:
+                    health.append(httpx.get(f"{server.url}/health", timeout=1).status_code)
+                except httpx.TransportError:
+                    break
+                if health[-1] == 503:
+                    break
+
+        results = _streams_while(server, 4, kill_core)
+        for events in results:
+            _assert_ended_with_error(events, "engine core")
+        assert 503 in health or server.process.poll() is not None
+        _assert_exits_nonzero_leaving_nothing(server, children)
+    finally:
+        stop_server(server)
+
+
+def test_killing_one_api_server_leaves_the_other_serving(tiny_chat_model: Path, tmp_path: Path) -> None:
+    server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--api-server-count", "2",
+                          "--max-model-len", "256", "--kv-cache-memory", "16MiB")
+    try:
+        first = int(server.log_text().split("API server 0: pid ")[1].split()[0])
+        assert first in _children(server.process.pid)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while "1 still serving" not in server.log_text():
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.1)
+        for _ in range(6):  # fresh connections: whichever API server the kernel picks must be the live one
+            body = {"prompt": "Hello", "max_tokens": 4}
+            with httpx.Client(timeout=30) as http:
+                assert http.post(f"{server.url}/v1/completions", json=body).status_code == 200
+        assert server.process.poll() is None
+    finally:
+        assert stop_server(server) == -signal.SIGTERM
+
+
+def test_a_core_that_cannot_start_is_one_line_and_no_process_is_left(tiny_chat_model: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "paged.cli.main", "serve", str(tiny_chat_model), "--device", "cpu",
+         "--max-model-len", "100000", "--api-server-count", "2"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines()[-1].startswith("paged: error: max_model_len 100000")
+    assert "Traceback" not in completed.stderr

@@ -147,3 +147,26 @@ def test_models_and_version(client: openai.OpenAI, http: httpx.Client) -> None:
     assert [m.id for m in models.data] == ["tiny", "tiny-alias"]
     assert models.data[0].model_extra["max_model_len"] == 256
     assert http.get("/version").json()["version"]
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("guided_json", {"type": "object"}),
+    ("best_of", 3),
+])
+def test_an_unimplemented_output_changing_field_is_a_400_naming_it(client: openai.OpenAI, field: str,
+                                                                   value: object) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body={field: value})
+    assert raised.value.body["param"] == field and field in raised.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match=field):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={field: value})
+
+
+def test_neutral_values_and_harmless_unknown_fields_are_accepted(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                         response_format={"type": "text"}, tools=[],
+                                         extra_body={"metadata_of_mine": {"k": "v"}})
+    assert out.choices[0].message.content is not None

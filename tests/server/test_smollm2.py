@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import openai
@@ -55,3 +56,17 @@ def test_serve_with_no_flags_on_the_smallest_cpu_level(smollm2_gguf: str, tmp_pa
     text = server.log_text()
     assert "level baseline" in text and "dtype auto: float32" in text
     assert "Traceback" not in text
+
+
+def test_an_abandoned_long_prefill_stops_within_a_step(smollm2: openai.OpenAI) -> None:
+    """16 prompts of ~1,000 tokens are tens of seconds of prefill on the CPU; the client gives up after a
+    second, and the next request is answered as if the server had been idle (within a step or two)."""
+    long_prompt = "The history of the city is long and full of stories. " * 80
+    impatient = smollm2.with_options(timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model=NAME, prompt=[f"{i} {long_prompt}" for i in range(16)], max_tokens=1)
+    start = time.monotonic()
+    out = smollm2.completions.create(model=NAME, prompt="Hello", max_tokens=2)
+    waited = time.monotonic() - start
+    assert out.choices[0].text is not None
+    assert waited < 8, f"the next request waited {waited:.1f} s behind the abandoned prefill"
