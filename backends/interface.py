@@ -312,6 +312,12 @@ class Backend(ABC):
         holds up (a client's abort, others' next tokens) wait a moment, not minutes."""
         return max(8192, max_num_seqs)
 
+    def api_server_count(self, host_cores: int) -> int:
+        """API server processes `paged serve` starts when --api-server-count is not given. With the model on
+        an accelerator the host's cores are free for HTTP, tokenizing and SSE: one process per four cores,
+        up to four (where one process caps near 17k streamed tokens/s on an H200 and four reach the core's rate)."""
+        return max(1, min(4, host_cores // 4))
+
     @classmethod
     def describe(cls) -> list[str]:
         """Lines for `paged info` on what this backend found here and would use (instruction sets, paths).

@@ -65,9 +65,9 @@ if want serve || want serve-hf; then
   [ -d $serve_model ] || python3 benchmarks/serving_model.py --tokenizer .bench/smollm2-tokenizer --out $serve_model \
     >>"$OUT/serve.log" 2>&1 || { tail -5 "$OUT/serve.log"; exit 1; }
 fi
-wait_ready() {  # url, pid: until it answers /v1/models (the server is up) or its process is gone
+wait_ready() {  # url, pid: until it answers /health or its process is gone
   for _ in $(seq 600); do
-    curl -sf "$1/v1/models" >/dev/null && return 0
+    curl -sf "$1/health" >/dev/null && return 0
     kill -0 "$2" 2>/dev/null || return 1
     sleep 0.5
   done
@@ -76,38 +76,44 @@ wait_ready() {  # url, pid: until it answers /v1/models (the server is up) or it
 load() {  # name, url, then serve.py arguments; one JSON line per level into results.jsonl
   local name=$1 url=$2; shift 2
   echo "== $name: $*"
-  python3 benchmarks/serve.py --base-url "$url" --ignore-eos --result-json "$OUT/$name.json" "$@" >>"$OUT/serve.log" 2>&1
+  python3 benchmarks/serve.py --base-url "$url" --result-json "$OUT/$name.json" "$@" >>"$OUT/serve.log" 2>&1
   python3 -c "import json; [print(json.dumps({**s, 'name': '$name'})) for s in json.load(open('$OUT/$name.json'))]" \
     | tee -a "$RESULTS"
 }
-paged_server() {  # api server count, then the loads to run against it (a shell function name)
-  local count=$1 url=http://127.0.0.1:8100; shift
-  python3 -m paged.cli.main serve $serve_model --port 8100 --host 127.0.0.1 --api-server-count "$count" \
-    --max-model-len 2048 --uvicorn-log-level warning >"$OUT/paged-serve-$count.log" 2>&1 &
+paged_server() {  # api server count ("auto": the backend's choice), then the loads to run against it (a function)
+  local count=$1 url=http://127.0.0.1:8100 flag=(); shift
+  [ "$count" = auto ] || flag=(--api-server-count "$count")
+  python3 -m paged.cli.main serve $serve_model --port 8100 --host 127.0.0.1 "${flag[@]}" \
+    --max-model-len 4096 --uvicorn-log-level warning >"$OUT/paged-serve-$count.log" 2>&1 &
   local pid=$!
   if wait_ready $url $pid; then "$@" "$count" $url; else echo "paged serve did not start"; tail -5 "$OUT/paged-serve-$count.log"; fi
   kill -TERM $pid; wait $pid
 }
 paged_loads() {  # api server count, url
-  load "paged-a$1-c32" "$2" --num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 32
-  load "paged-a$1-c256" "$2" --num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 256
-  load "paged-a$1-4x64" "$2" --num-prompts 1024 --input-len 512 --output-len 256 --max-concurrency 256 --num-clients 4
-  load "paged-a$1-mixed-4x64" "$2" --dataset mixed --num-prompts 1024 --input-len 256 --output-len 192 \
+  load "paged-a$1-c32" "$2" --ignore-eos --num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 32
+  load "paged-a$1-c256" "$2" --ignore-eos --num-prompts 512 --input-len 512 --output-len 256 --max-concurrency 256
+  load "paged-a$1-4x64" "$2" --ignore-eos --num-prompts 1024 --input-len 512 --output-len 256 --max-concurrency 256 \
+    --num-clients 4
+  load "paged-a$1-mixed-4x64" "$2" --ignore-eos --dataset mixed --num-prompts 1024 --input-len 256 --output-len 192 \
     --max-concurrency 256 --num-clients 4
 }
-chat_load() {  # name, url: the workload both servers can take (chat, random words)
+chat_load() {  # name, url: the workload both servers take (chat, random words; transformers refuses ignore_eos,
+  # and random weights rarely sample EOS, so output lengths stay near max_tokens for both)
   load "$1" "$2" --endpoint chat --model $serve_model --num-prompts 256 --input-len 512 --output-len 256 \
     --max-concurrency 256 --num-clients 4 --timeout 300
 }
 if want serve; then
   bench offline-serve-1b --model $serve_model --num-prompts 256 --input-len 512 --output-len 256
-  for count in ${API_SERVERS:-2 4}; do paged_server "$count" paged_loads; done
+  for count in ${API_SERVERS:-auto 2 1}; do paged_server "$count" paged_loads; done
 fi
 if want serve-hf; then
   paged_chat() { chat_load "paged-a$1-chat-4x64" "$2"; }
   paged_server "${API_SERVERS%% *}" paged_chat
+  mkdir -p ~/.cache/huggingface/hub  # its /v1/models scans the Hub cache, and fails where there is none
   transformers serve --help >"$OUT/transformers-serve.log" 2>&1
-  transformers serve --continuous-batching --force-model $serve_model --port 8200 --host 127.0.0.1 --device cuda \
+  model_arg=($serve_model)  # the model to preload: an argument, or --force-model in older releases
+  grep -q -- --force-model "$OUT/transformers-serve.log" && model_arg=(--force-model $serve_model)
+  transformers serve "${model_arg[@]}" --continuous-batching --port 8200 --host 127.0.0.1 --device cuda \
     --dtype bfloat16 >>"$OUT/transformers-serve.log" 2>&1 &
   hf_pid=$!
   if wait_ready http://127.0.0.1:8200 $hf_pid; then chat_load hf-serve-chat-4x64 http://127.0.0.1:8200

@@ -22,7 +22,8 @@ from paged.config import EngineConfig
 from paged.core_protocol import CoreOutput, CoreRequest, EngineStats, PromptLogprobs, TokenLogprobs
 from paged.errors import UserError
 from paged.model_loading import build_model
-from paged.model_runner import PENDING_TOKEN, InFlightStep, ModelRunner, StepResult
+from paged.executor import Executor, check_parallelism, create_executor
+from paged.model_runner import PENDING_TOKEN, InFlightStep, StepResult
 from paged.model_source import ModelSource
 from paged.processing import resolve_max_model_len
 from paged.request import Request, RequestStatus
@@ -37,10 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineCore:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
-        if config.tensor_parallel_size != 1:
-            # The layers are written for it (column/row-parallel over the communicator); launching one
-            # worker per device is not there yet.
-            raise UserError("tensor_parallel_size > 1 is not supported yet", param="tensor_parallel_size")
+        check_parallelism(config)
         self.backend: Backend = load_backend(config.device)
         self.source = source
         hf_config = source.hf_config
@@ -59,10 +57,8 @@ class EngineCore:
         logger.info("model: %.0fM parameters in %s; up to %d tokens per step%s", self.model.num_parameters / 1e6,
                     self.precision, self.max_num_batched_tokens,
                     "" if config.max_num_batched_tokens else f" (the {self.backend.name} backend's default)")
-        self.runner = ModelRunner(
-            self.model, self.backend, config.block_size, self.max_num_batched_tokens, config.max_num_seqs,
-            self.max_model_len, hf_config.vocab_size, config.seed,
-        )
+        self.runner: Executor = create_executor(config, self.model, self.backend, self.max_num_batched_tokens,
+                                                self.max_model_len, hf_config.vocab_size)
         self.num_blocks = self._size_kv_cache(hf_config)
         self.runner.kv_caches = self._allocate_kv_cache(hf_config, self.num_blocks)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)

@@ -163,6 +163,10 @@ class CPUBackend(Backend):
         fits = max(int(self.STEP_FLOPS // (2 * max(num_parameters, 1))), 1)
         return max(min(1 << (fits.bit_length() - 1), 8192), max_num_seqs)
 
+    def api_server_count(self, host_cores: int) -> int:
+        """One: every core a second API server would take is a core the model computes on."""
+        return 1
+
     @classmethod
     def describe(cls) -> list[str]:
         backend = cls()  # a probe and the kernels' build: no device to initialise

@@ -27,8 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--max-body-size", default="16MiB", help="larger request bodies are refused with 413")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish on SIGTERM/SIGINT before they are aborted")
-    server.add_argument("--api-server-count", type=int, default=1,
-                        help="HTTP processes in front of the one engine core (tokenizing, detokenizing, SSE)")
+    server.add_argument("--api-server-count", type=int,
+                        help="HTTP processes in front of the one engine core (tokenizing, detokenizing, SSE); "
+                             "default: the backend's choice (1 on a CPU, a process per 4 host cores up to 4 on "
+                             "an accelerator)")
     server.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput / queue / cache line")
     server.add_argument("--enable-log-requests", action="store_true", help="log each request's arrival and end")
     server.add_argument("--uvicorn-log-level", default="info",
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model_tag and args.model and args.model_tag != args.model:
         raise UserError(f"two models named: {args.model_tag} and --model {args.model}", param="model")
-    if args.api_server_count < 1:
+    if args.api_server_count is not None and args.api_server_count < 1:
         raise UserError("--api-server-count must be at least 1", param="api_server_count")
     model = args.model_tag or args.model
     max_body_bytes = _body_size(args.max_body_size)  # checked before the minutes a model may take to load

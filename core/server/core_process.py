@@ -10,6 +10,7 @@ no request waits forever.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -43,13 +44,13 @@ STATS_INTERVAL_S = 1.0
 class CoreServer:
     """The core's sockets and loop: one PULL for every client's input, one PUSH per client for its outputs."""
 
-    def __init__(self, core: EngineCore, addresses: CoreAddresses) -> None:
+    def __init__(self, core: EngineCore, addresses: CoreAddresses, num_clients: int) -> None:
         self.core = core
         self._context = zmq.Context()
         self._input = self._context.socket(zmq.PULL)
         self._input.bind(addresses.input)
         self._outputs: list[zmq.Socket | None] = []
-        for address in addresses.outputs:
+        for address in map(addresses.output, range(num_clients)):
             socket = self._context.socket(zmq.PUSH)
             socket.setsockopt(zmq.SNDHWM, 0)  # a live client's outputs are never dropped; a dead one's socket is closed
             socket.setsockopt(zmq.LINGER, 0)
@@ -136,13 +137,17 @@ class CoreServer:
 
 def run_engine_core(config: EngineConfig, addresses: CoreAddresses, ready: Connection, parent_pid: int,
                     log_level: str) -> None:
-    """The process's entry point: load the model, report ready (or the one-line reason it cannot), serve."""
+    """The process's entry point: load the model, report ready (or the one-line reason it cannot) with the
+    number of API servers the backend suggests, bind a socket for each API server the supervisor then
+    starts, serve."""
     become_child("EngineCore", log_level, parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         core = EngineCore(config, resolve_model(config.model, config.tokenizer))
-        server = CoreServer(core, addresses)
+        ready.send(("loaded", {"num_blocks": core.num_blocks, "max_model_len": core.max_model_len,
+                               "api_servers": core.backend.api_server_count(os.cpu_count() or 1)}))
+        server = CoreServer(core, addresses, ready.recv())
     except UserError as error:
         ready.send(("error", str(error)))
         sys.exit(1)
@@ -150,7 +155,7 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, ready: Conne
         logger.exception("the engine core could not start")
         ready.send(("error", f"the engine core could not start: {type(error).__name__}: {error}"))
         sys.exit(1)
-    ready.send(("ready", {"num_blocks": core.num_blocks, "max_model_len": core.max_model_len}))
+    ready.send(("ready", None))
     ready.close()
     try:
         server.run()

@@ -145,7 +145,7 @@ class EngineClient:
         self._async_context = zmq.asyncio.Context()
         pull = self._async_context.socket(zmq.PULL)
         pull.setsockopt(zmq.RCVHWM, 0)
-        pull.connect(self._addresses.outputs[self._index])
+        pull.connect(self._addresses.output(self._index))
         self._reader = asyncio.ensure_future(self._read(pull))
         self._watch_core()
 

@@ -67,13 +67,15 @@ class Listen:
 
 
 class Supervisor:
-    def __init__(self, config: EngineConfig, settings: ServerSettings, listen: Listen, api_server_count: int,
+    def __init__(self, config: EngineConfig, settings: ServerSettings, listen: Listen, api_server_count: int | None,
                  options: APIServerOptions) -> None:
+        """api_server_count None: as many as the backend suggests (Backend.api_server_count)."""
         self.config = config
         self.settings = settings
         self.listen = listen
         self.options = options
-        self.addresses = CoreAddresses.local(api_server_count)
+        self.api_server_count = api_server_count
+        self.addresses = CoreAddresses.local()
         self._spawn = multiprocessing.get_context("spawn")
         self._core: BaseProcess | None = None
         self._api_servers: dict[int, BaseProcess] = {}
@@ -81,14 +83,15 @@ class Supervisor:
     def run(self) -> int:
         """Serve until a signal (then exit by it), the core's death or the last API server's (1)."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        metrics_dir = self._metrics_dir()
+        metrics_dir = None
         stopped_by = None
         try:
-            ready = self._start_core()
+            loaded = self._start_core()
+            metrics_dir = self._metrics_dir()
             listener = self.listen.bind()
             self._start_api_servers(listener)
             listener.close()
-            self._log_ready(ready)
+            self._log_ready(loaded)
             return self._watch()
         except _Stop as stop:
             logger.info("%s: stopping the API servers, then the engine core", stop)
@@ -108,32 +111,41 @@ class Supervisor:
         raise _Stop(signum)
 
     def _metrics_dir(self) -> tempfile.TemporaryDirectory | None:
-        if len(self.addresses.outputs) == 1 or PROMETHEUS_DIR_ENV in os.environ:
+        if self.api_server_count == 1 or PROMETHEUS_DIR_ENV in os.environ:
             return None
         folder = tempfile.TemporaryDirectory(prefix="paged-metrics-")
         os.environ[PROMETHEUS_DIR_ENV] = folder.name  # the spawned API servers inherit it
         return folder
 
     def _start_core(self) -> dict:
-        receive, send = self._spawn.Pipe(duplex=False)
+        """Start the core and wait for its model to load; tell it how many API servers will connect."""
+        ours, theirs = self._spawn.Pipe()
         self._core = self._spawn.Process(
             target=run_engine_core, name="EngineCore",
-            args=(self.config, self.addresses, send, os.getpid(), self.options.log_level))
+            args=(self.config, self.addresses, theirs, os.getpid(), self.options.log_level))
         self._core.start()
-        send.close()
-        wait([receive, self._core.sentinel])
-        if not receive.poll():
+        theirs.close()
+        loaded = self._receive(ours)
+        self.api_server_count = self.api_server_count or loaded["api_servers"]
+        ours.send(self.api_server_count)
+        self._receive(ours)
+        ours.close()
+        return loaded
+
+    def _receive(self, conn) -> dict | None:
+        """The core's next start-up report; its one-line error, or its early death, as a UserError."""
+        wait([conn, self._core.sentinel])
+        if not conn.poll():
             self._core.join()
             raise UserError(f"the engine core exited with code {self._core.exitcode} while starting")
-        status, detail = receive.recv()
-        receive.close()
+        status, detail = conn.recv()
         if status == "error":
             self._core.join(_STOP_GRACE_S)  # it exits on its own; a SIGTERM now would cut its clean-up short
             raise UserError(detail)
         return detail
 
     def _start_api_servers(self, listener: socket.socket) -> None:
-        for index in range(len(self.addresses.outputs)):
+        for index in range(self.api_server_count):
             process = self._spawn.Process(
                 target=run_api_server, name=f"APIServer{index}",
                 args=(index, self.config, self.settings, self.addresses, self._core.pid, listener, self.options,

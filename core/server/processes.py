@@ -28,13 +28,16 @@ class CoreAddresses:
     """
 
     input: str
-    outputs: tuple[str, ...]
+    output_prefix: str
     folder: str | None = None
 
     @classmethod
-    def local(cls, num_clients: int) -> CoreAddresses:
+    def local(cls) -> CoreAddresses:
         folder = tempfile.mkdtemp(prefix="paged-ipc-")
-        return cls(f"ipc://{folder}/input", tuple(f"ipc://{folder}/output-{i}" for i in range(num_clients)), folder)
+        return cls(f"ipc://{folder}/input", f"ipc://{folder}/output", folder)
+
+    def output(self, client_index: int) -> str:
+        return f"{self.output_prefix}-{client_index}"
 
     def remove(self) -> None:
         if self.folder is not None:

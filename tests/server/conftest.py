@@ -88,6 +88,32 @@ def start_server(model: str | None, log: Path, *flags: str, env: dict[str, str] 
     raise RuntimeError(f"server did not become healthy in {timeout}s:\n{server.log_text()}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every descendant of pid, from /proc."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+                frontier.append(int(entry.name))
+    return found
+
+
+def assert_gone(pids: list[int], timeout: float = 5) -> None:
+    """Every one of these processes ends within `timeout` seconds: no orphan outlives the server."""
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "orphaned processes"
+
+
 def stop_server(server: Server, timeout: float = 30) -> int:
     """SIGTERM, as an orchestrator stops it; SIGKILL only if it does not exit in time."""
     if server.process.poll() is None:

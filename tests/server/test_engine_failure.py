@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from .conftest import Server, start_server, stop_server
+from .conftest import Server, assert_gone, descendants, start_server, stop_server
 
 _FAILING_STEP = '''
 import os
@@ -36,24 +36,6 @@ def _step(self):
 
 EngineCore.step = _step
 '''
-
-
-def _children(pid: int) -> list[int]:
-    """Every descendant of pid, from /proc."""
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-                found.append(int(entry.name))
-                frontier.append(int(entry.name))
-    return found
 
 
 def _pid_from_log(server: Server) -> int:
@@ -98,10 +80,7 @@ def _assert_ended_with_error(events: list[str], words: str) -> None:
 
 def _assert_exits_nonzero_leaving_nothing(server: Server, children: list[int]) -> None:
     assert server.process.wait(30) not in (0, None)
-    deadline = time.monotonic() + 5
-    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()], "orphaned processes"
+    assert_gone(children)
 
 
 def test_a_failing_step_errors_every_stream_and_the_server_exits(tiny_chat_model: Path, tmp_path: Path) -> None:
@@ -111,7 +90,7 @@ def test_a_failing_step_errors_every_stream_and_the_server_exits(tiny_chat_model
     server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--api-server-count", "2",
                           "--max-model-len", "256", "--kv-cache-memory", "16MiB", env=env)
     try:
-        children = _children(server.process.pid)
+        children = descendants(server.process.pid)
         results = _streams_while(server, 4, lambda: None)
         for events in results:
             _assert_ended_with_error(events, "device lost")
@@ -125,7 +104,7 @@ def test_killing_the_core_mid_stream(tiny_chat_model: Path, tmp_path: Path) -> N
     server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--api-server-count", "2",
                           "--max-model-len", "256", "--kv-cache-memory", "16MiB")
     try:
-        children = _children(server.process.pid)
+        children = descendants(server.process.pid)
         core = _pid_from_log(server)
         health: list[int] = []
 
@@ -151,10 +130,10 @@ def test_killing_the_core_mid_stream(tiny_chat_model: Path, tmp_path: Path) -> N
 
 def test_killing_one_api_server_leaves_the_other_serving(tiny_chat_model: Path, tmp_path: Path) -> None:
     server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--api-server-count", "2",
-                          "--max-model-len", "256", "--kv-cache-memory", "16MiB")
+                          "--max-model-len", "256", "--kv-cache-memory", "16MiB", "--enable-log-requests")
     try:
         first = int(server.log_text().split("API server 0: pid ")[1].split()[0])
-        assert first in _children(server.process.pid)
+        assert first in descendants(server.process.pid)
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while "1 still serving" not in server.log_text():
@@ -165,6 +144,8 @@ def test_killing_one_api_server_leaves_the_other_serving(tiny_chat_model: Path, 
             with httpx.Client(timeout=30) as http:
                 assert http.post(f"{server.url}/v1/completions", json=body).status_code == 200
         assert server.process.poll() is None
+        log = server.log_text()
+        assert "received request cmpl-" in log and "4 tokens (length)" in log  # --enable-log-requests
     finally:
         assert stop_server(server) == -signal.SIGTERM
 

@@ -165,8 +165,10 @@ def test_an_unimplemented_output_changing_field_is_a_400_naming_it(client: opena
         client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={field: value})
 
 
-def test_neutral_values_and_harmless_unknown_fields_are_accepted(client: openai.OpenAI) -> None:
+def test_neutral_values_and_harmless_unknown_fields_are_accepted(server, client: openai.OpenAI) -> None:
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                          response_format={"type": "text"}, tools=[],
                                          extra_body={"metadata_of_mine": {"k": "v"}})
     assert out.choices[0].message.content is not None
+    assert "request fields ignored (not part of the API this server implements): metadata_of_mine" in \
+        server.log_text()

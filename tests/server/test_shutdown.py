@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import start_server
+from .conftest import assert_gone, descendants, start_server
 
 
 def test_sigterm_lets_in_flight_requests_finish(tiny_chat_model: Path, tmp_path: Path) -> None:
@@ -27,6 +27,7 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_chat_model: Path, tmp_path:
                     first_chunk.set()
 
     reader = threading.Thread(target=stream)
+    children = descendants(server.process.pid)
     try:
         reader.start()
         assert first_chunk.wait(60)
@@ -43,3 +44,5 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_chat_model: Path, tmp_path:
     assert "Waiting for application shutdown" in log and "Application shutdown complete" in log
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/health", timeout=2)
+    assert len(children) >= 2
+    assert_gone(children)

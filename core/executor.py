@@ -1,0 +1,56 @@
+"""What the engine core runs the model through: an executor.
+
+The core schedules, applies tokens and stop conditions; the executor runs each scheduled step on the
+device(s) and owns their state (KV cache tensors, captured graphs, block-table rows). Today one kind
+exists: the model runner on this process's device, which is an executor by itself. Several devices
+(tensor or pipeline parallel) need a worker process per device, or Ray actors across nodes, answering
+these same calls for their shard, so the core does not change when they come; `create_executor` is
+where that choice is made.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from paged.backends.interface import Backend
+from paged.config import EngineConfig
+from paged.errors import UserError
+from paged.model_runner import InFlightStep, ModelRunner, StepResult
+from paged.scheduler import SchedulerOutput
+
+
+class Executor(Protocol):
+    graph_sizes: list[int]  # batch sizes with captured decode graphs, ascending
+    kv_caches: list[torch.Tensor]  # one per layer, allocated by the core once it sized the cache
+
+    def profile_run(self, num_tokens: int, num_layers: int, kv_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """One forward pass of the largest step, so the peak of device memory can be read."""
+
+    def capture_graphs(self) -> list[int]:
+        """Capture decode graphs; the batch sizes captured."""
+
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        """Run one scheduled step and sample its completing sequences."""
+
+    def launch_greedy(self, sched: SchedulerOutput, previous: InFlightStep | None) -> InFlightStep | None:
+        """Launch a graph-sized greedy decode step without waiting for it (None: it does not fit a graph)."""
+
+    def release(self, request_id: str) -> None:
+        """The request left the running batch: free what the executor holds for it."""
+
+
+def check_parallelism(config: EngineConfig) -> None:
+    """Before anything loads: whether an executor exists for the parallelism asked for."""
+    if config.tensor_parallel_size != 1:
+        # The layers are written for it (column/row-parallel over the communicator); one worker process per
+        # device behind this interface is not there yet.
+        raise UserError("tensor_parallel_size > 1 is not supported yet", param="tensor_parallel_size")
+
+
+def create_executor(config: EngineConfig, model: torch.nn.Module, backend: Backend, max_num_batched_tokens: int,
+                    max_model_len: int, vocab_size: int) -> Executor:
+    """The executor for `config` (check_parallelism has passed): the model runner in this process."""
+    return ModelRunner(model, backend, config.block_size, max_num_batched_tokens, config.max_num_seqs,
+                       max_model_len, vocab_size, config.seed)
