@@ -7,12 +7,6 @@ chunked prefill, its default step size), and transformers runs one forward pass 
 (logits for the last position only, which is all a first token needs) in the dtype it is fastest in on
 this machine (float32 and bfloat16 both tried, the faster one kept). Each is timed `--repeats` times after
 a warm-up, taking turns; medians are printed as one JSON line.
-
-The CPU backend's KV cache is calloc'ed memory whose pages the kernel hands out on first write, so a fresh
-engine pays page faults for every block it touches the first time (about 0.15 ms per token for SmolLM2 on
-the machine of benchmarks/RESULTS.md), until a server has cycled through its cache once. The cache is
-written through once before timing (`--cold` skips that), so the times are those of a server that has
-run for a while.
 """
 
 from __future__ import annotations
@@ -33,7 +27,6 @@ def main() -> None:
     ap.add_argument("--lengths", default="512,2048,8000")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="auto", help="paged's dtype")
-    ap.add_argument("--cold", action="store_true", help="leave the KV cache's pages untouched before timing")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -43,9 +36,6 @@ def main() -> None:
 
     model = args.model or default_model_path()
     llm = LLM(model=model, dtype=args.dtype, max_model_len=8192)
-    if not args.cold:
-        for cache in llm.engine.runner.kv_caches:
-            cache.zero_()
     path = Path(model)
     kwargs = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
     folder = path.parent if path.suffix == ".gguf" else path
@@ -87,7 +77,6 @@ def main() -> None:
     import transformers
 
     print(json.dumps(dict(paged_dtype=str(llm.engine.precision), step_tokens=llm.engine.max_num_batched_tokens,
-                          kv_cache="cold" if args.cold else "touched once",
                           device=llm.engine.backend.device_name(), rows=rows,
                           versions=dict(torch=torch.__version__, transformers=transformers.__version__))))
 

@@ -74,10 +74,6 @@ def run_paged(args, model: str | None) -> tuple[dict, Callable[[], dict], list[l
     first = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), use_tqdm=False)
     startup = time.perf_counter() - _PROCESS_START
     init = time.perf_counter() - t
-    # The CPU's KV cache gets its pages from the kernel on first write (see benchmarks/prefill.py): write it
-    # through once, as a server that has run for a while has, so no round pays that and another not.
-    for cache in llm.engine.runner.kv_caches:
-        cache.zero_()
     assert first[0].outputs[0].token_ids
     vocab = llm.engine.vocab_size
     prompts, out_lens = workload(args, vocab)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import platform
 from functools import cached_property
 from typing import Any
 
-import numpy as np
 import torch
 
 from paged.backends.cpu.attention import TorchPagedAttention
@@ -82,10 +80,10 @@ class CPUBackend(Backend):
         return (2, num_blocks, num_kv_heads, block_size, head_dim)
 
     def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        # numpy's zeros come from calloc: the kernel hands out zero pages as they are first touched, so a
-        # multi-GiB cache costs nothing at start-up (torch.zeros would write every byte first).
-        nbytes = math.prod(shape) * dtype.itemsize
-        return torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).view(shape)
+        # Written through once here: a lazily zeroed cache would be paged in as freed blocks rotate through
+        # the free queue, so the resident set would climb to the whole budget over hours and look like a leak.
+        # Touched now, it is the budget from the start and flat after (about a second for 4 GiB).
+        return torch.zeros(shape, dtype=dtype)
 
     def attention(self, max_model_len: int) -> Attention:
         return TorchPagedAttention(self._avx2_kernels[0])
