@@ -6,7 +6,8 @@
 Arguments after `--` go to `paged serve` (default model unless one is given). The resident set (VmRSS) of
 the engine core and of the API servers is read from /proc after a warm-up and every --sample-every
 requests; the table says how far each moved from the warm-up figure, which is what an operator watching
-a server for hours sees. Only httpx is needed; matplotlib only for --plot.
+a server for hours sees. Meanwhile a thread asks /health every 0.1 s: its latency percentiles under the
+load are printed too. Only httpx is needed; matplotlib only for --plot.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +59,15 @@ async def run_requests(url: str, count: int, concurrency: int, max_tokens: int, 
     return failed
 
 
+def poll_health(url: str, latencies: list[float], stop: threading.Event) -> None:
+    with httpx.Client(base_url=url, timeout=30) as http:
+        while not stop.is_set():
+            start = time.perf_counter()
+            http.get("/health")
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=10000)
@@ -87,6 +99,10 @@ def main() -> int:
                 pass
             time.sleep(0.5)
         pids = roles(log)
+        health: list[float] = []
+        stop = threading.Event()
+        poller = threading.Thread(target=poll_health, args=(url, health, stop), daemon=True)
+        poller.start()
         asyncio.run(run_requests(url, args.warmup, args.concurrency, args.max_tokens, -args.warmup))
         rows = [{"requests": 0, **{role: rss_mb(pid) for role, pid in pids.items()}}]
         done, failed, start = 0, 0, time.perf_counter()
@@ -97,11 +113,16 @@ def main() -> int:
             rows.append({"requests": done, **{role: rss_mb(pid) for role, pid in pids.items()}})
             print(json.dumps(rows[-1]), flush=True)
         elapsed = time.perf_counter() - start
+        stop.set()
+        poller.join()
     finally:
         server.terminate()
         server.wait(60)
     print(f"\n{done} requests ({failed} failed) in {elapsed:.0f} s at concurrency {args.concurrency}; "
           f"paged serve {' '.join(serve_args)}")
+    ordered = sorted(health)
+    print(f"/health under the load: {len(ordered)} probes, median {statistics.median(ordered) * 1000:.1f} ms, "
+          f"p99 {ordered[int(0.99 * (len(ordered) - 1))] * 1000:.1f} ms, max {ordered[-1] * 1000:.1f} ms")
     names = list(pids)
     print("| requests | " + " | ".join(f"{n} RSS MB" for n in names) + " | total | vs warm-up |")
     print("|---|" + "---|" * (len(names) + 2))
@@ -111,7 +132,8 @@ def main() -> int:
         print(f"| {row['requests']:,} | " + " | ".join(f"{row[n]:.0f}" for n in names) +
               f" | {total:.0f} | {100 * (total - base) / base:+.1f}% |")
     if args.result_json:
-        Path(args.result_json).write_text(json.dumps({"serve_args": serve_args, "rows": rows, "failed": failed}))
+        Path(args.result_json).write_text(json.dumps({"serve_args": serve_args, "rows": rows, "failed": failed,
+                                                      "health_s": health}))
     if args.plot:
         plot(rows, names, args.plot)
     return 0 if failed == 0 else 1

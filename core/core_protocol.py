@@ -88,6 +88,7 @@ class InputKind(bytes, Enum):
     ABORT = b"X"  # user request or sequence ids the client gave up
     STOP = b"S"  # sequence ids the frontend ended at a stop string
     CLIENT_DEAD = b"D"  # the index of an API server that died: its requests are aborted
+    HELLO = b"H"  # an API server's index, until the core answers READY
 
 
 class OutputKind(bytes, Enum):
@@ -95,6 +96,7 @@ class OutputKind(bytes, Enum):
 
     OUTPUTS = b"O"  # CoreOutputs
     FAILED = b"F"  # why the core stopped: every open request fails with it
+    READY = b"R"  # the model is loaded: a dict of the core's facts (KV cache size and layout)
 
 
 ENCODER = msgspec.msgpack.Encoder()
@@ -103,3 +105,4 @@ OUTPUTS_DECODER = msgspec.msgpack.Decoder(CoreOutputs)
 IDS_DECODER = msgspec.msgpack.Decoder(list[str])
 INDEX_DECODER = msgspec.msgpack.Decoder(int)
 TEXT_DECODER = msgspec.msgpack.Decoder(str)
+FACTS_DECODER = msgspec.msgpack.Decoder(dict)

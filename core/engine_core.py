@@ -36,10 +36,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, backend: Backend | None = None) -> None:
+        """`backend`: one already loaded for config.device (the core process reports it before the model loads)."""
         self.config = config
         check_parallelism(config)
-        self.backend: Backend = load_backend(config.device)
+        self.backend: Backend = backend or load_backend(config.device)
         self.source = source
         hf_config = source.hf_config
         self.precision = self._resolve_precision()
@@ -60,6 +61,7 @@ class EngineCore:
         self.runner: Executor = create_executor(config, self.model, self.backend, self.max_num_batched_tokens,
                                                 self.max_model_len, hf_config.vocab_size)
         self.num_blocks = self._size_kv_cache(hf_config)
+        self.kv_cache_bytes = self.num_blocks * self._bytes_per_block(hf_config)
         self.runner.kv_caches = self._allocate_kv_cache(hf_config, self.num_blocks)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
@@ -76,8 +78,9 @@ class EngineCore:
         self.stats = EngineStats()
         tokens = self.num_blocks * config.block_size
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens; up to %.1f requests of %d tokens at once",
-            self.num_blocks, config.block_size, tokens, tokens / self.max_model_len, self.max_model_len,
+            "KV cache: %d blocks of %d tokens = %d tokens in %.2f GiB, reserved now; up to %.1f requests of %d "
+            "tokens at once", self.num_blocks, config.block_size, tokens, self.kv_cache_bytes / 2**30,
+            tokens / self.max_model_len, self.max_model_len,
         )
 
     # --- start-up -----------------------------------------------------------------------------

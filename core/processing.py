@@ -182,6 +182,14 @@ class OutputProcessor:
         for request_id in request_ids:
             self.groups.pop(request_id, None)
 
+    def abort(self, request_id: str) -> RequestOutput:
+        """The request's output cut short: every unfinished sequence ends with finish_reason "abort"; forgotten."""
+        group = self.groups.pop(request_id)
+        for sequence in group.sequences:
+            if sequence.finish_reason is None:
+                sequence.finish_reason = "abort"
+        return self._output(group)
+
     def has(self, request_id: str) -> bool:
         return request_id in self.groups
 

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HTTP processes in front of the one engine core (tokenizing, detokenizing, SSE); "
                              "default: the backend's choice (1 on a CPU, a process per 4 host cores up to 4 on "
                              "an accelerator)")
+    server.add_argument("--max-waiting-requests", type=int,
+                        help="refuse new requests with 429 (and Retry-After) while this many wait for the engine "
+                             "(default: no limit)")
     server.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput / queue / cache line")
     server.add_argument("--enable-log-requests", action="store_true", help="log each request's arrival and end")
     server.add_argument("--uvicorn-log-level", default="info",
@@ -41,30 +44,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from paged.config import EngineConfig
     from paged.default_model import DEFAULT_MODEL_NAME
-    from paged.model_source import resolve_model
     from paged.server.api_process import APIServerOptions
     from paged.server.launcher import Listen, Supervisor
     from paged.server.settings import ServerSettings
 
     if args.model_tag and args.model and args.model_tag != args.model:
         raise UserError(f"two models named: {args.model_tag} and --model {args.model}", param="model")
-    if args.api_server_count is not None and args.api_server_count < 1:
-        raise UserError("--api-server-count must be at least 1", param="api_server_count")
+    for name in ("api_server_count", "max_waiting_requests"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1", param=name)
     model = args.model_tag or args.model
     max_body_bytes = _body_size(args.max_body_size)  # checked before the minutes a model may take to load
     config = EngineConfig.from_kwargs(**{**engine_kwargs(args), "model": model,
                                          "generation_config": args.generation_config})
-    source = resolve_model(config.model, config.tokenizer)
     settings = ServerSettings(
         served_model_names=args.served_model_name or [model or DEFAULT_MODEL_NAME],
-        model_path=source.path,
+        model_root=model or DEFAULT_MODEL_NAME,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         metrics_require_key=args.metrics_require_key,
         max_body_bytes=max_body_bytes,
     )
     options = APIServerOptions(uvicorn_log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
                                log_stats=not args.disable_log_stats, log_requests=args.enable_log_requests,
-                               log_level=args.log_level)
+                               log_level=args.log_level, max_waiting_requests=args.max_waiting_requests)
     return Supervisor(config, settings, Listen(args.host, args.port), args.api_server_count, options).run()
 
 

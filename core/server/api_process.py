@@ -7,8 +7,12 @@ its own EngineClient.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from dataclasses import dataclass, replace
+from types import FrameType
+
+import uvicorn
 
 from paged.config import EngineConfig
 from paged.model_source import resolve_model
@@ -24,21 +28,52 @@ class APIServerOptions:
     log_stats: bool = True  # the periodic stats line (API server 0 only)
     log_requests: bool = False
     log_level: str = "INFO"
+    max_waiting_requests: int | None = None  # beyond this many waiting in the core, 429 with Retry-After
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with the shutdown an orchestrator wants: on SIGTERM (or SIGINT) keep accepting, answer
+    new requests 503, let running ones finish for up to the drain timeout, end the rest with an error event,
+    then stop and exit 0 (uvicorn alone stops accepting at once and exits by the signal). A second signal
+    stops at once."""
+
+    def __init__(self, config: uvicorn.Config, client, drain_timeout: float) -> None:
+        super().__init__(config)
+        self._client = client
+        self._drain_timeout = drain_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        await self._client.drain(self._drain_timeout)
+        await asyncio.sleep(0.2)  # the handlers of the requests just ended write their last events
+        self.should_exit = True
 
 
 def run_api_server(index: int, config: EngineConfig, settings: ServerSettings, addresses: CoreAddresses,
                    core_pid: int, listener: socket.socket, options: APIServerOptions, parent_pid: int) -> None:
     become_child(f"APIServer{index}", options.log_level, parent_pid)
-    import uvicorn
-
     from paged.server.app import build_app
     from paged.server.engine_client import EngineClient
 
     inputs = InputProcessor(config, resolve_model(config.model, config.tokenizer))
-    client = EngineClient(inputs, addresses, index, core_pid, log_requests=options.log_requests)
+    client = EngineClient(inputs, addresses, index, core_pid, log_requests=options.log_requests,
+                          max_waiting_requests=options.max_waiting_requests)
     settings = replace(settings, generation_defaults=inputs.sampling_defaults)
     app = build_app(client, settings, log_stats=options.log_stats and index == 0)
-    # log_config=None: uvicorn's lines go through this process's logging, prefixed with its role.
+    # log_config=None: uvicorn's lines go through this process's logging, prefixed with its role. Its own
+    # graceful shutdown comes after the drain, when every request has ended: a second is plenty.
     uvicorn_config = uvicorn.Config(app, log_level=options.uvicorn_log_level, log_config=None,
-                                    timeout_graceful_shutdown=options.shutdown_timeout)
-    uvicorn.Server(uvicorn_config).run(sockets=[listener])
+                                    timeout_graceful_shutdown=1)
+    DrainingServer(uvicorn_config, client, options.shutdown_timeout).run(sockets=[listener])

@@ -18,8 +18,8 @@ from starlette.exceptions import HTTPException
 from paged import __version__
 from paged.errors import UserError
 from paged.server import chat, completions, metrics, misc, models, tokenize
-from paged.server.engine_client import EngineClient, EngineDeadError
-from paged.server.errors import APIError, ClientDisconnected, describe_error, error_response
+from paged.server.engine_client import EngineClient
+from paged.server.errors import APIError, ClientDisconnected, EngineDeadError, describe_error, error_response
 from paged.server.metrics import EngineMetrics
 from paged.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from paged.server.settings import ServerSettings
@@ -36,7 +36,8 @@ def build_app(engine_client: EngineClient, settings: ServerSettings, log_stats: 
     """The app over `engine_client`, which it connects on start-up and disconnects on shutdown; with
     `log_stats`, it also logs the core's stats every few seconds."""
     engine_metrics = EngineMetrics(settings.model_name, engine_client.max_model_len,
-                                   core_pid=getattr(engine_client, "core_pid", None))
+                                   core_pid=getattr(engine_client, "core_pid", None),
+                                   facts=lambda: getattr(engine_client, "facts", None))
     engine_client.observer = engine_metrics
     stats_logger = StatsLogger(lambda: engine_client.stats) if log_stats else None
 
@@ -86,9 +87,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def described(request: Request, error: Exception) -> Response:
         status, message, param = describe_error(error)
-        if status >= 500:
+        if status >= 500 and not isinstance(error, (APIError, EngineDeadError)):
             logger.error("%s %s failed: %s", request.method, request.url.path, message, exc_info=error)
-        return error_response(status, message, param)
+        response = error_response(status, message, param)
+        if getattr(error, "retry_after", None) is not None:
+            response.headers["Retry-After"] = str(error.retry_after)
+        return response
 
     # The expected errors by class, so they are answered in place; Exception catches the rest last.
     for error_class in (APIError, UserError, EngineDeadError, Exception):

@@ -23,20 +23,20 @@ from paged.server.generation import (
     usage_of,
 )
 from paged.server.logprobs import CompletionLogprobs, completion_logprobs
-from paged.server.protocol import ChoiceEnd, ResponseHead, SamplingFields, UsageInfo, created_now
+from paged.server.protocol import ChoiceEnd, ResponseHead, SamplingFields, Text, UsageInfo, created_now
 from paged.server.sampling import build_sampling_params, check_context_length, check_request
 
 router = APIRouter()
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         description="a string, a list of strings, token ids, or a list of token-id lists"
     )
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class CompletionChoice(ChoiceEnd):

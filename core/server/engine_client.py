@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from paged.core_protocol import (
     ENCODER,
+    FACTS_DECODER,
     OUTPUTS_DECODER,
     TEXT_DECODER,
     CoreOutput,
@@ -37,16 +38,17 @@ from paged.errors import UserError
 from paged.outputs import RequestOutput
 from paged.processing import InputProcessor, OutputProcessor
 from paged.sampling_params import SamplingParams
+from paged.server.errors import APIError, EngineDeadError
 from paged.server.processes import CoreAddresses
 
 logger = logging.getLogger(__name__)
 
 # Without a pidfd (not Linux), how often the core's liveness is polled.
 _POLL_CORE_S = 0.5
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core failed or is gone; no request can be served any more."""
+# The core sends stats at least every second, busy or idle; this long without a word, /health says so.
+HEARTBEAT_TIMEOUT_S = 30.0
+# How often an API server says HELLO while the core loads the model.
+_HELLO_EVERY_S = 0.5
 
 
 class EngineObserver(Protocol):
@@ -55,6 +57,8 @@ class EngineObserver(Protocol):
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None: ...
 
     def on_abort(self, request_ids: list[str]) -> None: ...
+
+    def on_refused(self, reason: str) -> None: ...
 
 
 class RequestStream:
@@ -72,6 +76,7 @@ class RequestStream:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._position = {request_id: i for i, request_id in enumerate(request_ids)}
         self._closed = False
+        self._ending: BaseException | None = None
 
     @property
     def finished(self) -> bool:
@@ -79,6 +84,13 @@ class RequestStream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait(item)
+
+    def end(self, outputs: list[RequestOutput], why: BaseException) -> None:
+        """Cut short: these final outputs (finish_reason "abort") are the last, then iterating raises `why`."""
+        self._ending = why
+        self._closed = True
+        for out in outputs:
+            self.put(out)
 
     async def __aiter__(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
         while not self.finished:
@@ -93,6 +105,8 @@ class RequestStream:
                 index = self._position[item.request_id]
                 self.outputs[index] = fresh[index] = item
             yield sorted(fresh.items())
+        if self._ending is not None:
+            raise self._ending
 
     async def collect(self) -> list[RequestOutput]:
         """Wait for every request to finish; their final outputs in prompt order."""
@@ -111,12 +125,15 @@ class EngineClient:
     """One API server's connection to the engine core at `addresses`, as client number `index`."""
 
     def __init__(self, inputs: InputProcessor, addresses: CoreAddresses, index: int, core_pid: int,
-                 observer: EngineObserver | None = None, log_requests: bool = False) -> None:
+                 observer: EngineObserver | None = None, log_requests: bool = False,
+                 max_waiting_requests: int | None = None) -> None:
         self.inputs = inputs
         self.outputs = OutputProcessor(inputs.tokenizer)
         self.observer = observer
         self.error: BaseException | None = None
         self.stats = EngineStats()
+        self.facts: dict | None = None  # the core's, from its READY: set once the model is loaded
+        self.draining = False
         self.tokenizer = inputs.tokenizer
         self.max_model_len = inputs.max_model_len
         self.vocab_size = inputs.vocab_size
@@ -124,15 +141,33 @@ class EngineClient:
         self._index = index
         self.core_pid = core_pid
         self._log_requests = log_requests
+        self._max_waiting = max_waiting_requests
+        self._added_since_stats = 0
+        self._last_heard = time.monotonic()
         self._streams: dict[str, RequestStream] = {}
         self._push: zmq.Socket | None = None
         self._reader: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
+        self._hello: asyncio.Task | None = None
         self._pidfd: int | None = None
 
     @property
     def dead(self) -> bool:
         return self.error is not None
+
+    def health(self) -> str | None:
+        """Why this server cannot serve now (loading, draining, the core gone or silent); None when it can.
+        Read from state the core's messages keep fresh, so it answers at once however busy the core is."""
+        if self.error is not None:
+            return f"the engine is not running: {self.error}"
+        if self.draining:
+            return "the server is shutting down"
+        if self.facts is None:
+            return "the engine core is loading the model"
+        silent = time.monotonic() - self._last_heard
+        if silent > HEARTBEAT_TIMEOUT_S:
+            return f"the engine core has not answered for {silent:.0f} s"
+        return None
 
     # --- life ---------------------------------------------------------------------------------
 
@@ -147,6 +182,7 @@ class EngineClient:
         pull.setsockopt(zmq.RCVHWM, 0)
         pull.connect(self._addresses.output(self._index))
         self._reader = asyncio.ensure_future(self._read(pull))
+        self._hello = asyncio.ensure_future(self._say_hello())
         self._watch_core()
 
     async def shutdown(self) -> None:
@@ -154,7 +190,7 @@ class EngineClient:
         if self._streams and not self.dead:
             self._send(InputKind.ABORT, list(self._streams))
         self._fail(EngineDeadError("the server is shutting down"))
-        for task in (self._reader, self._watcher):
+        for task in (self._reader, self._watcher, self._hello):
             if task is not None:
                 task.cancel()
         if self._pidfd is not None:
@@ -169,14 +205,25 @@ class EngineClient:
     # --- requests -----------------------------------------------------------------------------
 
     async def submit(self, request_id: str, prompts: list[list[int]], params: SamplingParams) -> RequestStream:
-        """Check and queue one engine request per prompt (a UserError here is a 400); outputs arrive on the stream."""
+        """Check and queue one engine request per prompt (a UserError here is a 400); outputs arrive on the stream.
+
+        Refused with 503 while loading or draining, and with 429 once --max-waiting-requests wait in the core."""
         if self.error is not None:
             raise EngineDeadError(f"the engine is not running: {self.error}")
+        if self.facts is None or self.draining:
+            self._refuse("loading" if self.facts is None else "draining")
+            raise APIError(503, self.health(), retry_after=5)
+        waiting = self.stats.num_waiting + self._added_since_stats
+        if self._max_waiting is not None and waiting + len(prompts) * params.n > self._max_waiting:
+            self._refuse("queue_full")
+            raise APIError(429, f"{waiting} requests are waiting for the engine (--max-waiting-requests "
+                                f"{self._max_waiting}): try again shortly", retry_after=1)
         now = time.monotonic()
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         requests = [self.inputs.make_request(engine_id, prompt, params, now, self._index)
                     for engine_id, prompt in zip(ids, prompts, strict=True)]
         stream = RequestStream(self, ids)
+        self._added_since_stats += len(requests) * params.n
         for request in requests:
             self.outputs.add(request, None)
             self._streams[request.request_id] = stream
@@ -198,6 +245,31 @@ class EngineClient:
         if self._log_requests:
             logger.info("aborted requests %s", ", ".join(ids))
 
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests; give the open ones `timeout` seconds, then end each with finish_reason "abort"
+        and an error, and abort them in the core."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not self._streams:
+            return
+        ids = list(self._streams)
+        logger.warning("shutting down: %d requests did not finish in %.0f s and are aborted", len(ids), timeout)
+        why = EngineDeadError(f"the server is shutting down: the request was aborted after {timeout:.0f} s")
+        streams = {id(s): s for s in self._streams.values()}.values()
+        self._streams.clear()
+        if not self.dead:
+            self._send(InputKind.ABORT, ids)
+        for stream in streams:
+            stream.end([self.outputs.abort(i) for i in stream.request_ids if self.outputs.has(i)], why)
+        if self.observer is not None:
+            self.observer.on_abort(ids)
+
+    def _refuse(self, reason: str) -> None:
+        if self.observer is not None:
+            self.observer.on_refused(reason)
+
     # --- tokenization, in the handler ---------------------------------------------------------
 
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -214,18 +286,23 @@ class EngineClient:
 
     # --- the core's side ----------------------------------------------------------------------
 
-    def _send(self, kind: InputKind, payload: CoreRequest | list[str]) -> None:
+    def _send(self, kind: InputKind, payload: CoreRequest | list[str] | int) -> None:
         self._push.send_multipart([kind.value, ENCODER.encode(payload)], flags=zmq.NOBLOCK, copy=False)
 
     async def _read(self, pull: zmq.asyncio.Socket) -> None:
         try:
             while True:
                 kind, payload = await pull.recv_multipart(copy=False)
+                self._last_heard = time.monotonic()
                 if kind.bytes == OutputKind.FAILED.value:
                     self._fail(EngineDeadError(TEXT_DECODER.decode(payload.buffer)))
                     return
+                if kind.bytes == OutputKind.READY.value:
+                    self.facts = FACTS_DECODER.decode(payload.buffer)
+                    continue
                 message = OUTPUTS_DECODER.decode(payload.buffer)
                 self.stats = message.stats
+                self._added_since_stats = 0
                 self._deliver(message.outputs)
         except asyncio.CancelledError:
             pass
@@ -261,6 +338,12 @@ class EngineClient:
                 self._streams.pop(sibling, None)
             self.outputs.drop(stream.request_ids)
             stream.put(error)
+
+    async def _say_hello(self) -> None:
+        """HELLO until the core answers READY (it reads its input only once the model is loaded)."""
+        while self.facts is None:
+            self._send(InputKind.HELLO, self._index)
+            await asyncio.sleep(_HELLO_EVERY_S)
 
     def _watch_core(self) -> None:
         """Fail everything the moment the core's process exits, however it died."""

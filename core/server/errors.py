@@ -6,13 +6,13 @@ OpenAI SDK's exception name for the status and `code` the status itself.
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from paged.errors import UserError
-from paged.server.engine_client import EngineDeadError
 
 # The OpenAI SDK's exception class per status; others fall back to the status phrase.
 _TYPES = {
@@ -40,13 +40,19 @@ class ErrorResponse(BaseModel):
 
 
 class APIError(Exception):
-    """Raised by endpoint code to answer with `status` and an OpenAI error body naming `param`."""
+    """Raised by endpoint code to answer with `status` and an OpenAI error body naming `param`; with
+    `retry_after`, a Retry-After header says when to come back (overload, draining)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.retry_after = retry_after
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core failed or is gone; no request can be served any more."""
 
 
 class ClientDisconnected(Exception):
@@ -66,8 +72,19 @@ def error_body(status: int, message: str, param: str | None = None) -> ErrorResp
     return ErrorResponse(error=ErrorInfo(message=message, type=_error_type(status), param=param, code=status))
 
 
+def error_json(status: int, message: str, param: str | None = None) -> str:
+    """The body as JSON with every non-ASCII character escaped: an error message quoting the client's text
+    (a lone surrogate even) always encodes."""
+    return json.dumps(error_body(status, message, param).model_dump(), ensure_ascii=True, separators=(",", ":"))
+
+
+class _ASCIIJSONResponse(JSONResponse):
+    def render(self, content: str) -> bytes:
+        return content.encode("ascii")
+
+
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param).model_dump(), status_code=status)
+    return _ASCIIJSONResponse(error_json(status, message, param), status_code=status)
 
 
 # What the OpenAPI schema says error statuses return, for routes to declare.

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from paged.outputs import PositionLogprobs, RequestOutput
 from paged.server.engine_client import RequestStream
-from paged.server.errors import ClientDisconnected, describe_error, error_body
+from paged.server.errors import ClientDisconnected, EngineDeadError, describe_error, error_json
 from paged.server.protocol import UsageInfo
 
 logger = logging.getLogger(__name__)
@@ -116,9 +116,9 @@ def sse_response(chunks: AsyncIterator[BaseModel], stream: RequestStream) -> Str
                 yield f"data: {chunk.model_dump_json()}\n\n"
         except Exception as error:
             status, message, param = describe_error(error)
-            if status >= 500:
+            if status >= 500 and not isinstance(error, EngineDeadError):  # a dead or stopping engine is logged once
                 logger.error("stream %s failed: %s", stream.request_ids[0], message)
-            yield f"data: {error_body(status, message, param).model_dump_json()}\n\n"
+            yield f"data: {error_json(status, message, param)}\n\n"
         finally:
             stream.abort()
         yield "data: [DONE]\n\n"

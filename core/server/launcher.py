@@ -1,14 +1,15 @@
 """The supervisor of `paged serve`: starts the engine core, then the API servers, and watches them all.
 
 Order of life and death, as an orchestrator expects it:
-- start-up: the core loads the model and reports ready (or the one-line reason it cannot: exit 2);
-  only then is the port opened and the API servers started;
+- start-up: the core picks its backend and the API servers start, answering /health with 503 while the
+  core loads the model; a model that cannot be served is a one-line reason and exit 2;
 - the core dies: the API servers have already failed its open requests (they watch its pid); they are
   stopped and the supervisor exits 1, so the orchestrator restarts the whole server;
 - an API server dies: logged, its requests aborted in the core, the others keep serving (exit 1 only
   when none is left);
-- SIGTERM or SIGINT: the API servers get SIGTERM and drain for up to --shutdown-timeout, then the core
-  is stopped; the supervisor exits by the same signal. No child outlives it (parent-death signal).
+- SIGTERM or SIGINT: the API servers get SIGTERM and drain (503 to new requests, running streams finish for
+  up to --shutdown-timeout, then end with an error event), then the core is stopped; exit 0. No child
+  outlives the supervisor (parent-death signal).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import signal
 import socket
 import tempfile
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 import zmq
@@ -84,18 +85,18 @@ class Supervisor:
         """Serve until a signal (then exit by it), the core's death or the last API server's (1)."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         metrics_dir = None
-        stopped_by = None
         try:
-            loaded = self._start_core()
+            pipe = self._start_core()
             metrics_dir = self._metrics_dir()
             listener = self.listen.bind()
             self._start_api_servers(listener)
             listener.close()
-            self._log_ready(loaded)
+            self._log_ready(self._receive(pipe))
+            pipe.close()
             return self._watch()
         except _Stop as stop:
-            logger.info("%s: stopping the API servers, then the engine core", stop)
-            stopped_by = stop.signum
+            logger.info("%s: draining the API servers, then stopping the engine core", stop)
+            return 0
         finally:
             self._stop_all()
             self.addresses.remove()
@@ -103,11 +104,10 @@ class Supervisor:
                 metrics_dir.cleanup()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        signal.signal(stopped_by, signal.SIG_DFL)
-        os.kill(os.getpid(), stopped_by)  # exit by the signal, as uvicorn does
-        return 128 + stopped_by
 
     def _on_signal(self, signum: int, _frame) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):  # the stop is under way: a second signal must not cut it
+            signal.signal(s, signal.SIG_IGN)
         raise _Stop(signum)
 
     def _metrics_dir(self) -> tempfile.TemporaryDirectory | None:
@@ -117,22 +117,21 @@ class Supervisor:
         os.environ[PROMETHEUS_DIR_ENV] = folder.name  # the spawned API servers inherit it
         return folder
 
-    def _start_core(self) -> dict:
-        """Start the core and wait for its model to load; tell it how many API servers will connect."""
+    def _start_core(self) -> Connection:
+        """Start the core and tell it how many API servers will connect once its backend is known; the pipe
+        then brings the end of its model loading."""
         ours, theirs = self._spawn.Pipe()
         self._core = self._spawn.Process(
             target=run_engine_core, name="EngineCore",
             args=(self.config, self.addresses, theirs, os.getpid(), self.options.log_level))
         self._core.start()
         theirs.close()
-        loaded = self._receive(ours)
-        self.api_server_count = self.api_server_count or loaded["api_servers"]
+        backend = self._receive(ours)
+        self.api_server_count = self.api_server_count or backend["api_servers"]
         ours.send(self.api_server_count)
-        self._receive(ours)
-        ours.close()
-        return loaded
+        return ours
 
-    def _receive(self, conn) -> dict | None:
+    def _receive(self, conn: Connection) -> dict:
         """The core's next start-up report; its one-line error, or its early death, as a UserError."""
         wait([conn, self._core.sentinel])
         if not conn.poll():
@@ -154,9 +153,9 @@ class Supervisor:
             logger.info("API server %d: pid %d", index, process.pid)
             self._api_servers[index] = process
 
-    def _log_ready(self, ready: dict) -> None:
-        tokens = ready["num_blocks"] * self.config.block_size
-        max_model_len = ready["max_model_len"]
+    def _log_ready(self, facts: dict) -> None:
+        tokens = facts["num_blocks"] * facts["block_size"]
+        max_model_len = facts["max_model_len"]
         logger.info("maximum concurrency: %d sequences (--max-num-seqs); %.2fx requests of the full %d-token context "
                     "fit the KV cache at once", self.config.max_num_seqs, tokens / max_model_len, max_model_len)
         logger.info("serving %s on http://%s:%d with %d API server(s) and the engine core (pid %d)%s",

@@ -10,12 +10,19 @@ histograms to Prometheus' multiprocess folder and any of them answers /metrics w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Request, Response
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -76,14 +83,25 @@ class _StatsCollector(Collector):
         for reason in ("stop", "length", "abort"):
             success.add_metric([*labels, reason], stats.finished_reasons.get(reason, 0))
         yield success
+        facts = self._metrics.facts()
+        if facts is not None:  # the KV cache as reserved at start-up: its size never changes after
+            info = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's configuration.",
+                                     labels=["block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"])
+            info.add_metric([str(facts["block_size"]), str(facts["num_blocks"]), facts["kv_cache_dtype"],
+                             str(facts["enable_prefix_caching"])], 1)
+            yield info
+            yield gauge("paged:kv_cache_reserved_bytes", "Bytes reserved for the KV cache at start-up.",
+                        facts["kv_cache_bytes"])
 
 
 class EngineMetrics:
     """The server's registry; an `EngineObserver` the EngineClient tells about every step."""
 
-    def __init__(self, model_name: str, max_model_len: int, core_pid: int | None = None) -> None:
+    def __init__(self, model_name: str, max_model_len: int, core_pid: int | None = None,
+                 facts: Callable[[], dict | None] = lambda: None) -> None:
         self.model_name = model_name
         self.stats = EngineStats()
+        self.facts = facts
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(self))
         ProcessCollector(registry=self.registry)
@@ -109,11 +127,16 @@ class EngineMetrics:
         tokens = _token_buckets(max_model_len)
         self.prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", tokens)
         self.generation_tokens = histogram("vllm:request_generation_tokens", "Tokens generated per request.", tokens)
+        self.refused = Counter("paged:requests_refused", "Requests refused: reason queue_full (429), loading or "
+                               "draining (503).", ["model_name", "reason"], registry=None if shared else self.registry)
 
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         self.stats = stats
         for out in outputs:
             self._observe(out)
+
+    def on_refused(self, reason: str) -> None:
+        self.refused.labels(self.model_name, reason).inc()
 
     def on_abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

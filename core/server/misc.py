@@ -18,9 +18,11 @@ class VersionResponse(BaseModel):
 
 @router.get("/health", responses={503: {"model": ErrorResponse}})
 async def health(engine: Engine) -> Response:
-    """200 while the engine core lives; 503 once it died, so an orchestrator restarts the server."""
-    if engine.dead:
-        return error_response(503, f"the engine is not running: {engine.error}")
+    """200 while the server can serve; 503 with the reason while the model loads, while it drains, and once
+    the core died or went silent (an orchestrator restarts it). Never waits on the core."""
+    reason = engine.health()
+    if reason is not None:
+        return error_response(503, reason)
     return Response(status_code=200)
 
 

@@ -33,6 +33,6 @@ class ModelList(BaseModel):
 async def list_models(engine: Engine, settings: Settings) -> ModelList:
     created = created_now()
     return ModelList(data=[
-        ModelCard(id=name, created=created, root=settings.model_path, max_model_len=engine.max_model_len)
+        ModelCard(id=name, created=created, root=settings.model_root, max_model_len=engine.max_model_len)
         for name in settings.served_model_names
     ])

@@ -11,12 +11,23 @@ import logging
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from paged.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+def _encodable(value: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate ("\\ud800"); no tokenizer or response encoder takes one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"not valid Unicode text: a lone surrogate at character {error.start}") from None
+    return value
+
+
+# Every string of a request body: checked once, where the body is parsed, so odd text is a 400 naming the field.
+Text = Annotated[str, AfterValidator(_encodable)]
 # Seeds seed a torch.Generator, which takes a 64-bit integer.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
@@ -78,18 +89,18 @@ class SamplingFields(StrictModel):
 
     model_config = ConfigDict(allow_inf_nan=False, extra="allow")
 
-    model: str | None = Field(None, description="a served model name; omitted: the first one")
+    model: Text | None = Field(None, description="a served model name; omitted: the first one")
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = None
     top_p: float | None = None
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[Text, Annotated[float, Field(ge=-100, le=100)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM's extra sampling parameters.
     top_k: int | None = None
     min_p: float | None = None
@@ -109,7 +120,7 @@ class SamplingFields(StrictModel):
         for name, value in extra.items():
             if name in UNSUPPORTED_FIELDS and value != UNSUPPORTED_FIELDS[name] and value is not None:
                 raise UserError(f"{name} is not supported by this server yet", param=name)
-        ignored = sorted(name for name in extra if name not in UNSUPPORTED_FIELDS)
+        ignored = sorted(ascii(name)[1:-1] for name in extra if name not in UNSUPPORTED_FIELDS)
         if ignored:
             logger.warning("request fields ignored (not part of the API this server implements): %s",
                            ", ".join(ignored))
@@ -117,13 +128,13 @@ class SamplingFields(StrictModel):
 
 class TextPart(StrictModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(StrictModel):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def for_template(self) -> dict[str, str]:
         """The message as chat templates expect it: text parts joined, no content as ''."""

@@ -13,7 +13,7 @@ DEFAULT_MAX_BODY_BYTES = 16 << 20
 @dataclass
 class ServerSettings:
     served_model_names: list[str]
-    model_path: str  # what the names stand for, reported as the models' root
+    model_root: str  # the model as the user named it, reported as the models' root (never a server path)
     api_key: str | None = None
     metrics_require_key: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from paged.errors import UserError
 from paged.server.deps import Engine, Settings
 from paged.server.errors import ERROR_RESPONSES
-from paged.server.protocol import ChatMessage, StrictModel
+from paged.server.protocol import ChatMessage, StrictModel, Text
 
 router = APIRouter()
 
@@ -16,8 +16,8 @@ router = APIRouter()
 class TokenizeRequest(StrictModel):
     """Either a prompt (tokenized as /v1/completions does) or messages (rendered as /v1/chat/completions does)."""
 
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -32,7 +32,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(StrictModel):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from .conftest import Server, assert_gone, descendants, start_server, stop_server
 
@@ -44,7 +45,7 @@ def _pid_from_log(server: Server) -> int:
 
 
 def _stream_events(url: str, events: list, started: threading.Event) -> None:
-    body = {"prompt": "Hello", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    body = {"prompt": "Hello", "max_tokens": 1000, "stream": True, "ignore_eos": True}  # seconds of streaming
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
@@ -73,7 +74,7 @@ def _streams_while(server: Server, count: int, action) -> list[list[str]]:
 
 def _assert_ended_with_error(events: list[str], words: str) -> None:
     assert events[-1] == "[DONE]", events[-3:]
-    error = json.loads(events[-2])["error"]
+    error = json.loads(events[-2]).get("error") or pytest.fail(f"no error event: {events[-3:]}")
     assert words in error["message"] and error["code"] >= 500, error
     assert any(json.loads(e).get("choices") for e in events[:-2])  # text streamed before the failure
 
@@ -88,7 +89,7 @@ def test_a_failing_step_errors_every_stream_and_the_server_exits(tiny_chat_model
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
            "PAGED_TEST_FAIL_AFTER": "30"}
     server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--api-server-count", "2",
-                          "--max-model-len", "256", "--kv-cache-memory", "16MiB", env=env)
+                          "--max-model-len", "1024", "--kv-cache-memory", "16MiB", env=env)
     try:
         children = descendants(server.process.pid)
         results = _streams_while(server, 4, lambda: None)
@@ -102,7 +103,7 @@ def test_a_failing_step_errors_every_stream_and_the_server_exits(tiny_chat_model
 
 def test_killing_the_core_mid_stream(tiny_chat_model: Path, tmp_path: Path) -> None:
     server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--api-server-count", "2",
-                          "--max-model-len", "256", "--kv-cache-memory", "16MiB")
+                          "--max-model-len", "1024", "--kv-cache-memory", "16MiB")
     try:
         children = descendants(server.process.pid)
         core = _pid_from_log(server)
@@ -130,7 +131,7 @@ def test_killing_the_core_mid_stream(tiny_chat_model: Path, tmp_path: Path) -> N
 
 def test_killing_one_api_server_leaves_the_other_serving(tiny_chat_model: Path, tmp_path: Path) -> None:
     server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--api-server-count", "2",
-                          "--max-model-len", "256", "--kv-cache-memory", "16MiB", "--enable-log-requests")
+                          "--max-model-len", "1024", "--kv-cache-memory", "16MiB", "--enable-log-requests")
     try:
         first = int(server.log_text().split("API server 0: pid ")[1].split()[0])
         assert first in descendants(server.process.pid)
@@ -147,7 +148,7 @@ def test_killing_one_api_server_leaves_the_other_serving(tiny_chat_model: Path, 
         log = server.log_text()
         assert "received request cmpl-" in log and "4 tokens (length)" in log  # --enable-log-requests
     finally:
-        assert stop_server(server) == -signal.SIGTERM
+        assert stop_server(server) == 0
 
 
 def test_a_core_that_cannot_start_is_one_line_and_no_process_is_left(tiny_chat_model: Path) -> None:

@@ -14,7 +14,7 @@ from paged.server.settings import ServerSettings
 
 
 def _call(settings: ServerSettings, method: str, path: str, **kwargs) -> httpx.Response:
-    engine_client = SimpleNamespace(max_model_len=128, observer=None, dead=False)
+    engine_client = SimpleNamespace(max_model_len=128, observer=None, dead=False, health=lambda: None)
     app = build_app(engine_client, settings)
 
     async def main() -> httpx.Response:

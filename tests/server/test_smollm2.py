@@ -22,7 +22,9 @@ def smollm2(smollm2_gguf: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def test_default_model_answers(smollm2: openai.OpenAI) -> None:
-    assert [m.id for m in smollm2.models.list().data] == [NAME]
+    models = smollm2.models.list().data
+    assert [m.id for m in models] == [NAME]
+    assert models[0].model_extra["root"] == NAME  # the model as the user named it, not the file's path
     out = smollm2.chat.completions.create(
         model=NAME, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
         max_tokens=24,
