@@ -158,9 +158,8 @@ class EngineCore:
         for index in range(params.n):
             child_params = params.for_child(index)
             child = Request(f"{request.request_id}#{index}" if params.n > 1 else request.request_id,
-                            request.prompt_token_ids, child_params, group_id=request.request_id, index=index)
-            child.arrival_time = request.arrival_time
-            child.client_index = request.client_index
+                            request.prompt_token_ids, child_params, group_id=request.request_id, index=index,
+                            client_index=request.client_index, arrival_time=request.arrival_time)
             if child_params.seed is not None:
                 child.generator = self.backend.generator(child_params.seed)
             children.append(child)

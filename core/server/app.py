@@ -35,9 +35,8 @@ _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
 def build_app(engine_client: EngineClient, settings: ServerSettings, log_stats: bool = False) -> FastAPI:
     """The app over `engine_client`, which it connects on start-up and disconnects on shutdown; with
     `log_stats`, it also logs the core's stats every few seconds."""
-    engine_metrics = EngineMetrics(settings.model_name, engine_client.max_model_len,
-                                   core_pid=getattr(engine_client, "core_pid", None),
-                                   facts=lambda: getattr(engine_client, "facts", None))
+    engine_metrics = EngineMetrics(settings.model_name, engine_client.max_model_len, core_pid=engine_client.core_pid,
+                                   facts=lambda: engine_client.facts)
     engine_client.observer = engine_metrics
     stats_logger = StatsLogger(lambda: engine_client.stats) if log_stats else None
 
@@ -90,7 +89,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         if status >= 500 and not isinstance(error, (APIError, EngineDeadError)):
             logger.error("%s %s failed: %s", request.method, request.url.path, message, exc_info=error)
         response = error_response(status, message, param)
-        if getattr(error, "retry_after", None) is not None:
+        if isinstance(error, APIError) and error.retry_after is not None:
             response.headers["Retry-After"] = str(error.retry_after)
         return response
 

@@ -36,7 +36,6 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
-    suffix: Text | None = None
 
 
 class CompletionChoice(ChoiceEnd):
@@ -60,8 +59,6 @@ class _Prompt:
 async def create_completion(body: CompletionRequest, request: Request, engine: Engine, settings: Settings):
     model = settings.resolve_model(body.model)
     check_request(body)
-    if body.suffix:
-        raise UserError("suffix is not supported", param="suffix")
     prompts = [_tokenize(engine, prompt, body.max_tokens) for prompt in _split_prompts(body.prompt)]
     params = build_sampling_params(
         body,

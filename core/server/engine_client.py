@@ -254,17 +254,13 @@ class EngineClient:
             await asyncio.sleep(0.05)
         if not self._streams:
             return
-        ids = list(self._streams)
-        logger.warning("shutting down: %d requests did not finish in %.0f s and are aborted", len(ids), timeout)
+        logger.warning("shutting down: %d requests did not finish in %.0f s and are aborted", len(self._streams),
+                       timeout)
         why = EngineDeadError(f"the server is shutting down: the request was aborted after {timeout:.0f} s")
-        streams = {id(s): s for s in self._streams.values()}.values()
-        self._streams.clear()
-        if not self.dead:
-            self._send(InputKind.ABORT, ids)
-        for stream in streams:
-            stream.end([self.outputs.abort(i) for i in stream.request_ids if self.outputs.has(i)], why)
-        if self.observer is not None:
-            self.observer.on_abort(ids)
+        for stream in self._open_streams():
+            finals = [self.outputs.abort(i) for i in stream.request_ids if self.outputs.has(i)]
+            self.abort(stream.request_ids)
+            stream.end(finals, why)
 
     def _refuse(self, reason: str) -> None:
         if self.observer is not None:
@@ -298,6 +294,8 @@ class EngineClient:
                     self._fail(EngineDeadError(TEXT_DECODER.decode(payload.buffer)))
                     return
                 if kind.bytes == OutputKind.READY.value:
+                    if self.facts is None:
+                        logger.info("API server %d: the engine core is ready", self._index)
                     self.facts = FACTS_DECODER.decode(payload.buffer)
                     continue
                 message = OUTPUTS_DECODER.decode(payload.buffer)
@@ -375,8 +373,12 @@ class EngineClient:
         """Fail every open request with `error`; later submissions are refused with it."""
         if self.error is None:
             self.error = error
-        streams = {id(s): s for s in self._streams.values()}.values()
+        streams = self._open_streams()
         self.outputs.drop(list(self._streams))
         self._streams.clear()
         for stream in streams:
             stream.put(error)
+
+    def _open_streams(self) -> list[RequestStream]:
+        """Each open stream once (a stream of several prompts holds several engine requests)."""
+        return list({id(s): s for s in self._streams.values()}.values())

@@ -17,6 +17,7 @@ from paged.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+
 def _encodable(value: str) -> str:
     """JSON may carry a lone UTF-16 surrogate ("\\ud800"); no tokenizer or response encoder takes one."""
     try:
@@ -59,6 +60,7 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
     "guided_grammar": None,
     "guided_decoding_backend": None,
     "guided_whitespace_pattern": None,
+    "suffix": "",
     "best_of": 1,
     "use_beam_search": False,
     "length_penalty": 1.0,
@@ -87,7 +89,7 @@ class SamplingFields(StrictModel):
     `check_extra_fields`.
     """
 
-    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
+    model_config = ConfigDict(extra="allow")  # merged with StrictModel's
 
     model: Text | None = Field(None, description="a served model name; omitted: the first one")
     n: int = Field(1, ge=1, le=128)

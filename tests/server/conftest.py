@@ -59,10 +59,18 @@ class Server:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def core_pid(self) -> int:
+        """The engine core's pid, as the supervisor logs it."""
+        return int(self.log_text().split("the engine core (pid ")[1].split(")")[0])
+
+    def api_server_pid(self, index: int) -> int:
+        return int(self.log_text().split(f"API server {index}: pid ")[1].split()[0])
+
 
 def start_server(model: str | None, log: Path, *flags: str, env: dict[str, str] | None = None,
                  timeout: float = 180, as_a_user_would: bool = False) -> Server:
-    """Start `paged serve` (on the default model when `model` is None) and wait until /health answers 200.
+    """Start `paged serve` (on the default model when `model` is None) and wait until every API server is
+    ready (/health answers 200, and each logged the core's READY: an API server still starting would answer 503).
 
     The tests' defaults pin the device and float32; `as_a_user_would` passes nothing but the port.
     """
@@ -79,10 +87,12 @@ def start_server(model: str | None, log: Path, *flags: str, env: dict[str, str] 
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()}")
         try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
+            healthy = httpx.get(f"{server.url}/health", timeout=2).status_code == 200
         except httpx.TransportError:
-            pass
+            healthy = False
+        text = server.log_text()
+        if healthy and text.count(": the engine core is ready") == text.count("INFO paged.server.launcher: API server "):
+            return server
         time.sleep(0.25)
     stop_server(server)
     raise RuntimeError(f"server did not become healthy in {timeout}s:\n{server.log_text()}")

@@ -39,11 +39,6 @@ EngineCore.step = _step
 '''
 
 
-def _pid_from_log(server: Server) -> int:
-    line = next(line for line in server.log_text().splitlines() if "the engine core (pid" in line)
-    return int(line.split("the engine core (pid ")[1].split(")")[0])
-
-
 def _stream_events(url: str, events: list, started: threading.Event) -> None:
     body = {"prompt": "Hello", "max_tokens": 1000, "stream": True, "ignore_eos": True}  # seconds of streaming
     try:
@@ -106,7 +101,7 @@ def test_killing_the_core_mid_stream(tiny_chat_model: Path, tmp_path: Path) -> N
                           "--max-model-len", "1024", "--kv-cache-memory", "16MiB")
     try:
         children = descendants(server.process.pid)
-        core = _pid_from_log(server)
+        core = server.core_pid()
         health: list[int] = []
 
         def kill_core() -> None:
@@ -133,7 +128,7 @@ def test_killing_one_api_server_leaves_the_other_serving(tiny_chat_model: Path, 
     server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--api-server-count", "2",
                           "--max-model-len", "1024", "--kv-cache-memory", "16MiB", "--enable-log-requests")
     try:
-        first = int(server.log_text().split("API server 0: pid ")[1].split()[0])
+        first = server.api_server_pid(0)
         assert first in descendants(server.process.pid)
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -143,7 +138,8 @@ def test_killing_one_api_server_leaves_the_other_serving(tiny_chat_model: Path, 
         for _ in range(6):  # fresh connections: whichever API server the kernel picks must be the live one
             body = {"prompt": "Hello", "max_tokens": 4}
             with httpx.Client(timeout=30) as http:
-                assert http.post(f"{server.url}/v1/completions", json=body).status_code == 200
+                response = http.post(f"{server.url}/v1/completions", json=body)
+                assert response.status_code == 200, response.text
         assert server.process.poll() is None
         log = server.log_text()
         assert "received request cmpl-" in log and "4 tokens (length)" in log  # --enable-log-requests

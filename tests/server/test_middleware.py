@@ -14,7 +14,8 @@ from paged.server.settings import ServerSettings
 
 
 def _call(settings: ServerSettings, method: str, path: str, **kwargs) -> httpx.Response:
-    engine_client = SimpleNamespace(max_model_len=128, observer=None, dead=False, health=lambda: None)
+    engine_client = SimpleNamespace(max_model_len=128, observer=None, health=lambda: None, core_pid=None,
+                                    facts=None)
     app = build_app(engine_client, settings)
 
     async def main() -> httpx.Response:

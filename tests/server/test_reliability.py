@@ -102,8 +102,7 @@ def test_memory_stays_flat_over_thousands_of_requests(tiny_chat_model: Path, tmp
     grows less than 3% (the KV cache is touched at start, so it counts from the first sample)."""
     server = start_server(str(tiny_chat_model), tmp_path / "serve.log", "--max-model-len", "256",
                           "--kv-cache-memory", "256MiB", "--disable-log-stats")
-    text = server.log_text()
-    pids = [int(text.split("the engine core (pid ")[1].split(")")[0]), int(text.split("API server 0: pid ")[1].split()[0])]
+    pids = [server.core_pid(), server.api_server_pid(0)]
 
     async def requests(count: int, offset: int) -> None:
         limit = asyncio.Semaphore(32)
