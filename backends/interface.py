@@ -96,8 +96,29 @@ class Attention(ABC):
         kv_cache: torch.Tensor,  # the backend's kv_cache_shape
         meta: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,  # [2] float32 (K, V) for a cache in a narrower type (fp8)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Write key/value at meta.slot_mapping, then return the attention output for every query token."""
+        """Write key/value at meta.slot_mapping, then return the attention output for every query token.
+
+        A cache whose dtype is fp8 stores key / kv_scale[0] and value / kv_scale[1] (saturated to the type's
+        range) and multiplies them back when reading; the scales are the layer's own (the checkpoint's, else 1)."""
+
+
+class LinearKernel(ABC):
+    """A backend's product with weights in one quantized form (paged.quant.matrix): `prepare` packs a matrix
+    into the kernel's own layout once, after loading; `apply` computes x W^T (+ bias) from it."""
+
+    name: ClassVar[str]  # for the start-up log, e.g. "Triton int4 GEMV/GEMM"
+
+    @abstractmethod
+    def prepare(self, matrix: Any) -> Any: ...
+
+    @abstractmethod
+    def apply(self, state: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    @abstractmethod
+    def nbytes(self, state: Any) -> int:
+        """Device bytes the prepared weight holds."""
 
 
 class Communicator(ABC):
@@ -191,7 +212,10 @@ class Backend(ABC):
     visible_devices_env: ClassVar[str | None] = None  # e.g. CUDA_VISIBLE_DEVICES
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
     supported_block_sizes: ClassVar[tuple[int, ...]] = (16,)
+    # Quantization methods (paged.quant.registry names) this backend runs; each needs linear_kernel for its form.
     supported_quantizations: ClassVar[tuple[str, ...]] = ("gguf",)
+    # KV cache dtypes beside "auto" (the model's): "fp8" stores e4m3 with per-layer scales (fp8_dtype's type).
+    supported_kv_cache_dtypes: ClassVar[tuple[str, ...]] = ("auto",)
     # Whether the KV cache is sized from a fixed byte budget (host memory) or from a fraction of the
     # device memory left after profiling one forward pass.
     kv_cache_from_device_memory: ClassVar[bool] = True
@@ -280,9 +304,17 @@ class Backend(ABC):
         """One layer's KV cache, zeroed: attention reads padded slots (masked), and garbage there could be NaN."""
         return torch.zeros(shape, dtype=dtype, device=self.device())
 
-    def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """The dtype K/V are stored in; the model's own unless the backend's attention prefers another."""
-        return model_dtype
+    def kv_cache_dtype(self, model_dtype: torch.dtype, requested: str = "auto") -> torch.dtype:
+        """The dtype K/V are stored in: for "auto" the model's own unless the backend's attention prefers another;
+        for "fp8" the backend's fp8 type."""
+        if requested == "auto":
+            return model_dtype
+        # Storage only: a backend without FP8 arithmetic still keeps e4m3 and widens it to compute.
+        fp8 = self.fp8_dtype() or torch.float8_e4m3fn
+        if requested != "fp8" or requested not in self.supported_kv_cache_dtypes:
+            raise ValueError(f"backend {self.name} has no {requested} KV cache (it has: "
+                             f"{', '.join(self.supported_kv_cache_dtypes)})")
+        return fp8
 
     @abstractmethod
     def attention(self, max_model_len: int) -> Attention:
@@ -306,6 +338,11 @@ class Backend(ABC):
         Models fall back to their plain-torch forward_native for any name missing here.
         """
         return {}
+
+    def linear_kernel(self, form: str) -> LinearKernel | None:
+        """The kernel for quantized weights of `form` ("int", "fp8", "int8": paged.quant.base.FORMS), or None
+        where this backend has none."""
+        return None
 
     def max_num_batched_tokens(self, num_parameters: int, max_num_seqs: int) -> int:
         """Tokens per step when the user sets none: a step must stay short enough that the requests it

@@ -193,6 +193,82 @@ def verify_attention(
     return verify_close(name, out[real], ref[real], tolerance(batch.query.dtype))
 
 
+# --- an fp8 KV cache --------------------------------------------------------------------------------------
+
+# The extra error allowed against the original K/V (relative, as `tolerance`): e4m3 rounds each element to
+# 3 mantissa bits, moving it by at most 2**-4 of itself, and to first order the keys (through the scores)
+# and the values (through the weighted sum) each move the output by about that much.
+FP8_TOLERANCE = 2 * 2**-4
+
+
+def kv_scales(kv_scale: torch.Tensor | None, device: torch.device | str) -> torch.Tensor:
+    """(k_scale, v_scale) on the device; None means 1, as in Attention.forward."""
+    return torch.ones(2, device=device) if kv_scale is None else kv_scale
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torch's own cast of clamp(x / scale): what an fp8 cache must hold, byte for byte (NaN stays NaN).
+
+    `scale` is a 0-dim tensor on x's device: torch on CUDA divides by a host scalar through its reciprocal,
+    which can round differently from a division.
+    """
+    limit = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-limit, limit).to(dtype)
+
+
+def fp8_batch(batch: PagedBatch, kv_scale: torch.Tensor | None, dtype: torch.dtype = torch.float8_e4m3fn
+              ) -> PagedBatch:
+    """The batch over an fp8 cache: its cached prefixes (and poison) quantized as the step writes new K/V."""
+    scales = kv_scales(kv_scale, batch.kv_cache.device)
+    cache = torch.stack([quantize_fp8(batch.kv_cache[part], scales[part], dtype) for part in range(2)])
+    return dataclasses.replace(batch, kv_cache=cache)
+
+
+def expected_fp8_cache(batch: PagedBatch, kv_scale: torch.Tensor | None) -> torch.Tensor:
+    """The fp8 cache after the step's write: the new K/V quantized at their slots, every other byte as before."""
+    scales = kv_scales(kv_scale, batch.kv_cache.device)
+    cache = batch.kv_cache.clone()
+    writes = batch.meta.slot_mapping >= 0
+    slots = batch.meta.slot_mapping[writes]
+    _, _, _, num_kv_heads, head_dim = cache.shape
+    for part, new in enumerate((batch.key, batch.value)):
+        quantized = quantize_fp8(new[writes], scales[part], cache.dtype)
+        cache[part].view(torch.uint8).view(-1, num_kv_heads, head_dim)[slots] = quantized.view(torch.uint8)
+    return cache
+
+
+def dequantized(batch: PagedBatch, kv_cache_after: torch.Tensor, kv_scale: torch.Tensor | None) -> PagedBatch:
+    """The batch with every context replaced by what the written cache holds times the scales, read through
+    the block tables: the input of the reference that a kernel must match up to its own rounding."""
+    scales = kv_scales(kv_scale, batch.kv_cache.device).double()
+    page_size, (_, _, _, num_kv_heads, head_dim) = batch.meta.block_size, kv_cache_after.shape
+    contexts: list[list[torch.Tensor]] = [[], []]
+    for seq, (_, seq_len) in enumerate(batch.specs):
+        pos = torch.arange(seq_len, device=kv_cache_after.device)
+        slots = batch.meta.block_tables[seq, pos // page_size].long() * page_size + pos % page_size
+        for part in range(2):
+            contexts[part].append(kv_cache_after[part].view(-1, num_kv_heads, head_dim)[slots].double() * scales[part])
+    return dataclasses.replace(batch, context_k=contexts[0], context_v=contexts[1])
+
+
+def verify_fp8_attention(
+    name: str, batch: PagedBatch, out: torch.Tensor, kv_cache_after: torch.Tensor, scale: float,
+    kv_scale: torch.Tensor | None,
+) -> tuple[float, float]:  # fmt: skip
+    """Check a step over an fp8 cache: the cache bytes, padding rows finite, the output within `tolerance`
+    of attention over the dequantized cache and within FP8_TOLERANCE more of attention over the original
+    K/V. Returns both relative errors."""
+    assert_same_bits(f"{name} kv cache", kv_cache_after.view(torch.uint8),
+                     expected_fp8_cache(batch, kv_scale).view(torch.uint8))  # fmt: skip
+    assert torch.isfinite(out[batch.rows(padding=True)]).all(), f"{name}: non-finite padding rows"
+    real, tol = batch.rows(padding=False), tolerance(batch.query.dtype)
+    exact_ref = dense_reference(dequantized(batch, kv_cache_after, kv_scale), scale)
+    exact = verify_close(f"{name} vs the dequantized cache", out[real], exact_ref[real], tol)
+    original = verify_close(f"{name} vs the original K/V", out[real], dense_reference(batch, scale)[real],
+                            FP8_TOLERANCE + tol)  # fmt: skip
+    return exact, original
+
+
 # --- layer ops ---------------------------------------------------------------------------------------------
 
 
@@ -319,6 +395,29 @@ def _attention_case(
     }
 
 
+def _fp8_attention_case(
+    name: str, batch: PagedBatch, scale: float, max_model_len: int, kv_scale: torch.Tensor,
+    results: dict[str, dict[str, float]],
+) -> None:  # fmt: skip
+    """One step over an fp8 (e4m3) cache at full size, checked as verify_fp8_attention does, then timed."""
+    batch = fp8_batch(batch, kv_scale)
+    attn = TritonPagedAttention(max_model_len)
+    meta = batch.meta
+    meta.prepared = attn.prepare(meta)
+    cache = batch.kv_cache.clone()
+    out = attn.forward(batch.query, batch.key, batch.value, cache, meta, scale, kv_scale)
+    err, original_err = verify_fp8_attention(name, batch, out, cache, scale, kv_scale)
+    triton_ms = _bench(lambda: attn.forward(batch.query, batch.key, batch.value, cache, meta, scale, kv_scale))
+    kv_row = batch.key.shape[1] * batch.key.shape[2]  # bytes of one position's K (or V) in fp8
+    kv_bytes = sum(2 * s * kv_row for _, s in batch.specs) + 2 * batch.query.numel() * batch.query.element_size()
+    results[name] = {
+        "rel_err": err,
+        "rel_err_vs_unquantized": original_err,
+        "triton_ms": triton_ms,
+        "triton_min_bytes_gbps": kv_bytes / triton_ms / 1e6,
+    }
+
+
 def _decode_split_sweep(name: str, batch: PagedBatch, scale: float, results: dict[str, dict[str, float]]) -> None:
     """Decode time by split count (the count is fixed per engine from max_model_len)."""
     from paged.backends.cuda.kernels.attention import decode_attention
@@ -330,19 +429,23 @@ def _decode_split_sweep(name: str, batch: PagedBatch, scale: float, results: dic
         results[f"{name}_splits_{splits}"] = {"triton_ms": ms, "kv_read_gbps": kv_bytes / ms / 1e6}
 
 
-def _check_decode_graph(batch: PagedBatch, scale: float, max_model_len: int) -> float:
-    """Capture one decode step in a CUDA graph, change the step's tensors in place, replay, compare."""
+def _check_decode_graph(batch: PagedBatch, scale: float, max_model_len: int,
+                        kv_scale: torch.Tensor | None = None) -> float:
+    """Capture one decode step in a CUDA graph, change the step's tensors (kv_scale among them) in place,
+    replay, compare."""
     attn = TritonPagedAttention(max_model_len)
     meta, cache = batch.meta, batch.kv_cache.clone()
-    attn.forward(batch.query, batch.key, batch.value, cache, meta, scale)  # compile outside the capture
+    attn.forward(batch.query, batch.key, batch.value, cache, meta, scale, kv_scale)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = attn.forward(batch.query, batch.key, batch.value, cache, meta, scale)
+        out = attn.forward(batch.query, batch.key, batch.value, cache, meta, scale, kv_scale)
     meta.seq_lens.sub_(torch.randint_like(meta.seq_lens, 0, 8)).clamp_(min=1)
     batch.query.normal_()
+    if kv_scale is not None:
+        kv_scale.mul_(1.5)
     graph.replay()
-    eager = attn.forward(batch.query, batch.key, batch.value, cache, meta, scale)
+    eager = attn.forward(batch.query, batch.key, batch.value, cache, meta, scale, kv_scale)
     return relative_error(out, eager)
 
 
@@ -366,6 +469,17 @@ def main(outdir: str | Path) -> dict[str, dict[str, float]]:
     long_decode = make_paged_batch([(1, 4096)] * 16, **shape)
     _attention_case("decode_16x4096", long_decode, scale, max_model_len, results)
     _decode_split_sweep("decode_16x4096", long_decode, scale, results)
+
+    # An fp8 (e4m3) cache with scales that are not 1, the cache written and read by the same kernels.
+    kv_scale = torch.tensor([0.05, 3.0], device=device)
+    prefill_fp8 = make_paged_batch([(512, 512)] * 256, **shape)
+    _fp8_attention_case("prefill_256x512_fp8", prefill_fp8, scale, max_model_len, kv_scale, results)
+    _fp8_attention_case("decode_256x768_fp8", decode, scale, max_model_len, kv_scale, results)
+    _fp8_attention_case("decode_16x4096_fp8", long_decode, scale, max_model_len, kv_scale, results)
+    fp8_decode = fp8_batch(make_paged_batch([(1, 768)] * 256, **shape), kv_scale)
+    results["decode_cuda_graph_fp8"] = {
+        "rel_err_vs_eager": _check_decode_graph(fp8_decode, scale, max_model_len, kv_scale.clone())
+    }
     results["decode_cuda_graph"] = {"rel_err_vs_eager": _check_decode_graph(decode, scale, max_model_len)}
 
     # Dense causal flash attention (no paging) over the same prefill shapes: the speed to aim for.

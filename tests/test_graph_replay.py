@@ -21,7 +21,7 @@ class ValueFreeAttention(TorchPagedAttention):
     def prepare(self, meta):
         return None
 
-    def forward(self, query, key, value, kv_cache, meta, scale):
+    def forward(self, query, key, value, kv_cache, meta, scale, kv_scale=None):
         meta.prepared = build_padded_batch(meta)
         return super().forward(query, key, value, kv_cache, meta, scale)
 

@@ -65,8 +65,8 @@ def test_broken_attention_is_caught(tiny, monkeypatch):
     from paged.backends.cpu.backend import CPUBackend
 
     class NewestOnly(TorchPagedAttention):
-        def forward(self, query, key, value, kv_cache, meta, scale):
-            super().forward(query, key, value, kv_cache, meta, scale)  # the cache is written as usual
+        def forward(self, query, key, value, kv_cache, meta, scale, kv_scale=None):
+            super().forward(query, key, value, kv_cache, meta, scale, kv_scale)  # the cache is written as usual
             return value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)  # softmax over one key
 
     monkeypatch.setattr(CPUBackend, "attention", lambda self, max_model_len: NewestOnly(self._avx2_kernels[0]))

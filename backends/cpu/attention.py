@@ -15,6 +15,12 @@ the paged cache itself. Each sequence's prefill chunk runs the flash kernel caus
 and unmasked over its cached prefix, so nothing above the diagonal is computed and no sequence is padded
 to another's length; in a step that also decodes, the decode tokens go their own way. Index tensors and
 masks are computed once per step (prepare() and the first layer).
+
+A cache of an fp8 dtype holds clamp(key / k_scale) and clamp(value / v_scale) in that dtype; the gathered
+context is converted to float32 and multiplied back by its scales before any matmul, so every path
+attends over exactly the values the cache represents (the compiled kernel, float32 caches only, never
+sees it). As the reference of every kernel, this is the plain definition: a kernel may fold the scales
+into the softmax scale and the output instead, which is the same arithmetic up to float rounding.
 """
 
 from __future__ import annotations
@@ -147,14 +153,37 @@ def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
                        meta.max_seq_len if single_decode else None)
 
 
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether a cache of this dtype is scaled (torch's one-byte float types, whichever fp8 the device has)."""
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """x / scale in float32, saturated to dtype's finite range, then cast (rounding to nearest even): what an
+    fp8 cache stores. Without the clamp a value past the range would have no fp8 to round to."""
+    limit = torch.finfo(dtype).max
+    return (x.float() / scale).clamp_(-limit, limit).to(dtype)
+
+
+def dequantize(context: torch.Tensor, kv_scale: torch.Tensor | None) -> torch.Tensor:
+    """An fp8 context [2 (K, V), ...] as float32 times (k_scale, v_scale). Every fp8 value is a float32, so
+    the product's rounding is the only one between the cache and the matmuls."""
+    values = context.float()
+    if kv_scale is not None:
+        values.mul_(kv_scale.view(2, *[1] * (context.dim() - 1)))
+    return values
+
+
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: PaddedBatch) -> None:
-    """Store this step's K/V in the cache at the slots of the step's real tokens."""
+    """Store this step's K/V (already in the cache's dtype when that is fp8) at the slots of the real tokens."""
     new = torch.stack((key, value))  # [2, tokens, kv_heads, head_dim]
     if batch.write_rows is not None:
         new = new[:, batch.write_rows]
     head_dim = kv_cache.shape[-1]
-    kv_cache.view(-1, head_dim).index_copy_(0, batch.index_for(kv_cache).new_rows,
-                                            new.reshape(-1, head_dim).to(kv_cache.dtype))
+    rows, cache = new.reshape(-1, head_dim).to(kv_cache.dtype), kv_cache.view(-1, head_dim)
+    if is_fp8(kv_cache.dtype):  # index_copy_ has no fp8 kernel on the CPU; the bytes are what it would copy
+        rows, cache = rows.view(torch.uint8), cache.view(torch.uint8)
+    cache.index_copy_(0, batch.index_for(kv_cache).new_rows, rows)
 
 
 def gather_context(kv_cache: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
@@ -213,8 +242,9 @@ def prefill_attention(query: torch.Tensor, context: torch.Tensor, prefix: int, l
 
 
 class TorchPagedAttention(Attention):
-    """With `kernels` (AVX2Kernels), float32 decode steps run the compiled kernel, which reads the
-    paged cache directly; every other step takes the torch path below."""
+    """With `kernels` (AVX2Kernels), float32 decode steps over a float32 cache run the compiled kernel,
+    which reads the paged cache directly; every other step (an fp8 cache's among them) takes the torch
+    path below."""
 
     def __init__(self, kernels=None) -> None:
         self.kernels = kernels
@@ -224,17 +254,32 @@ class TorchPagedAttention(Attention):
             return None  # the kernel needs none of it; a step of another dtype builds it in its first layer
         return build_padded_batch(meta)
 
-    def forward(self, query, key, value, kv_cache, meta, scale):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if meta.is_decode_only and self._compiled(query, kv_cache):
             return self.kernels.decode_attention(query, key, value, kv_cache, meta, scale)
         if meta.prepared is None:
             meta.prepared = build_padded_batch(meta)
         batch: PaddedBatch = meta.prepared
-        if self.kernels is not None:
+        fp8 = is_fp8(kv_cache.dtype)
+        if fp8:
+            k_scale, v_scale = (1.0, 1.0) if kv_scale is None else kv_scale
+            key, value = quantize(key, k_scale, kv_cache.dtype), quantize(value, v_scale, kv_cache.dtype)
+        if self.kernels is not None:  # its C loop copies bytes, so a quantized fp8 row goes as it is
             self.kernels.write_kv(kv_cache, key, value, meta.slot_mapping[: key.shape[0]])
         else:
             write_kv(kv_cache, key, value, batch)
         context = gather_context(kv_cache, batch)
+        if fp8:
+            context = dequantize(context, kv_scale)
         if not batch.prefills:
             return self._decode(query, context, batch.mask, batch.bias, batch.whole_context, scale)
         out = torch.empty_like(query)

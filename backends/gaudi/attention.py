@@ -86,7 +86,17 @@ class GaudiPagedAttention(Attention):
     def prepare(self, meta: AttentionMetadata) -> StaticBatch:
         return build_static_batch(meta)
 
-    def forward(self, query, key, value, kv_cache, meta, scale):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """kv_scale scales only an fp8 cache, which this backend does not keep: it is accepted and unused."""
         batch: StaticBatch = meta.prepared
         write_kv(kv_cache, key, value, meta.slot_mapping)
         _, num_heads, head_dim = query.shape

@@ -145,7 +145,9 @@ class JaxPagedAttention(Attention):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """kv_scale scales only an fp8 cache, which this backend does not keep: it is accepted and unused."""
         from torchax.interop import jax_view, torch_view
 
         arrays: list[Any] = jax_view([query, key, value, kv_cache, meta.slot_mapping, meta.query_start_loc,

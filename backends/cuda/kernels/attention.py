@@ -17,13 +17,22 @@ whole group instead of once per query head.
   share is computed on the device from seq_lens, so the launch never depends on the step's data and can
   be captured in a CUDA graph. Shares are at least SPLIT_TOKENS long: a short context uses only its first
   few splits, the others return at once, and a large batch of short contexts pays little for the split.
+
+An fp8 cache (any of torch's one-byte float types; the dtype of the cache tensor decides) stores
+key / k_scale and value / v_scale, saturated to the type's range and rounded to nearest even. Reading
+never multiplies a tile by its scale: an fp8 value converts exactly to the query's 16- or 32-bit type,
+q . (k_scale * k) = k_scale * (q . k) and sum p * (v_scale * v) = v_scale * sum p * v, so k_scale joins the
+softmax scale and v_scale multiplies the output once. The inner loop then pays for the conversion only,
+and the dots see the cached values themselves rather than their scaled copies rounded to bf16. The
+scales are read from a device tensor inside the kernels, so a captured CUDA graph follows them; a
+constexpr flag (KV_FP8) keeps the code of 16- and 32-bit caches exactly as it was.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-
 from typing import Callable
 
 import torch
@@ -44,12 +53,33 @@ _SMALL_BATCH_SPLIT_TOKENS = 64
 
 
 @triton.jit
+def _round_to_fp8_grid(x, FP8_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """float32 x saturated to +-FP8_MAX and rounded to nearest even on the fp8 type's grid, still as float32.
+
+    The cast that follows is then exact, whichever conversion the target has: the Triton interpreter's
+    float32 -> fp8 conversion neither rounds to even nor handles subnormals, and a hardware convert
+    rounds to nearest even anyway. The grid step at |x| is 2**(exponent - MANTISSA_BITS), the exponent
+    read from x's bits and held at MIN_EXPONENT below the smallest normal (fp8 subnormals share that
+    step); scaling by a power of two is exact, and adding and taking away 1.5 * 2**23 rounds the scaled
+    magnitude (below 2**(MANTISSA_BITS + 1)) to an integer, to even, in float32 arithmetic.
+    """
+    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, MIN_EXPONENT)
+    step = ((exponent - MANTISSA_BITS + 127) << 23).to(tl.float32, bitcast=True)
+    inverse_step = ((MANTISSA_BITS - exponent + 127) << 23).to(tl.float32, bitcast=True)
+    rounded = ((tl.abs(x) * inverse_step + 12582912.0) - 12582912.0) * step
+    return tl.where(bits < 0, -rounded, rounded)  # the sign bit, so that -0.0 stays -0.0 as torch casts it
+
+
+@triton.jit
 def _write_kv_kernel(
     key_ptr,
     value_ptr,
     k_cache_ptr,
     v_cache_ptr,
     slot_mapping_ptr,
+    kv_scale_ptr,
     num_kv_heads,
     stride_kt,
     stride_kh,
@@ -61,8 +91,16 @@ def _write_kv_kernel(
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    MIN_EXPONENT: tl.constexpr,
 ):
-    """One program per token: copy its K and V for every KV head to its slot (slot -1: padding, skip)."""
+    """One program per token: copy its K and V for every KV head to its slot (slot -1: padding, skip).
+
+    With KV_FP8, K and V are divided by their scales (IEEE division, as torch divides) and rounded onto
+    the cache type's grid first.
+    """
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -79,6 +117,11 @@ def _write_kv_kernel(
     token = token.to(tl.int64)
     k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
     v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
+    if KV_FP8:
+        k = tl.math.div_rn(k.to(tl.float32), tl.load(kv_scale_ptr))
+        v = tl.math.div_rn(v.to(tl.float32), tl.load(kv_scale_ptr + 1))
+        k = _round_to_fp8_grid(k, FP8_MAX, MANTISSA_BITS, MIN_EXPONENT)
+        v = _round_to_fp8_grid(v, FP8_MAX, MANTISSA_BITS, MIN_EXPONENT)
     tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -111,6 +154,7 @@ def _attend_keys(
     row of the block table. With CAUSAL, row r only sees positions <= row_pos[r]; without it the caller
     guarantees that every row sees every position of the range. Positions at or past `end` are never
     read, so a partly filled last block (or a stale block id past the context) is never touched.
+    An fp8 cache's tiles convert exactly to q's dtype; their scales are the caller's (see the module).
     """
     dims = tl.arange(0, HEAD_DIM)
     for tile_start in range(start, end, BLOCK_N):
@@ -185,6 +229,7 @@ def _prefill_kernel(
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
+    kv_scale_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -202,6 +247,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Grid (seq, query tile, kv head): BLOCK_T new tokens x GROUP query heads of one sequence.
 
@@ -215,6 +261,8 @@ def _prefill_kernel(
     if first >= query_len:
         return
     context = tl.load(seq_lens_ptr + seq) - query_len  # cached prefix before the first new token
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(kv_scale_ptr)
 
     r = tl.arange(0, BLOCK_M)
     token = first + r // GROUP
@@ -235,6 +283,8 @@ def _prefill_kernel(
     )  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only for rows with no context (padding)
+    if KV_FP8:
+        out = out * tl.load(kv_scale_ptr + 1)
     o_rows = (q_start + token).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(out_ptr + o_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -258,6 +308,7 @@ def _decode_split_kernel(
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
+    kv_scale_ptr,
     qk_scale,
     num_heads,
     stride_qt,
@@ -275,6 +326,7 @@ def _decode_split_kernel(
     SPLIT_TOKENS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Grid (seq, kv head, split): the GROUP query heads of one decode token over one share of its context.
 
@@ -299,12 +351,16 @@ def _decode_split_kernel(
     row_pos = tl.zeros([BLOCK_H], tl.int32) + seq_len - 1
     q_rows = token.to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(kv_scale_ptr)
 
     m_i, l_i, acc = _attend_context(
         q, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, start, unmasked_end, end, row_pos, qk_scale,
         stride_bt, stride_cache_block, stride_cache_slot, stride_cache_head,
         BLOCK_H, PAGE_SIZE, HEAD_DIM, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
     )  # fmt: skip
+    if KV_FP8:
+        acc = acc * tl.load(kv_scale_ptr + 1)  # the reduce is linear in the partial outputs
 
     stat_offsets = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
     tl.store(partial_m_ptr + stat_offsets, m_i, mask=row_ok)
@@ -409,6 +465,44 @@ def _dot_args(dtype: torch.dtype) -> dict[str, object]:
     }
 
 
+def _is_fp8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+@functools.cache
+def _unit_scales(device: torch.device) -> torch.Tensor:
+    """k_scale = v_scale = 1 for an fp8 cache given no scales: made once per device, so that no launch
+    (a captured one least of all) allocates it."""
+    return torch.ones(2, dtype=torch.float32, device=device)
+
+
+def _kv_scale_arg(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+    """The kernels' scale pointer and KV_FP8 flag. A 16/32-bit cache passes None, which Triton takes as a
+    constexpr that the kernel never reads, so its compiled code is the one it had before scales existed."""
+    if not _is_fp8(kv_cache.dtype):
+        return None, False
+    if kv_scale is None:
+        return _unit_scales(kv_cache.device), True
+    if kv_scale.dtype != torch.float32 or kv_scale.shape != (2,) or kv_scale.stride(0) != 1:
+        raise ValueError(f"kv_scale must be a contiguous float32 [2], got {kv_scale.dtype} {tuple(kv_scale.shape)}")
+    if kv_scale.device != kv_cache.device:
+        raise ValueError(f"kv_scale is on {kv_scale.device}, the KV cache on {kv_cache.device}")
+    return kv_scale, True
+
+
+def _fp8_grid(dtype: torch.dtype) -> dict[str, object]:
+    """The write kernel's description of an fp8 type (see _round_to_fp8_grid); fixed values for other
+    dtypes, which never read them, so that they add no compiled variants."""
+    if not _is_fp8(dtype):
+        return {"FP8_MAX": 0.0, "MANTISSA_BITS": 0, "MIN_EXPONENT": 0}
+    info = torch.finfo(dtype)
+    return {
+        "FP8_MAX": info.max,
+        "MANTISSA_BITS": round(-math.log2(info.eps)),
+        "MIN_EXPONENT": round(math.log2(info.tiny)),  # of the smallest normal
+    }
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -432,18 +526,25 @@ def _check_out(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store key/value [tokens, kv_heads, head_dim] at slot_mapping[:tokens]; slot -1 writes nothing."""
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             kv_scale: torch.Tensor | None = None) -> None:
+    """Store key/value [tokens, kv_heads, head_dim] at slot_mapping[:tokens]; slot -1 writes nothing.
+
+    An fp8 cache gets clamp(key / kv_scale[0]) and clamp(value / kv_scale[1]) (scales of 1 when None),
+    rounded to nearest even: bit for bit what torch's cast of the same float32 quotient gives.
+    """
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    scale_ptr, fp8 = _kv_scale_arg(kv_cache, kv_scale)
     _write_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping, num_kv_heads,
+        key, value, k_cache, v_cache, slot_mapping, scale_ptr, num_kv_heads,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         PAGE_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_HEADS=triton.next_power_of_2(num_kv_heads),
+        KV_FP8=fp8, **_fp8_grid(kv_cache.dtype),
     )  # fmt: skip
 
 
@@ -454,11 +555,13 @@ def prefill_attention(
     scale: float,
     config: TileConfig | None = None,
     out: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of every new token over its cached prefix and the new tokens (K/V already written).
 
     Writes every row of `out` (allocated when None) that belongs to a sequence; every token must belong to
-    one, as in the reference. A sequence of no context and one padding token gets a zero row.
+    one, as in the reference. A sequence of no context and one padding token gets a zero row. An fp8
+    cache is read as its values times kv_scale (1 when None).
     """
     query = _last_dim_contiguous(query)
     _, num_heads, head_dim = query.shape
@@ -468,13 +571,14 @@ def prefill_attention(
     block_t = block_m // group
     out = torch.empty_like(query) if out is None else _check_out(out, query)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    scale_ptr, fp8 = _kv_scale_arg(kv_cache, kv_scale)
     grid = (meta.num_seqs, max(1, triton.cdiv(meta.max_query_len, block_t)), num_heads // group)
     _prefill_kernel[grid](
-        out, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+        out, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale_ptr,
         scale * _LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         meta.block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_T=block_t,
-        BLOCK_N=config.block_n, **_dot_args(query.dtype),
+        BLOCK_N=config.block_n, KV_FP8=fp8, **_dot_args(query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
@@ -489,13 +593,15 @@ def decode_attention(
     config: TileConfig | None = None,
     out: torch.Tensor | None = None,
     split_tokens: int = _SPLIT_TOKENS,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """At most one new token per sequence, over num_splits shares of each context (a power of two), each
     a multiple of split_tokens long.
 
-    Launch shapes depend only on tensor shapes and num_splits, never on tensor contents, so the call can be
-    captured in a CUDA graph. Sequences of no context (padding) get zero rows; rows of tokens that belong
-    to no sequence are left as they are in `out`, zero when it is allocated here.
+    Launch shapes depend only on tensor shapes and num_splits, never on tensor contents (kv_scale
+    included: the kernel reads it from the device), so the call can be captured in a CUDA graph. Sequences
+    of no context (padding) get zero rows; rows of tokens that belong to no sequence are left as they are
+    in `out`, zero when it is allocated here. An fp8 cache is read as its values times kv_scale.
     """
     query = _last_dim_contiguous(query)
     _, num_heads, head_dim = query.shape
@@ -509,12 +615,13 @@ def decode_attention(
     partial_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, device=query.device, dtype=torch.float32)
     out = torch.zeros_like(query) if out is None else _check_out(out, query)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    scale_ptr, fp8 = _kv_scale_arg(kv_cache, kv_scale)
     _decode_split_kernel[(num_seqs, num_heads // group, num_splits)](
         stats[0], stats[1], partial_acc, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
-        meta.seq_lens, scale * _LOG2E, num_heads, query.stride(0), query.stride(1), meta.block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_H=block_h,
-        BLOCK_N=config.block_n, NUM_SPLITS=num_splits, SPLIT_TOKENS=split_tokens, **_dot_args(query.dtype),
+        meta.seq_lens, scale_ptr, scale * _LOG2E, num_heads, query.stride(0), query.stride(1),
+        meta.block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=config.block_n,
+        NUM_SPLITS=num_splits, SPLIT_TOKENS=split_tokens, KV_FP8=fp8, **_dot_args(query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -526,7 +633,7 @@ def decode_attention(
 
 class TritonPagedAttention(Attention):
     """Paged attention on NVIDIA GPUs: write K/V, then the decode kernel when every sequence has at most
-    one new token, the prefill kernel otherwise."""
+    one new token, the prefill kernel otherwise. A cache of an fp8 dtype is kept scaled by kv_scale."""
 
     def __init__(
         self,
@@ -548,8 +655,9 @@ class TritonPagedAttention(Attention):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        write_kv(key, value, kv_cache, meta.slot_mapping)
+        write_kv(key, value, kv_cache, meta.slot_mapping, kv_scale)
         if meta.max_query_len <= 1:
             if self.num_sms is None:
                 on_gpu = query.device.type == "cuda"
@@ -559,5 +667,5 @@ class TritonPagedAttention(Attention):
             split_tokens = _SMALL_BATCH_SPLIT_TOKENS if programs < self.num_sms else _SPLIT_TOKENS
             splits = decode_splits(self.max_model_len, programs, self.num_sms, split_tokens)
             return decode_attention(query, kv_cache, meta, scale, splits, self.decode_tiles(query.shape[-1]),
-                                    split_tokens=split_tokens)
-        return prefill_attention(query, kv_cache, meta, scale, self.prefill_tiles(query.shape[-1]))
+                                    split_tokens=split_tokens, kv_scale=kv_scale)
+        return prefill_attention(query, kv_cache, meta, scale, self.prefill_tiles(query.shape[-1]), kv_scale=kv_scale)
