@@ -5,7 +5,9 @@
 # conformance (tests/backends on this machine's backends, writing matrix-cuda.json for COMPATIBILITY.md),
 # peers (ceilings, transformers generate / generate_batch), w1, single, w2, w1-8b, single-8b, w2-8b,
 # profile, serve (paged serve against the offline engine on the same model, for each API_SERVERS count),
-# serve-hf (`transformers serve` with continuous batching, and paged on the same chat workload).
+# serve-hf (`transformers serve` with continuous batching, and paged on the same chat workload),
+# quant-kernels, fp8-w1-8b, fp8-single-8b, awq-single-8b, awq-w1-8b, gptq-single-8b, long-8b, long-8b-fp8kv,
+# awq-single-70b, awq-w1-70b (quantized weights and the FP8 KV cache).
 # Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
 # summary.md (the table for RESULTS.md), and a log per part group.
 set -uo pipefail
@@ -60,6 +62,24 @@ want w2 && bench w2-1b --shape 1b --num-prompts 256 --ranged 100,1024
 want w1-8b && bench w1-8b --shape 8b --num-prompts 256 --input-len 512 --output-len 256
 want single-8b && bench single-8b --shape 8b --num-prompts 1 --input-len 512 --output-len 512
 want w2-8b && bench w2-8b --shape 8b --num-prompts 256 --ranged 100,1024
+# Quantization (issue 12): the 8B shape in FP8 (quantized at load) and int4 (AWQ / GPTQ layout, group 128),
+# the FP8 KV cache on the long workload against a bf16 one, and the 70B shape in int4 on one GPU.
+if want quant-kernels; then
+  python3 benchmarks/quant_kernels.py --out "$OUT" >"$OUT/quant-kernels.log" 2>&1; echo "quant kernels exit $?"
+fi
+want fp8-w1-8b && bench fp8-w1-8b --shape 8b --quantization fp8 --num-prompts 256 --input-len 512 --output-len 256
+want fp8-single-8b && bench fp8-single-8b --shape 8b --quantization fp8 --num-prompts 1 --input-len 512 --output-len 512
+want awq-single-8b && bench awq-single-8b --shape 8b --quantization awq --num-prompts 1 --input-len 512 --output-len 512
+want awq-w1-8b && bench awq-w1-8b --shape 8b --quantization awq --num-prompts 256 --input-len 512 --output-len 256
+want gptq-single-8b && bench gptq-single-8b --shape 8b --quantization gptq --num-prompts 1 --input-len 512 \
+  --output-len 512
+want long-8b && bench long-8b --shape 8b --num-prompts 64 --input-len 7680 --output-len 512 --max-model-len 8192
+want long-8b-fp8kv && bench long-8b-fp8kv --shape 8b --kv-cache-dtype fp8 --num-prompts 64 --input-len 7680 \
+  --output-len 512 --max-model-len 8192
+want awq-single-70b && bench awq-single-70b --shape 70b --quantization awq --num-prompts 1 --input-len 512 \
+  --output-len 512 --max-model-len 4096
+want awq-w1-70b && bench awq-w1-70b --shape 70b --quantization awq --num-prompts 256 --input-len 512 \
+  --output-len 256 --max-model-len 4096
 serve_model=/tmp/paged-serve-1b
 if want serve || want serve-hf; then
   [ -d $serve_model ] || python3 benchmarks/serving_model.py --tokenizer .bench/smollm2-tokenizer --out $serve_model \

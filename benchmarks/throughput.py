@@ -35,16 +35,27 @@ SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B, as the peers' scripts build them
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=8192),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192),
+}
+# Checkpoint quantization configs a shape can carry, as AutoAWQ and AutoGPTQ write them (random weights in
+# their layout come from --load-format dummy); "fp8" needs none: --quantization fp8 quantizes at load.
+CHECKPOINT_QUANTIZATION = {
+    "awq": dict(quant_method="awq", bits=4, group_size=128, zero_point=True, version="gemm"),
+    "gptq": dict(quant_method="gptq", bits=4, group_size=128, desc_act=False, sym=True, checkpoint_format="gptq"),
 }
 
 
-def shape_folder(shape: str) -> str:
+def shape_folder(shape: str, quantization: str | None = None) -> str:
     """A folder with only the config.json of a Llama shape (weights come from --load-format dummy)."""
     from transformers import LlamaConfig
 
-    folder = os.path.join(tempfile.gettempdir(), f"paged-shape-{shape}")
+    stored = quantization if quantization in CHECKPOINT_QUANTIZATION else None
+    folder = os.path.join(tempfile.gettempdir(), f"paged-shape-{shape}" + (f"-{stored}" if stored else ""))
     config = LlamaConfig(**SHAPES[shape], rope_theta=500000.0, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
     config.architectures = ["LlamaForCausalLM"]
+    if stored:
+        config.quantization_config = CHECKPOINT_QUANTIZATION[stored]
     config.save_pretrained(folder)
     return folder
 
@@ -70,7 +81,8 @@ def run_paged(args, model: str | None) -> tuple[dict, Callable[[], dict], list[l
     llm = LLM(model=model, device=args.device, dtype=args.dtype, load_format=args.load_format,
               skip_tokenizer_init=args.load_format == "dummy", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     first = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), use_tqdm=False)
     startup = time.perf_counter() - _PROCESS_START
     init = time.perf_counter() - t
@@ -96,7 +108,9 @@ def run_paged(args, model: str | None) -> tuple[dict, Callable[[], dict], list[l
         profile_steps(llm, batch, out_lens, args.profile)
     info = dict(engine="paged", backend=llm.engine.backend.name, device_name=llm.engine.backend.device_name(),
                 dtype=str(llm.engine.precision), compute_dtype=str(llm.engine.dtype).removeprefix("torch."),
-                weights=llm.engine.model.weight_storage,
+                weights=llm.engine.model.weight_storage, weight_gib=round(llm.engine.model.weight_bytes / 2**30, 2),
+                quantization=llm.engine.model.quantization,
+                kv_cache_dtype=str(llm.engine.kv_dtype).removeprefix("torch."),
                 init_s=round(init, 2),
                 startup_to_first_token_s=round(startup, 2), num_blocks=llm.engine.num_blocks)
     return info, timed, prompts, out_lens
@@ -183,6 +197,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a Llama shape with random weights instead of --model")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--device")
+    ap.add_argument("--quantization", help="fp8 (at load), or awq / gptq (a --shape's checkpoint config)")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
@@ -201,7 +217,7 @@ def main() -> None:
                     help="time the workload this many times, the engines taking turns; medians are reported")
     args = ap.parse_args()
 
-    model = shape_folder(args.shape) if args.shape else args.model
+    model = shape_folder(args.shape, args.quantization) if args.shape else args.model
     if args.shape:
         args.load_format = "dummy"
     if model is None:

@@ -48,6 +48,8 @@ class EngineConfig(BaseModel):
     chat_template: str | None = None
     generation_config: str = "auto"  # "auto": sampling defaults from the model; "vllm": none
     load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights, for benchmarks of a shape
+    quantization: str | None = None  # None: the checkpoint's own; "fp8" quantizes a dense one at load
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8 (fp8_e4m3): e4m3 with per-layer scales
     skip_tokenizer_init: bool = False  # token ids in, token ids out
 
     @classmethod
@@ -64,6 +66,14 @@ class EngineConfig(BaseModel):
     @classmethod
     def _bytes(cls, value: int | float | str) -> int:
         return parse_bytes(value)
+
+    @field_validator("kv_cache_dtype")
+    @classmethod
+    def _kv_cache_dtype(cls, value: str) -> str:
+        value = {"fp8_e4m3": "fp8"}.get(value, value)
+        if value not in ("auto", "fp8"):
+            raise ValueError("kv_cache_dtype must be auto or fp8 (fp8_e4m3)")
+        return value
 
     @field_validator("dtype")
     @classmethod

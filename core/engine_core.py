@@ -45,18 +45,22 @@ class EngineCore:
         hf_config = source.hf_config
         self.precision = self._resolve_precision()
         self.dtype = self.precision.compute
-        self.kv_dtype = self.backend.kv_cache_dtype(self.dtype)
+        try:
+            self.kv_dtype = self.backend.kv_cache_dtype(self.dtype, config.kv_cache_dtype)
+        except ValueError as e:
+            raise UserError(f"--kv-cache-dtype {config.kv_cache_dtype}: {e}", param="kv_cache_dtype") from None
         self.max_model_len = resolve_max_model_len(source, config.max_model_len)
         problems = self.backend.validate(self._head_dim(hf_config), config.block_size, self.dtype)
         if problems:
             raise UserError(f"backend {self.backend.name} cannot run this model: {'; '.join(problems)}")
         self.backend.seed(config.seed)
         self.model = build_model(source, self.backend, self.precision, self.max_model_len,
-                                 load_format=config.load_format)
+                                 load_format=config.load_format, quantization=config.quantization)
         self.max_num_batched_tokens = config.max_num_batched_tokens or self.backend.max_num_batched_tokens(
             self.model.num_parameters, config.max_num_seqs)
-        logger.info("model: %.0fM parameters in %s; up to %d tokens per step%s", self.model.num_parameters / 1e6,
-                    self.precision, self.max_num_batched_tokens,
+        logger.info("model: %.0fM parameters in %s; quantization: %s; weights %.2f GiB; up to %d tokens per step%s",
+                    self.model.num_parameters / 1e6, self.precision, self.model.quantization,
+                    self.model.weight_bytes / 2**30, self.max_num_batched_tokens,
                     "" if config.max_num_batched_tokens else f" (the {self.backend.name} backend's default)")
         self.runner: Executor = create_executor(config, self.model, self.backend, self.max_num_batched_tokens,
                                                 self.max_model_len, hf_config.vocab_size)
@@ -78,8 +82,9 @@ class EngineCore:
         self.stats = EngineStats()
         tokens = self.num_blocks * config.block_size
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens in %.2f GiB, reserved now; up to %.1f requests of %d "
-            "tokens at once", self.num_blocks, config.block_size, tokens, self.kv_cache_bytes / 2**30,
+            "KV cache (%s): %d blocks of %d tokens = %d tokens in %.2f GiB, reserved now; up to %.1f requests of %d "
+            "tokens at once", str(self.kv_dtype).removeprefix("torch."), self.num_blocks, config.block_size, tokens,
+            self.kv_cache_bytes / 2**30,
             tokens / self.max_model_len, self.max_model_len,
         )
 
@@ -299,7 +304,12 @@ class EngineCore:
             request.num_computed_tokens += s.num_new_tokens
             chunk = result.prompt_logprobs.get(request.request_id)
             if chunk is not None:
-                request.prompt_logprobs = _prompt_logprobs(chunk)
+                scored, held = _prompt_logprobs(chunk), request.prompt_logprobs
+                if held is None:
+                    request.prompt_logprobs = scored
+                else:  # earlier chunks', unsent (final-only outputs wait); a recomputed prefix is scored again
+                    already = held.first_position + len(held.positions) - scored.first_position
+                    held.positions.extend(scored.positions[already:])
                 touched.append(request)
             if not completes:
                 continue

@@ -45,11 +45,21 @@ class BlockLoading:
 
 
 class LinearBase(nn.Module, WeightLoading, BlockLoading):
-    """A linear layer whose product the backend's LinearMethod computes."""
+    """A linear layer whose product the backend's LinearMethod (or a quantized one) computes; the method
+    creates its parameters (a dense weight, or nothing until a quantized format's parts arrive)."""
 
     def __init__(self, method) -> None:
         super().__init__()
         self.method = method
+
+    @property
+    def part_shapes(self) -> list[tuple[int, int]]:
+        """Each checkpoint matrix this layer packs, in full (all ranks): [outputs, inputs]."""
+        raise NotImplementedError
+
+    def shard_of(self, matrix):
+        """This rank's share of one full checkpoint matrix in a quantized form (quant.matrix), cut like a dense one."""
+        raise NotImplementedError
 
 
 class ColumnParallelLinear(LinearBase):
@@ -60,15 +70,24 @@ class ColumnParallelLinear(LinearBase):
     """
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool, comm: Communicator, ops: dict) -> None:
-        super().__init__(ops["linear"])
+        super().__init__(ops["decoder_linear"])
         for size in out_sizes:
             if size % comm.world_size:
                 raise ValueError(f"output size {size} is not divisible by the tensor-parallel size {comm.world_size}")
         self.comm = comm
+        self.in_features, self.out_sizes = in_features, out_sizes
         self.local_sizes = [size // comm.world_size for size in out_sizes]
         self.num_parts = len(out_sizes)
-        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features), requires_grad=False)
+        self.method.create_weights(self, sum(self.local_sizes), in_features)
         self.bias = nn.Parameter(torch.empty(sum(self.local_sizes)), requires_grad=False) if bias else None
+
+    @property
+    def part_shapes(self) -> list[tuple[int, int]]:
+        return [(size, self.in_features) for size in self.out_sizes]
+
+    def shard_of(self, matrix):
+        size = matrix.shape[0] // self.comm.world_size
+        return matrix.rows(self.comm.rank * size, size)
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
         index = shard or 0
@@ -84,13 +103,23 @@ class RowParallelLinear(LinearBase):
     """y = x W^T with W's input columns split over ranks; partial sums are all-reduced."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, comm: Communicator, ops: dict) -> None:
-        super().__init__(ops["linear"])
+        super().__init__(ops["decoder_linear"])
         if in_features % comm.world_size:
             raise ValueError(f"input size {in_features} is not divisible by the tensor-parallel size {comm.world_size}")
         self.comm = comm
+        self.in_features, self.out_features = in_features, out_features
         self.local_in = in_features // comm.world_size
-        self.weight = nn.Parameter(torch.empty(out_features, self.local_in), requires_grad=False)
+        self.method.create_weights(self, out_features, self.local_in)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    @property
+    def part_shapes(self) -> list[tuple[int, int]]:
+        return [(self.out_features, self.in_features)]
+
+    def shard_of(self, matrix):
+        if self.comm.world_size == 1:
+            return matrix
+        return matrix.columns(self.comm.rank * self.local_in, self.local_in)
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
         if param is self.bias:

@@ -15,6 +15,7 @@ from paged.backends.interface import Attention, AttentionMetadata, Communicator
 from paged.quant.gguf import GGUFBlocks
 from paged.models.layers import (
     BlockLoading,
+    LinearBase,
     ColumnParallelLinear,
     ParallelLMHead,
     RMSNorm,
@@ -52,6 +53,8 @@ class LlamaAttention(nn.Module):
                                         ops)
         self.rotary = rotary  # one table shared by every layer
         self.attn = attention
+        # (K, V) scales of an fp8 KV cache: the checkpoint's where it has them, else 1.
+        self.register_buffer("kv_scale", torch.ones(2, dtype=torch.float32), persistent=False)
 
     def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -64,6 +67,7 @@ class LlamaAttention(nn.Module):
             kv_cache,
             meta,
             self.scale,
+            self.kv_scale,
         )
         return self.o_proj(out.reshape(tokens, self.q_size))
 
@@ -132,6 +136,14 @@ class LlamaForCausalLM(nn.Module):
         ".up_proj.": (".gate_up_proj.", 1),
     }
 
+    # checkpoint name ending -> which of a layer's KV cache scales it is (fp8 and compressed-tensors spellings)
+    kv_scales = {
+        ".self_attn.k_scale": 0,
+        ".self_attn.v_scale": 1,
+        ".self_attn.k_proj.output_scale": 0,
+        ".self_attn.v_proj.output_scale": 1,
+    }
+
     def __init__(self, config, comm: Communicator, attention: Attention, ops: dict, max_positions: int):
         super().__init__()
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
@@ -160,15 +172,22 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.tied and name == "lm_head.weight"):
                 continue
+            if self._load_kv_scale(name, tensor, modules):
+                continue
             target, shard = name, None
             for fragment, (packed, index) in self.packed.items():
                 if fragment in name:
                     target, shard = name.replace(fragment, packed), index
                     break
+            module_name, suffix = target.rsplit(".", 1)
+            module = modules.get(module_name)
+            if isinstance(module, LinearBase) and module.method.takes_part(suffix):
+                module.method.keep_part(module, suffix, tensor, shard)
+                loaded.add(target)
+                continue
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
-            module = modules[target.rsplit(".", 1)[0]]
             if isinstance(tensor, GGUFBlocks):
                 if self.tied and module is self.model.embed_tokens and self.lm_head.takes_blocks(tensor):
                     self.lm_head.load_blocks(tensor, None)  # logits from the blocks; lookups from dense rows
@@ -187,6 +206,13 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         self.process_weights()
         return loaded
+
+    def _load_kv_scale(self, name: str, tensor: torch.Tensor, modules: dict[str, nn.Module]) -> bool:
+        for ending, index in self.kv_scales.items():
+            if name.endswith(ending):
+                modules[name.removesuffix(ending) + ".self_attn"].kv_scale[index] = tensor.float().reshape(())
+                return True
+        return False
 
     def process_weights(self) -> None:
         """Let the backend repack every linear layer's weights, once they are all in place."""

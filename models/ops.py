@@ -62,6 +62,14 @@ class LinearMethod:
 
     block_types: frozenset[str] = frozenset()
 
+    def create_weights(self, layer: torch.nn.Module, outputs: int, inputs: int) -> None:
+        """This rank's parameters of a layer of outputs x inputs: here the dense weight."""
+        layer.weight = torch.nn.Parameter(torch.empty(outputs, inputs), requires_grad=False)
+
+    def takes_part(self, suffix: str) -> bool:
+        """Whether a checkpoint tensor "<layer>.<suffix>" is this method's to keep (a quantized format's)."""
+        return False
+
     def process_weights(self, layer: torch.nn.Module) -> None:
         return None
 
@@ -71,6 +79,10 @@ class LinearMethod:
     def storage(self, layer: torch.nn.Module) -> str:
         """How the layer's weight is stored, for the start-up log."""
         return str(layer.weight.dtype).removeprefix("torch.")
+
+    def weight_bytes(self, layer: torch.nn.Module) -> int:
+        """Bytes the layer's weight occupies once processed, whatever layout the method chose."""
+        return layer.weight.nbytes if getattr(layer, "owns_weight", True) else 0
 
 
 NATIVE: dict[str, Any] = {
@@ -82,9 +94,14 @@ NATIVE: dict[str, Any] = {
 }
 
 
-def bind_ops(faster: dict[str, Any]) -> dict[str, Any]:
-    """The op table a model uses: the backend's version where it has one, the native one otherwise."""
+def bind_ops(faster: dict[str, Any], decoder_linear: LinearMethod | None = None) -> dict[str, Any]:
+    """The op table a model uses: the backend's version where it has one, the native one otherwise.
+
+    "decoder_linear" computes the decoder layers' projections: a quantized checkpoint's method where there is
+    one, else the same as "linear" (which the LM head always uses: quantized formats leave it dense)."""
     unknown = set(faster) - set(NATIVE)
     if unknown:
         raise ValueError(f"backend offers ops no model uses: {sorted(unknown)}")
-    return {name: faster.get(name, native) for name, native in NATIVE.items()}
+    ops = {name: faster.get(name, native) for name, native in NATIVE.items()}
+    ops["decoder_linear"] = decoder_linear or ops["linear"]
+    return ops

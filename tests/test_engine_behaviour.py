@@ -97,6 +97,23 @@ def test_preemption_gives_the_same_greedy_output(tiny_dir, cpu_level):
     assert got == expected
 
 
+def test_prompt_logprobs_of_chunked_prompts(tiny_dir):
+    """A prompt prefilled over several steps (and, in the tight cache, preempted and recomputed) still gets one
+    entry per position, equal to those of a prompt prefilled at once; offline outputs are final-only, so the
+    core holds each chunk's scores until the request is sent."""
+    prompts = random_prompts(6, 70, 130)
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1)
+    whole = LLM(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB")
+    chunked = LLM(model=tiny_dir, dtype="float32", device="cpu", max_num_batched_tokens=32,
+                  num_gpu_blocks_override=20, max_model_len=256)
+    for a, b, prompt in zip(whole.generate(prompts, params, use_tqdm=False),
+                            chunked.generate(prompts, params, use_tqdm=False), prompts):
+        assert len(b.prompt_logprobs) == len(prompt["prompt_token_ids"])
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert x.keys() == y.keys()
+            assert all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+
+
 def test_prefix_caching_reuses_blocks_and_output(tiny_dir, cpu_level):
     llm = LLM(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB")
     prefix = [random.randrange(3, VOCAB) for _ in range(100)]

@@ -40,3 +40,83 @@ def test_greedy_matches_transformers_on_gpu(arch, eager, gpu_device, tmp_path):
             expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
                                           min_new_tokens=24, do_sample=False, pad_token_id=0)
         assert out.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+
+
+def greedy_on(device: str, model, prompts: list[list[int]], **kwargs) -> list[list[int]]:
+    llm = LLM(model=str(model), dtype="float32", device=device, max_num_seqs=8, max_num_batched_tokens=128,
+              gpu_memory_utilization=0.2, **kwargs)
+    params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def quant_prompts() -> list[list[int]]:
+    return [[random.randrange(3, 512) for _ in range(n)] for n in (1, 9, 33, 70)]
+
+
+@pytest.mark.parametrize("fmt, options", [("awq", {}), ("gptq", {"desc_act": True, "group_size": 32}),
+                                          ("gptq", {"bits": 8, "sym": False, "group_size": 64}),
+                                          ("ct-w4a16", {"symmetric": False, "group_size": 64})])
+def test_int_checkpoints_equal_their_twin_on_gpu(fmt, options, gpu_device, tmp_path):
+    """The Triton int kernels (GEMV for decode, GEMM for prefill) give the dense twin's greedy tokens."""
+    from tests.quant_checkpoints import write_quantized
+
+    quantized, twin = write_quantized(tmp_path, fmt, seed=random.randrange(1 << 30), **options)
+    prompts = quant_prompts()
+    assert greedy_on(gpu_device, quantized, prompts) == greedy_on(gpu_device, twin, prompts)
+
+
+@pytest.mark.parametrize("fmt, options", [("fp8", {}), ("ct-int8", {}),
+                                          ("ct-fp8", {"strategy": "tensor", "activation_scheme": "static"})])
+def test_w8a8_checkpoints_agree_with_their_twin_on_gpu(fmt, options, gpu_device, tmp_path):
+    """Activations quantized too: the first greedy token agrees, and the share of all that agree is reported."""
+    from tests.quant_checkpoints import write_quantized
+
+    quantized, twin = write_quantized(tmp_path, fmt, seed=random.randrange(1 << 30), **options)
+    prompts = quant_prompts()
+    ours, theirs = greedy_on(gpu_device, quantized, prompts), greedy_on(gpu_device, twin, prompts)
+    same = sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b))
+    print(f"{fmt} {options} on {gpu_device}: {same}/{16 * len(prompts)} greedy tokens equal the twin's")
+    assert sum(a[0] == b[0] for a, b in zip(ours, theirs)) >= len(prompts) - 1
+
+
+def test_fp8_activation_quantization_on_gpu(gpu_device):
+    from paged.backends.common.quant_linear import quantize_per_token
+    from paged.backends.cuda.kernels.quant_activation import quantize_rows
+
+    x = (torch.randn(37, 4096, device="cuda") * 20).to(torch.bfloat16)
+    for dtype in (torch.float8_e4m3fn, torch.int8):
+        q, scale = quantize_rows(x, dtype)
+        q_ref, scale_ref = quantize_per_token(x, dtype)
+        assert torch.equal(scale, scale_ref)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_blocks_on_gpu(qtype, gpu_device):
+    """A GGUF matrix kept in its blocks on the GPU computes what its dequantized matrix computes."""
+    from paged.backends.cuda.linear import GGUFLinear
+    from tests.test_gguf_blocks import _random_blocks
+
+    blocks = _random_blocks(qtype, seed=random.randrange(1 << 30))
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.empty(blocks.shape, device="cuda"), requires_grad=False)
+    layer.gguf_blocks, layer.num_parts = {0: blocks}, 1
+    method = GGUFLinear()
+    method.process_weights(layer)
+    x = torch.randn(5, blocks.shape[1], device="cuda")
+    expected = x.double() @ blocks.dequantize(torch.float32).cuda().double().T
+    got = method.apply(layer, x, None).double()
+    assert layer.weight.numel() == 0 and method.weight_bytes(layer) < blocks.shape[0] * blocks.shape[1] * 2
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def test_fp8_kv_cache_agreement_on_gpu(gpu_device, tmp_path):
+    """A small FP8 cache (preempting) against a large float32 one: the share of equal greedy tokens."""
+    save_tiny_model("llama", tmp_path, seed=random.randrange(1 << 30))
+    prompts = [[random.randrange(3, VOCAB) for _ in range(n)] for n in (20, 45, 70, 90, 110, 130)]
+    big = greedy_on(gpu_device, tmp_path, prompts)
+    small = greedy_on(gpu_device, tmp_path, prompts, kv_cache_dtype="fp8", num_gpu_blocks_override=24)
+    same = sum(x == y for a, b in zip(big, small) for x, y in zip(a, b))
+    print(f"fp8 KV cache on {gpu_device}: {same}/{16 * len(prompts)} greedy tokens equal the float32 cache's")
+    assert same >= 0.5 * 16 * len(prompts)

@@ -15,7 +15,8 @@ from typing import Any
 from paged.backends.interface import Backend
 from paged.errors import UserError
 
-FEATURES = ("attention", "graphs", "dtypes", "fp8", "tensor parallel", "prefix caching", "greedy")
+FEATURES = ("attention", "graphs", "dtypes", "fp8", "quantization", "kv cache", "tensor parallel", "prefix caching",
+            "greedy")
 NOT_VERIFIED = "not yet on hardware"
 
 
@@ -43,6 +44,8 @@ def declared_facts(backend: type[Backend]) -> dict[str, str]:
         "graphs": "yes" if backend.supports_graphs else "no",
         "dtypes": ", ".join(str(d).removeprefix("torch.") for d in backend.supported_dtypes),
         "fp8": str(fp8).removeprefix("torch.") if fp8 is not None else "no",
+        "quantization": ", ".join(backend.supported_quantizations) or "none",
+        "kv cache": ", ".join(backend.supported_kv_cache_dtypes),
         "tensor parallel": backend.dist_backend,
         "prefix caching": "yes",
         "greedy": "yes",  # greedy tokens equal a reference: the CPU backend, or transformers

@@ -16,7 +16,8 @@ from paged.backends.cpu.linear import PACKED_GEMM_MAX_ROWS, OneDNNLinear, Packed
 from paged.backends.cpu.native import AVX2Kernels, BF16Kernels, load_avx2_kernels, load_bf16_kernels
 from paged.backends.cpu.packing import BLOCK_TYPES
 from paged.backends.cpu.ops import LayerOps
-from paged.backends.interface import Attention, Availability, Backend, Precision
+from paged.backends.common.quant_linear import DequantizingLinear, Int8Linear
+from paged.backends.interface import Attention, Availability, Backend, LinearKernel, Precision
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class CPUBackend(Backend):
     visible_devices_env = None
     supported_dtypes = (torch.bfloat16, torch.float32)
     supported_block_sizes = (8, 16, 32, 64, 128)
+    supported_quantizations = ("gguf", "awq", "gptq", "compressed-tensors", "fp8")
+    supported_kv_cache_dtypes = ("auto", "fp8")
     kv_cache_from_device_memory = False
 
     def __init__(self) -> None:
@@ -111,6 +114,11 @@ class CPUBackend(Backend):
                              "read bfloat16 weights, half the bytes of float32")
         return Precision(torch.float32, torch.float32, f"{caps.level}: no bfloat16 arithmetic, and no AVX2 kernels "
                          f"({why})")
+
+    def linear_kernel(self, form: str) -> LinearKernel | None:
+        """No FP8 units and no int4 kernel here: 4-bit and FP8 weights are widened per call (they stay small in
+        memory), INT8 W8A8 runs through torch's int8 GEMM."""
+        return Int8Linear() if form == "int8" else DequantizingLinear()
 
     def ops(self, precision: Precision) -> dict[str, Any]:
         table = LayerOps([k for k in self._layer_kernels(precision.compute) if k is not None]).table()

@@ -103,3 +103,6 @@ class PackedLinear(LinearMethod):
 
     def storage(self, layer: torch.nn.Module) -> str:
         return layer.packed_weight.source
+
+    def weight_bytes(self, layer: torch.nn.Module) -> int:
+        return layer.packed_weight.nbytes

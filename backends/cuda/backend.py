@@ -15,6 +15,7 @@ from paged.backends.interface import (
     Availability,
     Backend,
     Communicator,
+    LinearKernel,
     Precision,
     TorchDistributedCommunicator,
 )
@@ -27,6 +28,8 @@ class CUDABackend(Backend):
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     supported_block_sizes = (16, 32, 64, 128)
+    supported_quantizations = ("gguf", "awq", "gptq", "compressed-tensors", "fp8")
+    supported_kv_cache_dtypes = ("auto", "fp8")
     supports_graphs = True
     runs_ahead = True
     # Which torch build this backend serves; ROCm reuses everything else and flips this.
@@ -109,13 +112,32 @@ class CUDABackend(Backend):
 
     def ops(self, precision: Precision) -> dict[str, Callable[..., Any]]:
         from paged.backends.cuda.kernels import activation, norm, rotary
+        from paged.backends.cuda.linear import GGUFLinear
 
         return {
             "rms_norm": norm.rms_norm,
             "add_rms_norm": norm.add_rms_norm,
             "rotary": rotary.rotary,
             "silu_and_mul": activation.silu_and_mul,
+            "linear": GGUFLinear(),
         }
+
+    def has_fp8_units(self) -> bool:
+        return torch.cuda.get_device_capability() >= (8, 9)
+
+    def kv_cache_dtype(self, model_dtype: torch.dtype, requested: str = "auto") -> torch.dtype:
+        """Triton compiles fp8 loads only for compute capability 8.9 and up (Ada, Hopper)."""
+        if requested == "fp8" and not self.has_fp8_units():
+            raise ValueError(f"{self.device_name()} (compute capability {torch.cuda.get_device_capability()}) "
+                             "has no fp8 support in the attention kernels; it needs 8.9 or newer")
+        return super().kv_cache_dtype(model_dtype, requested)
+
+    def linear_kernel(self, form: str) -> LinearKernel | None:
+        from paged.backends.common.quant_linear import Int8Linear
+        from paged.backends.cuda.linear import FP8Linear, IntLinear
+
+        kernels = {"int": IntLinear, "fp8": lambda: FP8Linear(self.has_fp8_units()), "int8": Int8Linear}
+        return kernels[form]() if form in kernels else None
 
     def communicator(self, rank: int = 0, world_size: int = 1) -> Communicator:
         if world_size == 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from paged.backends.cuda.backend import CUDABackend
-from paged.backends.interface import Attention
+from paged.backends.interface import Attention, LinearKernel
 
 # CDNA3 (MI300) computes in the "fnuz" fp8 variant (no negative zero, bias 8); CDNA4 and RDNA4 use OCP's.
 _FNUZ_ARCHS = ("gfx940", "gfx941", "gfx942")
@@ -25,9 +25,16 @@ class ROCmBackend(CUDABackend):
     name = "rocm"
     torch_build = "rocm"
     visible_devices_env = "HIP_VISIBLE_DEVICES"
+    # The Triton int kernels are vendor-neutral; FP8 checkpoints (OCP e4m3fn) would need converting to CDNA3's
+    # fnuz variant first, which is not written, so FP8 weights and FP8 KV caches are not offered here.
+    supported_quantizations = ("gguf", "awq", "gptq")
+    supported_kv_cache_dtypes = ("auto",)
 
     def fp8_dtype(self) -> torch.dtype | None:
         return fp8_dtype_for(device_arch() or TARGET_ARCH)
+
+    def linear_kernel(self, form: str) -> LinearKernel | None:
+        return super().linear_kernel(form) if form == "int" else None
 
     def attention(self, max_model_len: int) -> Attention:
         from paged.backends.cuda.kernels.attention import TritonPagedAttention

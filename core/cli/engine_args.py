@@ -28,12 +28,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enforce-eager", action="store_true", help="never replay captured graphs")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     group.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
+    group.add_argument("--quantization", "-q", help="quantization method (fp8, awq, gptq, compressed-tensors, "
+                       "gguf); default: the checkpoint's own; fp8 quantizes a dense checkpoint at load")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                       help="auto: the model's dtype; fp8: e4m3 with per-layer scales (about twice the blocks)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = [
         "model", "tokenizer", "device", "dtype", "max_model_len", "seed", "block_size", "enable_prefix_caching",
         "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_logprobs",
-        "enforce_eager", "tensor_parallel_size", "chat_template",
+        "enforce_eager", "tensor_parallel_size", "chat_template", "quantization", "kv_cache_dtype",
     ]
     return {name: getattr(args, name) for name in names}

@@ -14,8 +14,11 @@ from pathlib import Path
 MATRIX_TITLE = "# Compatibility\n\n"
 MATRIX_LEGEND = (
     "Each cell is what the backend declares; ✓ marks what the conformance suite (tests/backends) verified, "
-    "✗ what it failed, and the last column says where. Tensor parallel names the collectives and is verified "
-    "by two ranks exchanging tensors (no tensor-parallel model run is tested yet). Regenerate: run the suite with "
+    "✗ what it failed, and the last column says where. Quantization lists the methods a backend runs "
+    "(`--quantization`, or a checkpoint's own), kv cache the `--kv-cache-dtype` values it takes (checked by "
+    "tests/test_quantization.py and, on a GPU, tests/test_gpu.py). Tensor parallel names the collectives and is "
+    "verified by two ranks exchanging tensors (no tensor-parallel model run is tested yet). Regenerate: run the "
+    "suite with "
     "PAGED_MATRIX_OUT=report.json, put the report in backends/common/verified/ (it ships with the package), then "
     "`paged info --matrix --write COMPATIBILITY.md`.\n\n"
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from paged.backends.common.matrix import FEATURES
 from paged.backends.tpu.runtime import ALLOW_CPU_ENV
 from paged.cli.main import main
 
@@ -49,7 +50,9 @@ def test_matrix_marks_what_a_report_verified(tmp_path, capsys):
     assert set(BUILT_IN) <= set(rows)
     cpu = rows["cpu"]
     assert cpu[0] == "yes ✓" and cpu[1] == "no" and cpu[2] == "bfloat16, float32 (✓ float32)"
-    assert cpu[4] == "gloo ✗" and cpu[-1].endswith("; Test rig (2026-01-02)")  # over the shipped reports
+    assert cpu[FEATURES.index("tensor parallel")] == "gloo ✗" and cpu[-1].endswith("; Test rig (2026-01-02)")
+    assert cpu[FEATURES.index("quantization")] == "gguf, awq, gptq, compressed-tensors, fp8"
+    assert cpu[FEATURES.index("kv cache")] == "auto, fp8" and rows["rocm"][FEATURES.index("kv cache")] == "auto"
     assert rows["gaudi"][-1] == "not yet on hardware"
     assert out.read_text().startswith("# Compatibility") and "cpu on Test rig: host" in out.read_text()
 

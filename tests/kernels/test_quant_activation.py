@@ -1,0 +1,52 @@
+"""The per-token activation quantization of the CUDA backend's W8A8 kernels, in the Triton interpreter,
+against the plain-torch version the CPU backend uses (quantize_per_token), bit for bit.
+
+The interpreter's own float32 -> float8 conversion is wrong in triton 3.6 (31.5 becomes 16), so for FP8
+only the scales are compared here; tests/test_gpu.py compares the FP8 values on a GPU."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see tests/kernels/test_triton_kernels.py)
+
+import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from paged.backends.common.quant_linear import quantize_per_token  # noqa: E402
+from paged.backends.cuda.kernels.quant_activation import quantize_rows  # noqa: E402
+
+INTERPRETED = type(triton.language.standard.cdiv).__name__ == "InterpretedFunction"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process already runs the kernels in the interpreter")
+def test_in_fresh_process():
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "--noconftest"]
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    print(result.stdout[-20000:], result.stderr[-5000:])
+    assert result.returncode == 0, "kernel tests failed in the fresh process (output above)"
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="triton was imported first: see test_in_fresh_process")
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("static", [False, True])
+def test_matches_torch(dtype, static):
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")
+    torch.manual_seed(seed)
+    rows, cols = random.randint(1, 9), random.choice([7, 1000, 1024, 2500])
+    x = (torch.randn(rows, cols) * torch.rand(rows, 1) * 30).to(torch.bfloat16)
+    x[0, 0] = 0  # a row may be all but zero; a whole zero row must not divide by zero
+    if rows > 1:
+        x[1] = 0
+    scale_in = torch.tensor(0.07) if static else None
+    q, scale = quantize_rows(x, dtype, scale_in)
+    q_ref, scale_ref = quantize_per_token(x, dtype, scale_in)
+    assert torch.equal(scale, scale_ref)
+    if dtype == torch.int8:
+        assert torch.equal(q, q_ref)
