@@ -110,7 +110,7 @@ def run_paged(args, model: str | None) -> tuple[dict, Callable[[], dict], list[l
                 dtype=str(llm.engine.precision), compute_dtype=str(llm.engine.dtype).removeprefix("torch."),
                 weights=llm.engine.model.weight_storage, weight_gib=round(llm.engine.model.weight_bytes / 2**30, 2),
                 quantization=llm.engine.model.quantization,
-                kv_cache_dtype=str(llm.engine.kv_dtype).removeprefix("torch."),
+                kv_cache_dtype=str(llm.engine.core.kv_dtype).removeprefix("torch."),
                 init_s=round(init, 2),
                 startup_to_first_token_s=round(startup, 2), num_blocks=llm.engine.num_blocks)
     return info, timed, prompts, out_lens

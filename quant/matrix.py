@@ -69,6 +69,8 @@ class QuantizedMatrix:
         """Inputs start .. start + length (a row-parallel shard); the bounds must fall on group boundaries."""
         if self.perm is not None:
             raise ValueError("an act-order (g_idx) matrix cannot be split by inputs")
+        if self.group_size >= self.codes.shape[1]:  # one group per row: every share keeps the row's scale
+            return replace(self, codes=self.codes.narrow(1, start, length), group_size=length)
         if start % self.group_size or (length % self.group_size and start + length != self.codes.shape[1]):
             raise ValueError(f"inputs {start}..{start + length} do not fall on groups of {self.group_size}")
         first, count = start // self.group_size, -(-length // self.group_size)
