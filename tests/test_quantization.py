@@ -228,27 +228,29 @@ def test_backend_without_the_method_fails_at_start(tmp_path):
     assert json.loads((quantized / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
 
 
-def test_fp8_kv_cache_agreement(tmp_path):
+def fp8_kv_agreement(device: str, folder: Path) -> tuple[int, int, float, int]:
     """A request mix that fills a small FP8 KV cache (so requests are preempted and recomputed) against a large
-    float32 cache. e4m3 keeps 3 bits of each key's and value's mantissa (a relative error up to 1/16), so free
-    generations part ways after near ties and then differ for good; teacher-forced over the prompts (prompt
-    logprobs, whose later chunks read the earlier ones' keys from the cache), each position's top token must
-    agree nearly always and the prompt tokens' log-probabilities stay close. Both are reported."""
+    float32 one: (teacher-forced positions whose top token agrees, positions, the largest prompt-token logprob
+    difference, generated tokens equal of 96).
+
+    e4m3 keeps 3 bits of each key's and value's mantissa (a relative error up to 1/16), so free generations
+    part ways after near ties and then differ for good; teacher-forced over the prompts (prompt logprobs,
+    whose later chunks read the earlier ones' keys from the cache) each position is compared on its own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.models_factory import SHAPE, word_tokenizer
 
     config = LlamaConfig(**{**SHAPE, "initializer_range": 0.05, "hidden_size": 256, "intermediate_size": 512})
     torch.manual_seed(random.randrange(1 << 30))
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    word_tokenizer().save_pretrained(tmp_path)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     prompts = [{"prompt_token_ids": [random.randrange(3, VOCAB) for _ in range(n)]} for n in (20, 45, 70, 90, 110, 130)]
     free = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
     forced = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    memory = {"kv_cache_memory": "64MiB"} if device == "cpu" else {"gpu_memory_utilization": 0.2}
     engines = {
-        "float32": LLM(model=str(tmp_path), dtype="float32", device="cpu", kv_cache_memory="64MiB",
-                       max_num_batched_tokens=64),
-        "fp8": LLM(model=str(tmp_path), dtype="float32", device="cpu", kv_cache_dtype="fp8",
+        "float32": LLM(model=str(folder), dtype="float32", device=device, max_num_batched_tokens=64, **memory),
+        "fp8": LLM(model=str(folder), dtype="float32", device=device, kv_cache_dtype="fp8",
                    num_gpu_blocks_override=24, max_model_len=256, max_num_batched_tokens=64),
     }
     generated = {name: [o.outputs[0].token_ids for o in llm.generate(prompts, free, use_tqdm=False)]
@@ -265,6 +267,11 @@ def test_fp8_kv_cache_agreement(tmp_path):
             top_same += min(mine, key=lambda t: mine[t].rank) == min(reference, key=lambda t: reference[t].rank)
             worst = max(worst, abs(mine[token].logprob - reference[token].logprob))
     same = sum(x == y for a, b in zip(generated["fp8"], generated["float32"]) for x, y in zip(a, b))
-    print(f"fp8 KV cache vs float32: generated {same}/{16 * len(prompts)} tokens equal; teacher-forced top token "
-          f"{top_same}/{positions}, largest prompt-token logprob difference {worst:.3f}")
+    print(f"fp8 KV cache vs float32 on {device}: generated {same}/{16 * len(prompts)} tokens equal; teacher-forced "
+          f"top token {top_same}/{positions}, largest prompt-token logprob difference {worst:.3f}")
+    return top_same, positions, worst, same
+
+
+def test_fp8_kv_cache_agreement(tmp_path):
+    top_same, positions, worst, _ = fp8_kv_agreement("cpu", tmp_path)
     assert top_same >= 0.8 * positions and worst < 0.5

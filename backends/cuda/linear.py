@@ -3,7 +3,8 @@
 - IntLinear: 4- and 8-bit codes (AWQ, GPTQ, compressed-tensors W4A16/W8A16, GGUF blocks), dequantized in
   registers by the Triton GEMV/GEMM of kernels/quant_linear.py.
 - FP8Linear: FP8 W8A8 through torch._scaled_mm with per-token activation and per-channel weight scales,
-  on GPUs with FP8 units (compute capability 8.9 and up); elsewhere, and for weight-only checkpoints, the
+  on GPUs with FP8 units (compute capability 8.9 and up), except decode steps of one or two rows, which a
+  Triton GEMV computes from the FP8 weights directly; elsewhere, and for weight-only checkpoints, the
   weight is widened per call.
 - GGUFLinear: the LinearMethod for GGUF files, which keeps their matrices in their blocks on the device.
 """
@@ -15,6 +16,8 @@ import dataclasses
 import torch
 
 from paged.backends.common.quant_linear import DequantizingLinear, matrix_nbytes
+from paged.backends.cuda.kernels.fp8_linear import MAX_ROWS as FP8_GEMV_MAX_ROWS
+from paged.backends.cuda.kernels.fp8_linear import fp8_gemv
 from paged.backends.cuda.kernels.quant_activation import quantize_rows
 from paged.backends.cuda.kernels.quant_linear import PackedIntWeight, int_linear, pack_int_weight
 from paged.backends.interface import LinearKernel
@@ -50,13 +53,16 @@ class FP8Linear(LinearKernel):
         return self.has_fp8_units and not matrix.weight_only and rows % 16 == 0 and cols % 16 == 0
 
     def prepare(self, matrix: ScaledMatrix) -> ScaledMatrix:
-        return dataclasses.replace(matrix, weight=matrix.weight.contiguous(), scale=matrix.scale.reshape(1, -1))
+        return dataclasses.replace(matrix, weight=matrix.weight.contiguous(), scale=matrix.scale.contiguous())
 
     def apply(self, state: ScaledMatrix, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.has_fp8_units and x.shape[0] <= FP8_GEMV_MAX_ROWS:
+            return fp8_gemv(x, state.weight, state.scale, bias)  # decode: bound by the weight's bytes
         if not self.runs_w8a8(state):
-            return DequantizingLinear().apply(dataclasses.replace(state, scale=state.scale.reshape(-1)), x, bias)
+            return DequantizingLinear().apply(state, x, bias)
         q, scale = quantize_rows(x, state.weight.dtype, state.input_scale)
-        out = torch._scaled_mm(q, state.weight.t(), scale_a=scale, scale_b=state.scale, out_dtype=torch.bfloat16)
+        out = torch._scaled_mm(q, state.weight.t(), scale_a=scale, scale_b=state.scale.view(1, -1),
+                               out_dtype=torch.bfloat16)
         out = out.to(x.dtype)
         return out if bias is None else out + bias
 

@@ -99,7 +99,7 @@ class Case:
 
 
 f16, f32, bf16 = torch.float16, torch.float32, torch.bfloat16
-# M <= 2 runs the GEMV, up to 64 the narrow GEMM (tiles of 16, 32, 64 rows), above it the wide one.
+# M <= 2 runs the GEMV, up to 16 the narrow GEMM, above it the dequantized matrix through a dense product.
 CASES = [
     Case(4, 32, "zeros", f16, 1, f32),
     Case(4, 128, "zeros", f32, 1, bf16, act_order=True),
@@ -158,10 +158,10 @@ def check(case: Case, n: int, k: int, plan_split: int | None = None) -> None:
     x = torch.randn(case.m, k).to(case.x_dtype)
     bias = torch.randn(n).to(case.x_dtype) if case.bias else None
     plan = None
-    if plan_split is not None:
+    if plan_split is not None and plan_linear(case.m, weight, case.x_dtype, 4).kernel != "dense":
         plan = plan_linear(case.m, weight, case.x_dtype, 4)
         # Short K tiles, so that K holds several of them and the last split gets fewer.
-        block_k = {"gemv": 64, "narrow": 16 * weight.codes_per_word, "wide": 32}[plan.kernel]
+        block_k = {"gemv": 64, "narrow": 16 * weight.codes_per_word}[plan.kernel]
         plan = dataclasses.replace(plan, split_k=plan_split, block_k=block_k)
     y = int_linear(x, weight, bias, plan=plan)
     assert y.shape == (case.m, n) and y.dtype == case.x_dtype
@@ -218,9 +218,11 @@ def test_gpu_plans_meet_compile_constraints(m: int, n: int, k: int):
     empty = torch.empty(0)
     weight = PackedIntWeight(empty, empty, bits=4, group_size=128, n=n, k=k, zeros=empty)
     plan = plan_linear(m, weight, torch.bfloat16, 132)
+    assert plan.kernel == ("gemv" if m <= 2 else "narrow" if m <= 16 else "dense")
+    if plan.kernel == "dense":
+        return
     for block in (plan.block_m, plan.block_n, plan.block_k):
         assert block & (block - 1) == 0
-    assert plan.kernel == ("gemv" if m <= 2 else "narrow" if m <= 64 else "wide")
     if plan.kernel != "gemv":
         assert min(plan.block_m, plan.block_n, plan.block_k) >= 16 and plan.block_k <= 128
     programs = -(-m // plan.block_m) * -(-n // plan.block_n)

@@ -20,14 +20,13 @@ Three kernels, chosen by the number of rows of x:
 - "gemv", M <= 2 (decode): CUDA cores. A program owns 16 outputs and walks K; for each word it sums
   x * u over the word's P codes, then applies the word's S and B once (B to the sum of x), so a code
   costs a shift, a LOP3 and one FMA per row of x.
-- "narrow", M <= 64 (decode batches): tensor cores, without gathering codes. A tile of 16 words per
+- "narrow", M <= 16 (decode batches): tensor cores, without gathering codes. A tile of 16 words per
   output holds P planes (code i of every word); plane i meets x at columns i, i + P, ..., so the tile is
   P tl.dot calls of K = 16, each on codes moved to the top mantissa bits with one constant shift.
-- "wide", larger M (prefill): each [BLOCK_K, BLOCK_N] weight tile is gathered code by code (a word is
-  loaded P times; the repeats hit L1) and fed to one tl.dot, so the loads of x stay contiguous and
-  pipelined, which matters once x is the larger operand. BLOCK_K never exceeds the group size, so a
-  tile has one scale per output.
-The tensor-core kernels round each dequantized tile to x's dtype and accumulate in fp32. All of them
+- "dense", larger M (prefill, big decode batches): the codes are dequantized into a matrix of x's dtype
+  (one pass over the packed words, writing it densely) and cuBLAS multiplies; at these sizes the product
+  is compute-bound, and a register-dequantizing GEMM measured 0.03x of cuBLAS.
+The narrow kernel rounds each dequantized tile to x's dtype and accumulates in fp32. It and the GEMV
 split K when the outputs alone would leave SMs idle: each split writes an fp32 partial result and a
 small kernel sums them (deterministic, unlike atomics). Launch shapes depend on tensor shapes only, never
 on values, and nothing syncs with the host, so calls can be captured in CUDA graphs.
@@ -39,6 +38,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -47,18 +47,20 @@ from paged.quant.matrix import QuantizedMatrix
 _ONE_BITS = tl.constexpr(0x3F800000)  # the float 1.0
 _ROW_ALIGN_WORDS = 16
 _GEMV_MAX_M = 2
-_NARROW_MAX_M = 64
+# Measured on an H200 (benchmarks/RESULTS.md): the narrow kernel reaches 0.7-0.9x of bf16 F.linear's time
+# up to 16 rows and falls to 0.15x at 64; above 16 rows dequantizing into a bf16 matrix and handing it to
+# cuBLAS (one pass writing it, one reading it) costs less.
+_NARROW_MAX_M = 16
+_DEQUANT_BLOCK_N = 16
+_DEQUANT_BLOCK_K = 128
 _GEMV_BLOCK_N = 16
 # Elements of a GEMV program's [BLOCK_M, BLOCK_N, BLOCK_KW] tile: 16 a thread at 8 warps, and 16 KiB of
 # weight words in flight per program at M = 1, enough (two programs an SM) to cover DRAM latency.
 _GEMV_TILE = 4096
 _MAX_SPLIT = 16
-# Tiles by batch size, (largest M, BLOCK_M, BLOCK_N, num_warps), the first that fits: "narrow" up to
-# _NARROW_MAX_M rows, "wide" beyond.
-_NARROW_TILES = ((16, 16, 128, 8), (32, 32, 128, 4), (64, 64, 128, 4))
-_WIDE_TILES = ((128, 64, 64, 4), (None, 128, 128, 8))
+# Tiles by batch size, (largest M, BLOCK_M, BLOCK_N, num_warps), the first that fits.
+_NARROW_TILES = ((16, 16, 128, 8),)
 _NARROW_BLOCK_KW = 16  # tl.dot's smallest K
-_WIDE_BLOCK_K = 64
 _SUM_BLOCK = 1024
 # SMs assumed off a GPU (the interpreter): small, so that test shapes exercise split K.
 _INTERPRETER_SMS = 4
@@ -106,7 +108,7 @@ class PackedIntWeight:
 class LinearPlan:
     """How one call is launched; a function of shapes only. block_k counts codes for every kernel."""
 
-    kernel: str  # "gemv", "narrow" or "wide" (see the module docstring)
+    kernel: str  # "gemv", "narrow" or "dense" (see the module docstring)
     block_m: int
     block_n: int
     block_k: int
@@ -178,7 +180,7 @@ def plan_linear(m: int, weight: PackedIntWeight, dtype: torch.dtype, num_sms: in
         return _gemv_plan(m, weight, num_sms)
     if m <= _NARROW_MAX_M:
         return _dot_plan("narrow", m, _NARROW_TILES, _NARROW_BLOCK_KW * weight.codes_per_word, weight, dtype, num_sms)
-    return _dot_plan("wide", m, _WIDE_TILES, min(_WIDE_BLOCK_K, weight.group_size), weight, dtype, num_sms)
+    return LinearPlan("dense", m, weight.n, weight.k, 1, 0, 0)
 
 
 def _gemv_plan(m: int, weight: PackedIntWeight, num_sms: int) -> LinearPlan:
@@ -406,46 +408,31 @@ def _narrow_kernel(
 
 
 @triton.jit
-def _wide_kernel(
-    out_ptr, partial_ptr, x_ptr, w_ptr, scales_ptr, affine_ptr, bias_ptr,
-    M, N, K, tiles_per_split, stride_xm, stride_wn, stride_sn, stride_om,
-    BITS: tl.constexpr, GROUP: tl.constexpr, ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _dequantize_kernel(
+    out_ptr, w_ptr, scales_ptr, affine_ptr, N, K, stride_wn, stride_sn, stride_on,
+    BITS: tl.constexpr, GROUP: tl.constexpr, ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Grid (output tiles, K splits), M blocks fastest: the programs running together share weight tiles,
-    so each is read from DRAM about once while x is reused from L2."""
-    tl.static_assert(BLOCK_K <= GROUP)
-    num_m = tl.cdiv(M, BLOCK_M)
-    pid_m = tl.program_id(0) % num_m
-    pid_n = tl.program_id(0) // num_m
-    split = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Per row of the tile, the shifts that move its code to the top mantissa bits (see _unit_codes_at).
-    offset = (offs_k % (32 // BITS)) * BITS
-    left = tl.maximum(23 - BITS - offset, 0).to(tl.uint32)[:, None]
-    right = tl.maximum(offset - (23 - BITS), 0).to(tl.uint32)[:, None]
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_cols = w_ptr + offs_n[None, :] * stride_wn
-    n_mask = offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for t in range(0, tiles_per_split):
-        k0 = (split * tiles_per_split + t) * BLOCK_K
-        k = k0 + offs_k
-        x = tl.load(x_rows + k[None, :], mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        words = tl.load(w_cols + (k // (32 // BITS))[:, None], mask=(k[:, None] < K) & n_mask[None, :], other=0)
-        # A tile past K (a split's leftover) reads the last group's scales; its x is zero.
-        group_offs = offs_n * stride_sn + tl.minimum(k0, K - 1) // GROUP
-        scale = tl.load(scales_ptr + group_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        affine = tl.load(affine_ptr + group_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        unit_scale, unit_bias = _unit_affine(scale, affine, BITS, ZEROS)
-        moved = (words.to(tl.uint32, bitcast=True) << left) >> right
-        w = _unit_bits(moved, BITS) * unit_scale + unit_bias
-        w = w.to(x_ptr.dtype.element_ty).to(DOT_DTYPE)
-        acc = tl.dot(x.to(DOT_DTYPE), w, acc, input_precision=DOT_PRECISION)
-    _store_result(acc, offs_m, offs_n, out_ptr, partial_ptr, bias_ptr, M, N, split, stride_om, HAS_BIAS, SPLIT)
+    """Grid (output blocks, column blocks): W [N, K] in out's dtype, as QuantizedMatrix.dequantize computes it
+    (float32, then rounded once). Each column reads its code's word (a word's P columns hit it in L1), so
+    the stores, which carry P times the bytes of the loads, stay contiguous; BLOCK_K <= GROUP gives the
+    tile one scale per row."""
+    P: tl.constexpr = 32 // BITS
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    n_mask = offs_n[:, None] < N
+    mask = n_mask & (cols[None, :] < K)
+    rows = offs_n.to(tl.int64)[:, None]
+    words = tl.load(w_ptr + rows * stride_wn + (cols // P)[None, :], mask=mask, other=0)
+    codes = ((words >> ((cols % P) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+    group = rows * stride_sn + k0 // GROUP
+    scale = tl.load(scales_ptr + group, mask=n_mask, other=0.0).to(tl.float32)
+    affine = tl.load(affine_ptr + group, mask=n_mask, other=0.0).to(tl.float32)
+    if ZEROS:
+        w = (codes - affine) * scale
+    else:
+        w = codes * scale + affine
+    tl.store(out_ptr + rows * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -465,7 +452,7 @@ def _sum_splits_kernel(
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-_INTERPRETED = type(_wide_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = type(_dequantize_kernel).__name__ == "InterpretedFunction"
 
 
 def _dot_args(dtype: torch.dtype) -> dict[str, object]:
@@ -497,8 +484,25 @@ def int_linear(
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], weight.n, device=x.device, dtype=x.dtype)
     if rows.shape[0]:
-        _launch(rows, weight, bias, out, plan or plan_linear(rows.shape[0], weight, x.dtype, _sm_count(x.device)))
+        plan = plan or plan_linear(rows.shape[0], weight, x.dtype, _sm_count(x.device))
+        if plan.kernel == "dense":
+            out = F.linear(rows, dequantize_int_weight(weight, x.dtype), bias)
+        else:
+            _launch(rows, weight, bias, out, plan)
     return out.view(*x.shape[:-1], weight.n)
+
+
+def dequantize_int_weight(weight: PackedIntWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense W [n, k] (stored column order) in `dtype`, written in one pass."""
+    out = torch.empty(weight.n, weight.k, device=weight.qweight.device, dtype=dtype)
+    block_k = min(_DEQUANT_BLOCK_K, weight.group_size)
+    grid = (triton.cdiv(weight.n, _DEQUANT_BLOCK_N), triton.cdiv(weight.k, block_k))
+    _dequantize_kernel[grid](
+        out, weight.qweight, weight.scales, weight.affine, weight.n, weight.k, weight.qweight.stride(0),
+        weight.scales.stride(0), out.stride(0), BITS=weight.bits, GROUP=weight.group_size,
+        ZEROS=weight.zeros is not None, BLOCK_N=_DEQUANT_BLOCK_N, BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 def _gemv_runs(plan: LinearPlan, weight: PackedIntWeight) -> dict[str, int]:
@@ -540,9 +544,7 @@ def _launch(
             BLOCK_KW=plan.block_k // weight.codes_per_word, **_dot_args(x.dtype), **flags,
         )  # fmt: skip
     else:
-        _wide_kernel[grid](
-            *tensors, m, n, k, tiles_per_split, *strides, BLOCK_K=plan.block_k, **_dot_args(x.dtype), **flags,
-        )  # fmt: skip
+        raise ValueError(f"no kernel {plan.kernel!r}")
     if split:
         _sum_splits_kernel[(m, triton.cdiv(n, _SUM_BLOCK))](
             out, partial, bias_arg, m, n, plan.split_k, out.stride(0), HAS_BIAS=bias is not None, BLOCK=_SUM_BLOCK,
