@@ -114,8 +114,11 @@ def test_kv_cache_scales_are_loaded(tmp_path):
     assert llm.engine.core.kv_dtype == torch.float8_e4m3fn
 
 
-def test_served_tokens_equal_the_twin(tmp_path):
-    quantized, twin = write_quantized(tmp_path, "gptq", seed=random.randrange(1 << 30), desc_act=True)
+@pytest.mark.parametrize("case", [("gptq", {"desc_act": True}), ("awq", {"group_size": 64}), ("ct-fp8", {})],
+                         ids=case_id)
+def test_served_tokens_equal_the_twin(case, tmp_path):
+    fmt, options = case
+    quantized, twin = write_quantized(tmp_path, fmt, seed=random.randrange(1 << 30), **options)
     prompts = random_prompts()
     expected = greedy(twin, prompts)
     server = start_server(str(quantized), tmp_path / "serve.log")
@@ -126,7 +129,8 @@ def test_served_tokens_equal_the_twin(tmp_path):
             reply = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0,
                                               logprobs=0, extra_body={"min_tokens": 16})
             assert reply.choices[0].logprobs.tokens == [f"w{t}" for t in tokens]
-        assert "quantization: gptq 4-bit" in server.log_text()
+        described = {"gptq": "gptq 4-bit", "awq": "awq 4-bit", "ct-fp8": "compressed-tensors FP8 W8A8"}[fmt]
+        assert f"quantization: {described}" in server.log_text()
     finally:
         stop_server(server)
 
