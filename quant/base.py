@@ -42,6 +42,12 @@ class QuantMethod(ABC):
     def parts(self) -> frozenset[str]:
         """Suffixes of the checkpoint tensors one quantized linear holds ("qweight", "scales", ...)."""
 
+    @property
+    def complete_parts(self) -> frozenset[str] | None:
+        """Parts that make a matrix complete, where known (its others optional): the layer converts it as soon
+        as they are in, freeing them, rather than after the whole checkpoint is read."""
+        return None
+
     @abstractmethod
     def convert(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> Matrix:
         """One matrix of `shape` [outputs, inputs] from its checkpoint tensors (already on the device)."""

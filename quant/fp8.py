@@ -42,6 +42,11 @@ class FP8(QuantMethod):
     def parts(self) -> frozenset[str]:
         return frozenset({"weight", "weight_scale", "input_scale"} if self.serialized else {"weight"})
 
+    @property
+    def complete_parts(self) -> frozenset[str] | None:
+        # Quantizing a dense checkpoint: each bf16 matrix is dropped once rounded, so the peak is one layer's.
+        return None if self.serialized else frozenset({"weight"})
+
     def convert(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> ScaledMatrix:
         weight = parts["weight"]
         if tuple(weight.shape) != shape:

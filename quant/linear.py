@@ -29,22 +29,31 @@ class QuantizedLinearMethod(LinearMethod):
 
     def keep_part(self, layer: torch.nn.Module, suffix: str, tensor: torch.Tensor, shard: int | None) -> None:
         layer.checkpoint_parts.setdefault(shard or 0, {})[suffix] = tensor.to(layer.device)
+        needed = self.method.complete_parts
+        if needed is not None and all(needed <= layer.checkpoint_parts.get(i, {}).keys()
+                                      for i in range(len(layer.part_shapes))):
+            self._convert(layer)
 
     def fill_random(self, layer: torch.nn.Module, generator: torch.Generator) -> None:
         layer.matrix = self._stack(layer, [self.method.random(shape, layer.device, generator)
                                            for shape in layer.part_shapes])
+        layer.checkpoint_parts = {}
 
     def process_weights(self, layer: torch.nn.Module) -> None:
         if not hasattr(layer, "matrix"):
-            matrices = []
-            for index, shape in enumerate(layer.part_shapes):
-                parts = layer.checkpoint_parts.get(index)
-                if not parts:
-                    raise ValueError(f"the checkpoint lacks part {index} of a {self.method.name} layer")
-                matrices.append(self.method.convert(parts, shape))
-            layer.matrix = self._stack(layer, matrices)
+            self._convert(layer)
         layer.quant_state = self.kernel.prepare(layer.matrix)
-        del layer.matrix, layer.checkpoint_parts
+        del layer.matrix
+
+    def _convert(self, layer: torch.nn.Module) -> None:
+        matrices = []
+        for index, shape in enumerate(layer.part_shapes):
+            parts = layer.checkpoint_parts.get(index)
+            if not parts:
+                raise ValueError(f"the checkpoint lacks part {index} of a {self.method.name} layer")
+            matrices.append(self.method.convert(parts, shape))
+        layer.matrix = self._stack(layer, matrices)
+        layer.checkpoint_parts = {}
 
     @staticmethod
     def _stack(layer: torch.nn.Module, matrices: list[Matrix]) -> Matrix:

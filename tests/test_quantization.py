@@ -74,15 +74,24 @@ def test_greedy_equals_dequantized_twin(case, tmp_path):
     assert greedy(quantized, prompts) == greedy(twin, prompts)
 
 
-def test_int8_w8a8_agreement(tmp_path):
-    """Activations quantized per token move the logits a little: most greedy tokens still agree."""
+def test_int8_w8a8(tmp_path):
+    """Activations quantized per token too, which no dense twin holds: each loaded layer's product equals float64
+    arithmetic on the same quantized activations and the checkpoint's int8 weights, and the greedy tokens'
+    agreement with the twin is reported (on this tiny random model they part ways after a few tokens)."""
+    from paged.backends.common.quant_linear import quantize_per_token
+
     quantized, twin = write_quantized(tmp_path, "ct-int8", seed=random.randrange(1 << 30))
+    llm = LLM(model=str(quantized), dtype="float32", device="cpu", kv_cache_memory="64MiB")
+    layer = llm.engine.core.model.model.layers[0].mlp.down_proj
+    x = torch.randn(5, layer.in_features)
+    q, scale = quantize_per_token(x, torch.int8)
+    expected = (q.double() * scale.double()) @ layer.quant_state.dequantize(torch.float64).T
+    got = layer(x).double()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-6
     prompts = random_prompts()
     ours, theirs = greedy(quantized, prompts), greedy(twin, prompts)
-    first = sum(a[0] == b[0] for a, b in zip(ours, theirs))
     same = sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b))
-    print(f"INT8 W8A8 vs its dequantized twin: first tokens {first}/{len(prompts)}, all {same}/{16 * len(prompts)}")
-    assert first >= len(prompts) - 1
+    print(f"INT8 W8A8 vs its dequantized twin: {same}/{16 * len(prompts)} greedy tokens equal")
 
 
 def test_fp8_on_the_fly_equals_rounded_weights(tmp_path):
