@@ -94,6 +94,21 @@ def test_int8_w8a8(tmp_path):
     print(f"INT8 W8A8 vs its dequantized twin: {same}/{16 * len(prompts)} greedy tokens equal")
 
 
+@pytest.mark.parametrize("trust_int_mm", [True, False])
+def test_int8_matmul_is_exact(trust_int_mm, monkeypatch):
+    """Full-range int8 products equal int64 arithmetic, through torch._int_mm where the probe found it exact
+    here and through the float32 blocks otherwise (forced: this machine's _int_mm may be either)."""
+    from paged.backends.common import quant_linear
+
+    if not trust_int_mm:
+        monkeypatch.setattr(quant_linear, "int_mm_is_exact", lambda device_type: False)
+    elif not quant_linear.int_mm_is_exact("cpu"):
+        pytest.skip("torch._int_mm is inexact on this CPU (the probe routes around it)")
+    a = torch.randint(-128, 128, (33, 3000), dtype=torch.int8)
+    b = torch.randint(-128, 128, (3000, 40), dtype=torch.int8)
+    assert torch.equal(quant_linear.int8_matmul(a, b).long(), a.long() @ b.long())
+
+
 def test_fp8_on_the_fly_equals_rounded_weights(tmp_path):
     """--quantization fp8 on a dense checkpoint = the dense model with each decoder linear rounded to FP8 per
     output channel (on the CPU FP8 is widened per call, so the products are the dense ones)."""

@@ -3,10 +3,13 @@
 - DequantizingLinear: weight-only; widens the whole matrix to the activations' dtype at each call and
   multiplies densely. The weights stay quantized in memory; the product costs a dense one plus the widening.
   It is the CPU backend's path for every form, and a GPU's for FP8 where it has no FP8 units.
-- Int8Linear: INT8 W8A8 through torch._int_mm, each token's activations quantized with a scale of its own.
+- Int8Linear: INT8 W8A8 through torch._int_mm (or exact float32 blocks where that is inexact), each token's
+  activations quantized with a scale of its own.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +69,39 @@ class Int8Linear(LinearKernel):
         q, scale = quantize_per_token(x, torch.int8)
         if rows < self.min_rows:
             q = torch.cat([q, q.new_zeros(32 - rows, q.shape[1])])
-        out = torch._int_mm(q, state.weight.t())[:rows].float() * scale * state.scale
+        out = int8_matmul(q, state.weight.t())[:rows].float() * scale * state.scale
         out = out.to(x.dtype)
         return out if bias is None else out + bias
 
     def nbytes(self, state: ScaledMatrix) -> int:
         return matrix_nbytes(state)
+
+
+# Inputs of a block of K this long sum exactly in float32: 1024 products of at most 128 * 128 stay below 2**24.
+_EXACT_FLOAT_K = 1024
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 @ b [K, N] int8, exactly, in int32. torch._int_mm where it is exact here; on x86 CPUs
+    without VNNI its oneDNN path multiplies through saturating 16-bit pair sums (measured off by 7e4 on
+    random int8 under SSE4.1), so there K is summed in float32 blocks that cannot round, then in int32."""
+    if int_mm_is_exact(a.device.type):
+        return torch._int_mm(a, b)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    for start in range(0, a.shape[1], _EXACT_FLOAT_K):
+        block = slice(start, start + _EXACT_FLOAT_K)
+        out += (a[:, block].float() @ b[block].float()).to(torch.int32)
+    return out
+
+
+@functools.cache
+def int_mm_is_exact(device_type: str) -> bool:
+    """Whether torch._int_mm gives the exact product on this device, tried once on full-range values."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (32, 256), dtype=torch.int8, generator=generator)
+    b = torch.randint(-128, 128, (256, 32), dtype=torch.int8, generator=generator)
+    try:
+        got = torch._int_mm(a.to(device_type), b.to(device_type)).cpu()
+    except RuntimeError:
+        return False
+    return torch.equal(got.long(), a.long() @ b.long())
