@@ -26,9 +26,7 @@ class AWQ(QuantMethod):
         self.group_size = group_size
 
     @classmethod
-    def from_config(cls, config: dict[str, Any] | None) -> AWQ:
-        if config is None:
-            raise ValueError("awq needs a checkpoint quantized with AWQ (its config.json has no quantization_config)")
+    def from_config(cls, config: dict[str, Any]) -> AWQ:
         bits = config.get("bits", config.get("w_bit"))
         version = str(config.get("version", "gemm")).lower()
         if bits != 4 or version != "gemm" or not config.get("zero_point", True):
@@ -58,11 +56,7 @@ class AWQ(QuantMethod):
         return QuantizedMatrix(codes, parts["scales"].t().float().contiguous(), 4, self.group_size, zeros=zeros)
 
     def random(self, shape: tuple[int, int], device: torch.device, generator: torch.Generator) -> QuantizedMatrix:
-        groups = (shape[0], groups_of(shape[1], self.group_size))
-        # Codes uniform over 0..15 around a zero of 8 have a spread of ~4.6: scaled to the dense std of 0.02.
-        return QuantizedMatrix(random_codes(shape, 4, device, generator),
-                               torch.full(groups, 0.02 / 4.6, device=device), 4, self.group_size,
-                               zeros=torch.full(groups, 8.0, device=device))
+        return random_codes(shape, 4, self.group_size, device, generator)
 
     def describe(self) -> str:
         return f"awq 4-bit, groups of {self.group_size}"

@@ -30,7 +30,8 @@ class QuantMethod(ABC):
     @classmethod
     @abstractmethod
     def from_config(cls, config: dict[str, Any] | None) -> QuantMethod:
-        """The method for a checkpoint's quantization_config (None: on the fly from a dense checkpoint)."""
+        """The method for a checkpoint's quantization_config; None (on the fly from a dense checkpoint) only
+        reaches methods that are on_the_fly (quant/registry.py refuses the others first)."""
 
     @property
     @abstractmethod
@@ -68,8 +69,15 @@ class QuantMethod(ABC):
             raise ValueError(f"{self.name} checkpoints that leave {others[:3]} unquantized are not supported")
 
 
-def random_codes(shape: tuple[int, int], bits: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, 1 << bits, shape, dtype=torch.uint8, device=device, generator=generator)
+def random_codes(shape: tuple[int, int], bits: int, group_size: int, device: torch.device,
+                 generator: torch.Generator) -> QuantizedMatrix:
+    """Uniform codes around a zero in the middle, scaled to the spread init_random gives dense weights (std
+    0.02): uniform 4-bit codes spread ~4.6 around 8, 8-bit ones ~74 around 128."""
+    groups = (shape[0], groups_of(shape[1], group_size))
+    spread = 4.6 if bits == 4 else 74.0
+    return QuantizedMatrix(torch.randint(0, 1 << bits, shape, dtype=torch.uint8, device=device, generator=generator),
+                           torch.full(groups, 0.02 / spread, device=device), bits, group_size,
+                           zeros=torch.full(groups, float(1 << (bits - 1)), device=device))
 
 
 def random_dense(shape: tuple[int, int], device: torch.device, generator: torch.Generator) -> torch.Tensor:

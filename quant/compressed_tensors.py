@@ -33,9 +33,7 @@ class CompressedTensors(QuantMethod):
         self.strategy = weights.get("strategy", "tensor")
 
     @classmethod
-    def from_config(cls, config: dict[str, Any] | None) -> CompressedTensors:
-        if config is None:
-            raise ValueError("compressed-tensors needs a checkpoint written by llm-compressor (no quantization_config)")
+    def from_config(cls, config: dict[str, Any]) -> CompressedTensors:
         groups = [g for g in (config.get("config_groups") or {}).values() if g.get("weights")]
         if len(groups) != 1:
             raise ValueError(f"compressed-tensors checkpoints with {len(groups)} weight schemes are not supported "
@@ -118,12 +116,7 @@ class CompressedTensors(QuantMethod):
             matrix = quantize_rows(random_dense(shape, device, generator),
                                    torch.float8_e4m3fn if self.form == "fp8" else torch.int8)
             return replace(matrix, weight_only=self.activations is None)
-        group_size = self.group_size(shape[1])
-        groups = (shape[0], groups_of(shape[1], group_size))
-        spread = 4.6 if self.bits == 4 else 74.0
-        return QuantizedMatrix(random_codes(shape, self.bits, device, generator),
-                               torch.full(groups, 0.02 / spread, device=device), self.bits, group_size,
-                               zeros=torch.full(groups, float(1 << (self.bits - 1)), device=device))
+        return random_codes(shape, self.bits, self.group_size(shape[1]), device, generator)
 
     def describe(self) -> str:
         form = self.form

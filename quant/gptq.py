@@ -26,9 +26,7 @@ class GPTQ(QuantMethod):
         self.zeros_stored_minus_one = zeros_stored_minus_one
 
     @classmethod
-    def from_config(cls, config: dict[str, Any] | None) -> GPTQ:
-        if config is None:
-            raise ValueError("gptq needs a checkpoint quantized with GPTQ (its config.json has no quantization_config)")
+    def from_config(cls, config: dict[str, Any]) -> GPTQ:
         bits = int(config.get("bits", 4))
         if bits not in (4, 8):
             raise ValueError(f"GPTQ with {bits}-bit weights is not supported (4 and 8 are)")
@@ -69,13 +67,7 @@ class GPTQ(QuantMethod):
                                zeros=zeros.contiguous(), perm=perm)
 
     def random(self, shape: tuple[int, int], device: torch.device, generator: torch.Generator) -> QuantizedMatrix:
-        group_size = self.groups(shape[1])
-        groups = (shape[0], groups_of(shape[1], group_size))
-        middle = float(1 << (self.bits - 1))
-        spread = 4.6 if self.bits == 4 else 74.0  # of uniform codes around the middle
-        return QuantizedMatrix(random_codes(shape, self.bits, device, generator),
-                               torch.full(groups, 0.02 / spread, device=device), self.bits, group_size,
-                               zeros=torch.full(groups, middle, device=device))
+        return random_codes(shape, self.bits, self.groups(shape[1]), device, generator)
 
     def describe(self) -> str:
         groups = "one group per row" if self.group_size == -1 else f"groups of {self.group_size}"

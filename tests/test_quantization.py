@@ -10,10 +10,10 @@ checkpoint, or that the backend does not run, each one line at start-up.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import openai
@@ -29,6 +29,7 @@ from paged.models.ops import bind_ops
 from paged.quant.awq import AWQ
 from paged.quant.base import quantize_rows
 from paged.quant.linear import QuantizedLinearMethod
+from tests.plugin_backends import write_backend_plugin
 from tests.quant_checkpoints import kv_scale_values, write_quantized
 from tests.server.conftest import start_server, stop_server
 
@@ -237,18 +238,11 @@ def test_backend_without_the_method_fails_at_start(tmp_path):
     """A backend (here a plugin) that lacks a checkpoint's method: `paged serve` says so in one line, exit 2."""
     plugin = tmp_path / "plugin"
     plugin.mkdir()
-    (plugin / "no_quant_plugin.py").write_text(PLUGIN)
-    dist = plugin / "no_quant_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: no-quant-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(textwrap.dedent("""\
-        [paged.backends]
-        no-quant = no_quant_plugin:NoQuantAccelerator
-        """))
+    write_backend_plugin(plugin, "no-quant", "no_quant_plugin", "NoQuantAccelerator", PLUGIN)
     quantized, _ = write_quantized(tmp_path / "model", "awq", seed=1)
     result = subprocess.run([sys.executable, "-m", "paged.cli.main", "serve", str(quantized), "--device", "no-quant",
                              "--port", "0"], capture_output=True, text=True, timeout=120,
-                            env={**__import__("os").environ, "PYTHONPATH": str(plugin)})
+                            env={**os.environ, "PYTHONPATH": str(plugin)})
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert any("backend no-quant does not run awq quantization" in line for line in errors), result.stderr

@@ -26,6 +26,9 @@ from paged.quant.gguf_blocks import CONVERTIBLE, to_quantized_matrix
 from paged.quant.matrix import QuantizedMatrix, ScaledMatrix
 
 
+_WIDENED = DequantizingLinear()
+
+
 class IntLinear(LinearKernel):
     name = "Triton int GEMV/GEMM"
 
@@ -59,7 +62,7 @@ class FP8Linear(LinearKernel):
         if self.has_fp8_units and x.shape[0] <= FP8_GEMV_MAX_ROWS:
             return fp8_gemv(x, state.weight, state.scale, bias)  # decode: bound by the weight's bytes
         if not self.runs_w8a8(state):
-            return DequantizingLinear().apply(state, x, bias)
+            return _WIDENED.apply(state, x, bias)
         q, scale = quantize_rows(x, state.weight.dtype, state.input_scale)
         out = torch._scaled_mm(q, state.weight.t(), scale_a=scale, scale_b=state.scale.view(1, -1),
                                out_dtype=torch.bfloat16)

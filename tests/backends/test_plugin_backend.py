@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from stevedore import ExtensionManager
 
 from paged.backends.registry import Registered, choose, discover
+from tests.plugin_backends import write_backend_plugin
 
 PLUGIN = '''
 from paged.backends.cpu.backend import CPUBackend
@@ -28,14 +28,7 @@ class FakeAccelerator(CPUBackend):
 @pytest.fixture
 def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Registered]:
     """A distribution "fake-accel-plugin" (module + dist-info with its entry point) on sys.path; discover()."""
-    (tmp_path / "fake_accel_plugin.py").write_text(PLUGIN)
-    dist = tmp_path / "fake_accel_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-accel-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(textwrap.dedent("""\
-        [paged.backends]
-        fake-accel = fake_accel_plugin:FakeAccelerator
-        """))
+    write_backend_plugin(tmp_path, "fake-accel", "fake_accel_plugin", "FakeAccelerator", PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     # stevedore remembers a group's entry points per process, and this one looked before the install.
     monkeypatch.setattr(ExtensionManager, "ENTRY_POINT_CACHE", {})

@@ -13,22 +13,16 @@ which runs them at full size on a GPU:
 Inputs are fresh random draws; the seed is printed, so a failure can be replayed.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are built in interpreter mode
+from tests.kernels.interpreter import compiled_process, run_in_fresh_process
 
 import dataclasses  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from .test_triton_kernels import (  # noqa: E402
     DECODE,
-    INTERPRETED,
     MIXED,
-    REPO,
     SCALE,
     SMALL_TILES,
     batch,
@@ -52,12 +46,9 @@ FP8_MAX = torch.finfo(FP8).max
 SCALES = {"none": None, "k0.05-v3": (0.05, 3.0), "k3-v0.05": (3.0, 0.05)}
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this process already runs the kernels in the interpreter")
+@compiled_process
 def test_in_fresh_process():
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "--noconftest"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=os.environ.copy())
-    print(result.stdout[-20000:], result.stderr[-5000:])
-    assert result.returncode == 0, "fp8 kernel tests failed in the fresh process (output above)"
+    run_in_fresh_process(__file__)
 
 
 def as_tensor(scales: tuple[float, float] | None) -> torch.Tensor | None:

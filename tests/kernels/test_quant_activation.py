@@ -4,35 +4,22 @@ against the plain-torch version the CPU backend uses (quantize_per_token), bit f
 The interpreter's own float32 -> float8 conversion is wrong in triton 3.6 (31.5 becomes 16), so for FP8
 only the scales are compared here; tests/test_gpu.py compares the FP8 values on a GPU."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see tests/kernels/test_triton_kernels.py)
+from tests.kernels.interpreter import compiled_process, interpreted, run_in_fresh_process
 
 import random  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-triton = pytest.importorskip("triton")
-
 from paged.backends.common.quant_linear import quantize_per_token  # noqa: E402
 from paged.backends.cuda.kernels.quant_activation import quantize_rows  # noqa: E402
 
-INTERPRETED = type(triton.language.standard.cdiv).__name__ == "InterpretedFunction"
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this process already runs the kernels in the interpreter")
+@compiled_process
 def test_in_fresh_process():
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "--noconftest"]
-    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
-    print(result.stdout[-20000:], result.stderr[-5000:])
-    assert result.returncode == 0, "kernel tests failed in the fresh process (output above)"
+    run_in_fresh_process(__file__)
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="triton was imported first: see test_in_fresh_process")
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
 @pytest.mark.parametrize("static", [False, True])
 def test_matches_torch(dtype, static):
@@ -52,7 +39,7 @@ def test_matches_torch(dtype, static):
         assert torch.equal(q, q_ref)
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="triton was imported first: see test_in_fresh_process")
+@interpreted
 @pytest.mark.parametrize("m", [1, 2])
 def test_fp8_gemv_matches_float64(m):
     """The decode GEMV from FP8 weights: exactly the widened weights' product, up to float32 summation."""

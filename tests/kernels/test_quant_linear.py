@@ -5,25 +5,17 @@ Every case draws fresh shapes: odd N and odd K, so K is never a multiple of the 
 word is part padding. The seed is printed, so a failure can be replayed. float32 inputs are checked
 tightly; 16-bit ones loosely, the more so as the interpreter rounds float32 to bfloat16 by truncation.
 
-Triton picks interpreter or compiler when a function is decorated, so the variable is set before triton
-is first imported; when something imported it earlier (a conftest importing transformers does), the
-tests run in a fresh process instead.
+Under the interpreter: see tests/kernels/interpreter.py, imported first.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are built in interpreter mode
+from tests.kernels.interpreter import INTERPRETED, compiled_process, run_in_fresh_process
 
 import dataclasses  # noqa: E402
 import random  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-triton = pytest.importorskip("triton")
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from paged.backends.cuda.kernels.quant_linear import (  # noqa: E402
@@ -33,8 +25,6 @@ from paged.backends.cuda.kernels.quant_linear import (  # noqa: E402
     plan_linear,
 )
 from paged.quant.matrix import QuantizedMatrix  # noqa: E402
-
-INTERPRETED = type(triton.language.standard.cdiv).__name__ == "InterpretedFunction"
 
 
 @triton.jit
@@ -70,12 +60,9 @@ CPU = torch.device("cpu")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1.5e-2}
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this process already runs the kernels in the interpreter")
+@compiled_process
 def test_in_fresh_process():
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "--noconftest"]
-    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
-    print(result.stdout[-20000:], result.stderr[-5000:])
-    assert result.returncode == 0, "kernel tests failed in the fresh process (output above)"
+    run_in_fresh_process(__file__)
 
 
 @pytest.fixture(autouse=True)

@@ -4,26 +4,19 @@ Every kernel is checked against a float64 reference and its plain-torch counterp
 shapes; the checks themselves live in benchmarks/kernel_check.py, which runs them at full size on a GPU.
 Inputs are fresh random draws; the seed is printed, so a failure can be replayed.
 
-Triton picks interpreter or compiler when a function is decorated, its own library included, so the
-variable must be set before triton is first imported. When something imported it earlier in this process
-(a conftest importing transformers does), the tests here run in a fresh process instead.
+Under the interpreter: see tests/kernels/interpreter.py, imported first.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels are built in interpreter mode
+from tests.kernels.interpreter import INTERPRETED, REPO, compiled_process, interpreted, run_in_fresh_process
 
 import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import random  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-triton = pytest.importorskip("triton")
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from paged.backends.cpu.attention import TorchPagedAttention  # noqa: E402
@@ -37,18 +30,9 @@ from paged.backends.cuda.kernels.attention import (  # noqa: E402
 )
 
 
-REPO = Path(__file__).resolve().parents[2]
-# Whether triton's own library was decorated in interpreter mode (see the module docstring).
-INTERPRETED = type(triton.language.standard.cdiv).__name__ == "InterpretedFunction"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="triton was imported first: see test_in_fresh_process")
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this process already runs the kernels in the interpreter")
+@compiled_process
 def test_in_fresh_process():
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "--noconftest"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=os.environ.copy())
-    print(result.stdout[-20000:], result.stderr[-5000:])
-    assert result.returncode == 0, "kernel tests failed in the fresh process (output above)"
+    run_in_fresh_process(__file__)
 
 
 @triton.jit
