@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from paged import LLM, SamplingParams
 from paged.backends.common.quant_linear import DequantizingLinear
@@ -146,6 +147,7 @@ def test_served_tokens_equal_the_twin(case, tmp_path):
     quantized, twin = write_quantized(tmp_path, fmt, seed=random.randrange(1 << 30), **options)
     prompts = random_prompts()
     expected = greedy(twin, prompts)
+    names = AutoTokenizer.from_pretrained(quantized).convert_ids_to_tokens
     server = start_server(str(quantized), tmp_path / "serve.log")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
@@ -153,7 +155,7 @@ def test_served_tokens_equal_the_twin(case, tmp_path):
         for prompt, tokens in zip(prompts, expected):
             reply = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0,
                                               logprobs=0, extra_body={"min_tokens": 16})
-            assert reply.choices[0].logprobs.tokens == [f"w{t}" for t in tokens]
+            assert reply.choices[0].logprobs.tokens == names(tokens)
         described = {"gptq": "gptq 4-bit", "awq": "awq 4-bit", "ct-fp8": "compressed-tensors FP8 W8A8"}[fmt]
         assert f"quantization: {described}" in server.log_text()
     finally:
