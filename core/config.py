@@ -51,6 +51,11 @@ class EngineConfig(BaseModel):
     quantization: str | None = None  # None: the checkpoint's own; "fp8" quantizes a dense one at load
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8 (fp8_e4m3): e4m3 with per-layer scales
     skip_tokenizer_init: bool = False  # token ids in, token ids out
+    # Which library compiles JSON schemas, regexes and grammars; "auto": xgrammar, llguidance for what it refuses.
+    structured_outputs_backend: Literal["auto", "xgrammar", "guidance"] = "auto"
+    # JSON outputs are compact (", " and ": ") unless this is set: with free whitespace a small model can
+    # spend its whole budget on newlines inside an object, which still matches the schema.
+    structured_outputs_any_whitespace: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
 from torch.profiler import record_function
@@ -29,6 +30,7 @@ from paged.processing import resolve_max_model_len
 from paged.request import Request, RequestStatus
 from paged.sampling_params import RequestOutputKind
 from paged.scheduler import Scheduler
+from paged.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,9 @@ class EngineCore:
         self.vocab_size = hf_config.vocab_size
         self.groups: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.requests: dict[str, Request] = {}
+        self.structured = StructuredOutputManager(source, hf_config.vocab_size, config.structured_outputs_any_whitespace)
+        self.compiling: dict[str, Future] = {}  # user request id -> its grammar, still compiling
+        self._rejected: list[CoreOutput] = []  # requests whose grammar failed to compile, not yet reported
         self.stats = EngineStats()
         tokens = self.num_blocks * config.block_size
         logger.info(
@@ -171,16 +176,46 @@ class EngineCore:
         self.groups[request.request_id] = children
         for child in children:
             self.requests[child.request_id] = child
-            self.scheduler.add(child)
         self.stats.prompt_tokens += len(request.prompt_token_ids)
+        if params.structured_outputs is None:
+            for child in children:
+                self.scheduler.add(child)
+        else:
+            self.compiling[request.request_id] = self.structured.compile(params)
+            self._admit_compiled()
+
+    def _admit_compiled(self, timeout: float = 0.0) -> None:
+        """Schedule the requests whose grammar is ready (waiting up to `timeout` for one); a grammar that
+        failed to compile ends its request with the reason."""
+        if timeout and self.compiling:
+            wait(self.compiling.values(), timeout=timeout, return_when=FIRST_COMPLETED)
+        for request_id, future in list(self.compiling.items()):
+            if not future.done():
+                continue
+            del self.compiling[request_id]
+            children = self.groups[request_id]
+            if future.exception() is not None:
+                logger.warning("request %s: its grammar did not compile: %s", request_id, future.exception())
+                for child in children:
+                    child.status = RequestStatus.FINISHED_ABORTED
+                    self._forget(child)
+                self._rejected.append(CoreOutput(request_id, request_id, 0, client_index=children[0].client_index,
+                                                 error=f"the grammar did not compile: {future.exception()}"))
+                continue
+            for child in children:
+                child.grammar = self.structured.start(future.result(), child.params.structured_outputs)
+                self.scheduler.add(child)
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         """End user requests (by their id) or single sequences of them (by the sequence's id): aborted, or
         stopped where the frontend found a stop string."""
         for request_id in request_ids:
             sequences = self.groups.get(request_id) or [r for r in [self.requests.get(request_id)] if r]
+            compiling = self.compiling.pop(request_id, None)
             for sequence in sequences:
-                if not sequence.status.finished:
+                if compiling is not None:  # never scheduled
+                    sequence.status = status
+                elif not sequence.status.finished:
                     self._finish(sequence, status)
                 self._forget(sequence)
         self._refresh_gauges()
@@ -192,7 +227,7 @@ class EngineCore:
             del self.groups[sequence.group_id]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return self.scheduler.has_unfinished() or self._in_flight is not None or bool(self.compiling)
 
     # --- the step -----------------------------------------------------------------------------
 
@@ -204,6 +239,9 @@ class EngineCore:
         reading, detokenizing and scheduling overlaps the device's work instead of adding to it.
         """
         touched: list[Request] = []
+        if self.compiling:
+            # With nothing else to run, wait (off the GIL) for a grammar rather than spin.
+            self._admit_compiled(timeout=0.0 if self.scheduler.has_unfinished() or self._in_flight else 0.05)
         ahead = self._can_run_ahead()
         if self._in_flight is not None and not ahead:
             touched += self._retire()
@@ -227,11 +265,15 @@ class EngineCore:
                 touched += self._retire()
         self._in_flight = flight
         if flight is None and not sched.is_empty:
+            sched.grammar = self.structured.bitmask([s.request.grammar for s in sched.scheduled if s.completes])
             with record_function("paged.execute"):
                 result = self.runner.execute(sched)
             with record_function("paged.apply"):
                 touched += self._apply(sched, result)
-        return self._outputs(touched)
+        outputs = self._outputs(touched)
+        if self._rejected:
+            outputs, self._rejected = self._rejected + outputs, []
+        return outputs
 
     def _can_run_ahead(self) -> bool:
         """Whether the next step is sure to be a graph-replayed, plain-greedy decode of every running request."""
@@ -341,6 +383,12 @@ class EngineCore:
                 host["logprobs"][row], host["ranks"][row], top_ids[row][:k] if top_ids else [],
                 top_lps[row][:k] if top_lps else []))
         status = self._stop_status(request, token, length)
+        if request.grammar is not None and status is None:
+            if not self.structured.advance(request.grammar, token):
+                logger.warning("request %s: token %d is outside its grammar; it stops here", request.request_id, token)
+                status = RequestStatus.FINISHED_STOPPED
+            elif request.grammar.matcher.is_terminated():
+                status = RequestStatus.FINISHED_STOPPED
         if status is not None:
             del request.token_ids[length:]  # a token launched after this one is dropped
             self._finish(request, status)

@@ -71,11 +71,15 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several, rendered with the model's chat template."""
+        """One conversation (a list of messages) or several, rendered with the model's chat template (given
+        `tools`, OpenAI-style function definitions, and `chat_template_kwargs`, as vLLM's LLM.chat)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
-            {"prompt_token_ids": self.engine.render_chat(c, chat_template, add_generation_prompt)}
+            {"prompt_token_ids": self.engine.render_chat(c, chat_template, add_generation_prompt, tools,
+                                                         **(chat_template_kwargs or {}))}
             for c in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)

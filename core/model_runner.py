@@ -18,6 +18,7 @@ import torch
 from paged.backends.interface import AttentionMetadata, Backend
 from paged.sampler import PLAIN_GREEDY, Sampler, SamplerOutput, build_sampling_batch, gather_logprobs
 from paged.scheduler import SchedulerOutput
+from paged.structured_output.bitmask import apply_grammar_bitmask
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -258,6 +259,8 @@ class ModelRunner:
 
     def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
         rows = [sched.scheduled[i].request for i in completing]
+        if sched.grammar is not None:
+            apply_grammar_bitmask(logits, sched.grammar)
         if all(r.params.plain_greedy for r in rows):
             return self.sampler(logits, PLAIN_GREEDY, self.generator)
         batch = build_sampling_batch(

@@ -9,6 +9,7 @@ the model's facts, never the device, so an API server process runs them while th
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from paged.errors import UserError
 from paged.model_source import ModelSource, sampling_defaults
 from paged.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from paged.sampling_params import RequestOutputKind, SamplingParams
+from paged.structured_output.backend import resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +83,19 @@ class InputProcessor:
         return None, list(prompt)
 
     def render_chat(
-        self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True
+        self, messages: list[dict], chat_template: str | None = None, add_generation_prompt: bool = True,
+        tools: list[dict] | None = None, **template_kwargs: Any,
     ) -> list[int]:
-        """Token ids of a conversation rendered with the chat template (the model's, or a given one)."""
+        """Token ids of a conversation rendered with the chat template (the model's, or a given one); `tools`
+        (OpenAI's function definitions) and `template_kwargs` are the template's to use."""
         template = chat_template or self.config.chat_template
         if template and os.path.isfile(template):
             with open(template) as f:
                 template = f.read()
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
+                tools=tools, **template_kwargs,
             )
         except Exception as e:  # jinja2 and transformers raise many types for a bad template or messages
             raise UserError(f"cannot apply the chat template: {e}", param="messages") from None
@@ -120,6 +125,13 @@ class InputProcessor:
             if bad:
                 raise UserError(f"{name} token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
                                 param=name)
+        constraint = params.structured_outputs
+        if constraint is not None:
+            if self.tokenizer is None:
+                raise UserError("structured outputs need a tokenizer; this engine runs with skip_tokenizer_init",
+                                param="structured_outputs")
+            constraint.backend = _checked_backend(constraint.spec, self.config.structured_outputs_backend,
+                                                  self.config.structured_outputs_any_whitespace)
 
     def make_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
                      arrival_time: float | None = None, client_index: int = 0) -> CoreRequest:
@@ -131,6 +143,13 @@ class InputProcessor:
         params = replace(params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens),
                          eos_token_ids=self.eos_token_ids)
         return CoreRequest(request_id, token_ids, params, arrival_time or time.monotonic(), client_index)
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_backend(spec, configured: str, any_whitespace: bool) -> str:
+    """resolve_backend, remembered: clients send the same few schemas over and over (a refusal is not
+    remembered: it raises)."""
+    return resolve_backend(spec, configured, any_whitespace)
 
 
 @dataclass

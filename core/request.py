@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from paged.sampling_params import SamplingParams
+from paged.structured_output.manager import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -46,6 +47,7 @@ class Request:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     stop_reason: int | None = None
+    grammar: GrammarState | None = None  # the matcher of a structured-output request, once compiled
     # Not yet sent to the frontend: logprobs of new tokens (when asked for), a chunk of prompt logprobs.
     new_logprobs: list[Any] | None = None
     prompt_logprobs: Any = None

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from paged.errors import UserError
+from paged.structured_output.params import StructuredOutputsParams
 
 
 class RequestOutputKind(enum.Enum):
@@ -39,6 +40,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None  # a JSON schema, regex, choice or grammar
     # Filled in by the engine from the tokenizer, not by users.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
 
@@ -97,6 +99,7 @@ class SamplingParams:
         """Greedy with nothing that changes the logits or asks for logprobs: sampling is one argmax."""
         return (
             self.temperature < 1e-5
+            and self.structured_outputs is None
             and not self.logit_bias
             and self.min_tokens == 0
             and self.logprobs is None

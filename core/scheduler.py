@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from paged.block_manager import BlockManager
 from paged.request import Request, RequestStatus
+from paged.structured_output.bitmask import GrammarBitmask
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    grammar: GrammarBitmask | None = None  # allowed tokens of the constrained rows among those that complete
 
     @property
     def num_batched_tokens(self) -> int:

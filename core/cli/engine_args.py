@@ -32,6 +32,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        "gguf); default: the checkpoint's own; fp8 quantizes a dense checkpoint at load")
     group.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                        help="auto: the model's dtype; fp8: e4m3 with per-layer scales (about twice the blocks)")
+    group.add_argument("--structured-outputs-backend", "--guided-decoding-backend", default="auto",
+                       choices=["auto", "xgrammar", "guidance"],
+                       help="grammar library for response_format, structured_outputs and tool calls (default: "
+                            "xgrammar, llguidance for what xgrammar cannot compile)")
+    group.add_argument("--structured-outputs-any-whitespace", action="store_true",
+                       help="let JSON outputs put any whitespace between tokens (default: compact JSON)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -39,5 +45,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "model", "tokenizer", "device", "dtype", "max_model_len", "seed", "block_size", "enable_prefix_caching",
         "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_logprobs",
         "enforce_eager", "tensor_parallel_size", "chat_template", "quantization", "kv_cache_dtype",
+        "structured_outputs_backend", "structured_outputs_any_whitespace",
     ]
     return {name: getattr(args, name) for name in names}

@@ -8,6 +8,8 @@ import os
 from paged.cli.engine_args import add_engine_args, engine_kwargs
 from paged.config import parse_bytes
 from paged.errors import UserError
+from paged.server.reasoning import REASONING_PARSERS
+from paged.server.tool_parsers import TOOL_PARSERS
 
 API_KEY_ENV = "PAGED_API_KEY"
 
@@ -36,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: no limit)")
     server.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput / queue / cache line")
     server.add_argument("--enable-log-requests", action="store_true", help="log each request's arrival and end")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
+    server.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
+                        help="how tool calls are found in the model's replies: the model family's format")
+    server.add_argument("--reasoning-parser", choices=REASONING_PARSERS,
+                        help="split a thinking model's <think> block into reasoning_content")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(parser)
@@ -50,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model_tag and args.model and args.model_tag != args.model:
         raise UserError(f"two models named: {args.model_tag} and --model {args.model}", param="model")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise UserError("--enable-auto-tool-choice needs --tool-call-parser", param="tool_call_parser")
     for name in ("api_server_count", "max_waiting_requests"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1", param=name)
@@ -63,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         metrics_require_key=args.metrics_require_key,
         max_body_bytes=max_body_bytes,
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        reasoning_parser=args.reasoning_parser,
     )
     options = APIServerOptions(uvicorn_log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
                                log_stats=not args.disable_log_stats, log_requests=args.enable_log_requests,

@@ -18,6 +18,7 @@ from paged.config import EngineConfig
 from paged.model_source import resolve_model
 from paged.processing import InputProcessor
 from paged.server.processes import CoreAddresses, become_child
+from paged.server.reasoning import ReasoningParser
 from paged.server.settings import ServerSettings
 
 
@@ -68,6 +69,8 @@ def run_api_server(index: int, config: EngineConfig, settings: ServerSettings, a
     from paged.server.engine_client import EngineClient
 
     inputs = InputProcessor(config, resolve_model(config.model, config.tokenizer))
+    if settings.reasoning_parser:
+        ReasoningParser.load(settings.reasoning_parser, inputs.tokenizer)  # the tokenizer has its tokens
     client = EngineClient(inputs, addresses, index, core_pid, log_requests=options.log_requests,
                           max_waiting_requests=options.max_waiting_requests)
     settings = replace(settings, generation_defaults=inputs.sampling_defaults)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Literal
+from dataclasses import replace
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -15,7 +16,13 @@ from paged.server.errors import ERROR_RESPONSES
 from paged.server.generation import ChoiceDelta, DeltaTracker, final_outputs, sse_response, stream_chunks, usage_of
 from paged.server.logprobs import ChatLogprobs, chat_logprobs
 from paged.server.protocol import ChatMessage, ChoiceEnd, ResponseHead, SamplingFields, UsageInfo, created_now
-from paged.server.sampling import build_sampling_params, check_context_length, check_request
+from paged.server.chat_replies import ReplyShaper
+from paged.server.reasoning import ReasoningParser
+from paged.server.sampling import (build_sampling_params, check_context_length, check_request, check_sampling_params,
+                                   structured_outputs_of)
+from paged.server.tool_parsers import TOOL_PARSERS
+from paged.server.tools import ChatTool, DeltaToolCall, ToolCall, ToolChoice, as_delta, resolve_tool_choice, \
+    tool_call_constraint
 
 router = APIRouter()
 
@@ -27,11 +34,18 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="OpenAI's range; --max-logprobs may cap it lower")
     add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra variables for the chat template, "
+                                                        "e.g. enable_thinking")
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(ChoiceEnd):
@@ -48,6 +62,8 @@ class ChatCompletionResponse(ResponseHead):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(ChoiceEnd):
@@ -61,6 +77,12 @@ class ChatCompletionChunk(ResponseHead):
     usage: UsageInfo | None = None
 
 
+# Names apply_chat_template takes itself: chat_template_kwargs may not override them.
+_TEMPLATE_ARGUMENTS = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                       "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, engine: Engine, settings: Settings):
     model = settings.resolve_model(body.model)
@@ -70,7 +92,19 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"
     if max_tokens is None:
         max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
-    token_ids = engine.render_chat([m.for_template() for m in body.messages], body.add_generation_prompt)
+    tool_choice = resolve_tool_choice(body.tools, body.tool_choice, settings.tool_call_parser is not None
+                                      and settings.enable_auto_tool_choice)
+    tool_constraint = tool_call_constraint(body.tools or [], tool_choice, body.parallel_tool_calls is not False)
+    if tool_constraint is not None and structured_outputs_of(body) is not None:
+        raise UserError("a required or named tool_choice cannot be combined with another output constraint",
+                        param="tool_choice")
+    extra = body.chat_template_kwargs or {}
+    if _TEMPLATE_ARGUMENTS & set(extra):
+        raise UserError(f"chat_template_kwargs may not set {sorted(_TEMPLATE_ARGUMENTS & set(extra))[0]}",
+                        param="chat_template_kwargs")
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    token_ids = engine.render_chat([m.for_template() for m in body.messages], body.add_generation_prompt,
+                                   tools=tools, **extra)
     try:
         engine.check_prompt(token_ids)
     except UserError as error:
@@ -83,11 +117,21 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         logprobs=top_logprobs if body.logprobs else None,
         prompt_logprobs=None,
         defaults=settings.generation_defaults,
+        structured_outputs=tool_constraint,
     )
-    engine.check_params(params)
+    reasoning = ReasoningParser.load(settings.reasoning_parser, engine.tokenizer) if settings.reasoning_parser \
+        else None
+    if reasoning is not None and params.structured_outputs is not None and reasoning.still_thinking(token_ids):
+        params = replace(params, structured_outputs=replace(params.structured_outputs,
+                                                            reasoning_end_token_id=reasoning.end_id))
+    check_sampling_params(engine, params, body)
+    tool_parser = TOOL_PARSERS[settings.tool_call_parser]() if settings.tool_call_parser else None
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = await engine.submit(request_id, [token_ids], params)
     created = created_now()
+
+    def shaper() -> ReplyShaper:
+        return ReplyShaper(reasoning, tool_choice, tool_parser)
 
     def logprobs(delta: ChoiceDelta) -> ChatLogprobs | None:
         if delta.logprobs is None:
@@ -96,14 +140,27 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 
     if body.stream:
         chunk = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[])
+        shapers = [shaper() for _ in range(body.n)]
 
-        def to_chunk(deltas: list[ChoiceDelta]) -> ChatCompletionChunk:
-            choices = [
-                ChatStreamChoice(index=d.index, delta=DeltaMessage(content=d.text or None), logprobs=logprobs(d),
-                                 finish_reason=d.finish_reason, stop_reason=d.stop_reason)
-                for d in deltas
-            ]
-            return chunk.model_copy(update={"choices": choices})
+        def stream_choice(d: ChoiceDelta) -> ChatStreamChoice | None:
+            """The choice's part of a chunk; None while it has nothing to show (a tool call's grammar output
+            is held until it ends)."""
+            shaping = shapers[d.index]
+            part = shaping.feed(d.text)
+            if d.finish_reason is not None:
+                part += shaping.finish()
+            calls = [as_delta(i, call) for i, call in enumerate(part.tool_calls)] or None
+            delta = DeltaMessage(content=part.content or None, reasoning_content=part.reasoning or None,
+                                 tool_calls=calls)
+            choice = ChatStreamChoice(index=d.index, delta=delta, logprobs=logprobs(d),
+                                      finish_reason=shaping.finish_reason(d.finish_reason, part),
+                                      stop_reason=d.stop_reason)
+            empty = delta == DeltaMessage() and choice.logprobs is None and choice.finish_reason is None
+            return None if empty else choice
+
+        def to_chunk(deltas: list[ChoiceDelta]) -> ChatCompletionChunk | None:
+            choices = [c for c in map(stream_choice, deltas) if c is not None]
+            return chunk.model_copy(update={"choices": choices}) if choices else None
 
         def usage_chunk(usage: UsageInfo) -> ChatCompletionChunk:
             return chunk.model_copy(update={"usage": usage})
@@ -120,10 +177,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         return sse_response(chunks(), stream)
 
     outputs = await final_outputs(request, stream)
-    choices = [
-        ChatChoice(index=d.index, message=AssistantMessage(content=d.text), logprobs=logprobs(d),
-                   finish_reason=d.finish_reason, stop_reason=d.stop_reason)
-        for d in DeltaTracker(body.n).update(0, outputs[0])
-    ]
+    choices = []
+    for d in DeltaTracker(body.n).update(0, outputs[0]):
+        shaping = shaper()
+        part = shaping.whole(d.text)
+        message = AssistantMessage(content=part.content or (None if part.tool_calls else ""),
+                                   reasoning_content=part.reasoning or None, tool_calls=part.tool_calls or None)
+        choices.append(ChatChoice(index=d.index, message=message, logprobs=logprobs(d),
+                                  finish_reason=shaping.finish_reason(d.finish_reason, part),
+                                  stop_reason=d.stop_reason))
     return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
                                   usage=usage_of(outputs))

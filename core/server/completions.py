@@ -24,7 +24,7 @@ from paged.server.generation import (
 )
 from paged.server.logprobs import CompletionLogprobs, completion_logprobs
 from paged.server.protocol import ChoiceEnd, ResponseHead, SamplingFields, Text, UsageInfo, created_now
-from paged.server.sampling import build_sampling_params, check_context_length, check_request
+from paged.server.sampling import build_sampling_params, check_context_length, check_request, check_sampling_params
 
 router = APIRouter()
 
@@ -67,7 +67,7 @@ async def create_completion(body: CompletionRequest, request: Request, engine: E
         prompt_logprobs=body.logprobs if body.echo else None,
         defaults=settings.generation_defaults,
     )
-    engine.check_params(params)
+    check_sampling_params(engine, params, body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     stream = await engine.submit(request_id, [p.token_ids for p in prompts], params)
     response = CompletionResponse(id=request_id, created=created_now(), model=model, choices=[])

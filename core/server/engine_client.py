@@ -271,8 +271,9 @@ class EngineClient:
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         return self.inputs.tokenize_prompt(prompt)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.inputs.render_chat(messages, None, add_generation_prompt)
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    **template_kwargs) -> list[int]:
+        return self.inputs.render_chat(messages, None, add_generation_prompt, tools, **template_kwargs)
 
     def check_prompt(self, token_ids: list[int]) -> None:
         self.inputs.check_prompt(token_ids)

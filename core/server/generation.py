@@ -85,12 +85,15 @@ async def iterate_deltas(stream: RequestStream, n: int) -> AsyncIterator[list[Ch
 async def stream_chunks(
     stream: RequestStream,
     n: int,
-    to_chunk: Callable[[list[ChoiceDelta]], BaseModel],
+    to_chunk: Callable[[list[ChoiceDelta]], BaseModel | None],
     usage_chunk: Callable[[UsageInfo], BaseModel] | None,
 ) -> AsyncIterator[BaseModel]:
-    """One chunk per step that changed something visible, then the usage chunk when the client asked."""
+    """One chunk per step that changed something visible (to_chunk may still find nothing to send: None),
+    then the usage chunk when the client asked."""
     async for deltas in iterate_deltas(stream, n):
-        yield to_chunk(deltas)
+        chunk = to_chunk(deltas)
+        if chunk is not None:
+            yield chunk
     if usage_chunk is not None:
         yield usage_chunk(usage_of(out for out in stream.outputs if out is not None))
 

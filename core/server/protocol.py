@@ -7,6 +7,7 @@ sampling values are checked once, by `SamplingParams`, so the two can never disa
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Annotated, Any, Literal
@@ -47,17 +48,8 @@ class StreamOptions(StrictModel):
 # that asks for nothing (sent by clients that fill every field). Any other value is a 400 naming the field:
 # a client must not get plain text where it asked for JSON or a tool call.
 UNSUPPORTED_FIELDS: dict[str, Any] = {
-    "response_format": {"type": "text"},
-    "tools": [],
-    "tool_choice": "none",
     "functions": [],
     "function_call": "none",
-    "parallel_tool_calls": None,
-    "structured_outputs": None,
-    "guided_json": None,
-    "guided_regex": None,
-    "guided_choice": None,
-    "guided_grammar": None,
     "guided_decoding_backend": None,
     "guided_whitespace_pattern": None,
     "suffix": "",
@@ -80,6 +72,32 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
     "reasoning_effort": None,
     "mm_processor_kwargs": None,
 }
+
+
+class JsonSchemaFormat(StrictModel):
+    name: Text = "response"
+    description: Text | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is enforced either way
+
+
+class ResponseFormat(StrictModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(StrictModel):
+    """vLLM's structured_outputs body field: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt constraint must not pass as no constraint
+
+    json_schema: dict[str, Any] | Text | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(StrictModel):
@@ -113,7 +131,13 @@ class SamplingFields(StrictModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-
+    # Constrained outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
     def check_extra_fields(self) -> None:
         """A 400 for an output-changing field that is not implemented; a log warning for any other unknown one
@@ -133,21 +157,50 @@ class TextPart(StrictModel):
     text: Text
 
 
+class MessageFunctionCall(StrictModel):
+    name: Text
+    arguments: Text  # JSON text
+
+
+class MessageToolCall(StrictModel):
+    id: Text
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
 class ChatMessage(StrictModel):
+    model_config = ConfigDict(extra="allow")  # e.g. a client echoing back an assistant's reasoning_content
+
     role: Text
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls, in the history
+    tool_call_id: Text | None = None  # a tool's answer, to which call
 
-    def for_template(self) -> dict[str, str]:
-        """The message as chat templates expect it: text parts joined, no content as ''."""
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it: text parts joined, no content as '', a call's arguments
+        as a dict (what Hugging Face templates index into), where they parse."""
         if isinstance(self.content, list):
             content = "\n".join(part.text for part in self.content)
         else:
             content = self.content or ""
-        message = {"role": self.role, "content": content}
+        message: dict[str, Any] = {"role": self.role, "content": content}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": call.type, "function": {
+                "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 class UsageInfo(BaseModel):

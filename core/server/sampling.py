@@ -10,6 +10,7 @@ from typing import Any
 from paged.errors import UserError
 from paged.sampling_params import SamplingParams
 from paged.server.protocol import SamplingFields
+from paged.structured_output import StructuredOutputsParams
 
 # Request fields whose default comes from the model's generation_config when the client leaves them out.
 _MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -22,8 +23,10 @@ def build_sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None,
     defaults: dict[str, Any],
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
-    """SamplingParams for `body`; a bad value raises UserError naming the field (a 400)."""
+    """SamplingParams for `body`; a bad value raises UserError naming the field (a 400). `structured_outputs`:
+    the constraint, when the endpoint made one (tool calls) rather than `structured_outputs_of(body)`."""
     chosen = {name: getattr(body, name) for name in _MODEL_DEFAULTED}
     model_defaults = {name: defaults[name] for name, value in chosen.items() if value is None and name in defaults}
     return SamplingParams(
@@ -42,6 +45,7 @@ def build_sampling_params(
         logit_bias=body.logit_bias,
         skip_special_tokens=body.skip_special_tokens,
         spaces_between_special_tokens=body.spaces_between_special_tokens,
+        structured_outputs=structured_outputs or structured_outputs_of(body),
         **{name: value for name, value in chosen.items() if value is not None},
         **model_defaults,
     )
@@ -63,3 +67,50 @@ def check_request(body: SamplingFields) -> None:
     body.check_extra_fields()
     if body.stream_options is not None and not body.stream:
         raise UserError("stream_options can only be set when stream is true", param="stream_options")
+
+
+def structured_outputs_of(body: SamplingFields) -> StructuredOutputsParams | None:
+    """The one constraint the body asks for, from whichever field names it; two at once are a 400."""
+    found = _constraints(body)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise UserError(f"only one of {', '.join(found)} may constrain the output", param=sorted(found)[1])
+    (field, constraint), = found.items()
+    try:
+        return StructuredOutputsParams(**constraint)
+    except UserError as error:
+        raise UserError(str(error), param=field) from None
+
+
+def check_sampling_params(engine: Any, params: SamplingParams, body: SamplingFields) -> None:
+    """The engine's checks of `params`; a refused constraint is a 400 naming the body field that sent it."""
+    try:
+        engine.check_params(params)
+    except UserError as error:
+        fields = list(_constraints(body))
+        if error.param == "structured_outputs" and fields:
+            raise UserError(str(error), param=fields[0]) from None
+        raise
+
+
+def _constraints(body: SamplingFields) -> dict[str, dict[str, Any]]:
+    """Body field -> StructuredOutputsParams arguments, for each field that asks for a constraint."""
+    found: dict[str, dict[str, Any]] = {}
+    if body.response_format is not None and body.response_format.type != "text":
+        if body.response_format.type == "json_object":
+            found["response_format"] = {"json_object": True}
+        else:
+            schema = body.response_format.json_schema
+            if schema is None or schema.json_schema is None:
+                raise UserError("response_format of type json_schema needs json_schema.schema", param="response_format")
+            found["response_format"] = {"json": schema.json_schema}
+    if body.structured_outputs is not None:
+        asked = body.structured_outputs
+        found["structured_outputs"] = {"json": asked.json_schema, "regex": asked.regex, "choice": asked.choice,
+                                       "grammar": asked.grammar, "json_object": asked.json_object}
+    for field, name in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                        ("guided_grammar", "grammar")):
+        if getattr(body, field) is not None:
+            found[field] = {name: getattr(body, field)}
+    return found

@@ -17,6 +17,9 @@ class ServerSettings:
     api_key: str | None = None
     metrics_require_key: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    tool_call_parser: str | None = None  # a name in paged.server.tool_parsers.TOOL_PARSERS
+    enable_auto_tool_choice: bool = False
+    reasoning_parser: str | None = None  # a name in paged.server.reasoning.REASONING_PARSERS
     # Sampling defaults for fields a request leaves out (the model's generation_config), SamplingParams names.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 

@@ -1,0 +1,75 @@
+"""Grammars through llguidance ("guidance", as vLLM calls it): JSON schema, JSON object, regex, choice and
+Lark (EBNF is converted to Lark by the library)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import llguidance.numpy
+import numpy as np
+
+from paged.structured_output.backend import GrammarBackend, GrammarMatcher, bad_constraint, choice_literals
+from paged.structured_output.params import GrammarSpec
+
+_ANY_JSON_OBJECT = json.dumps({"type": "object"})
+
+
+def _grammar(spec: GrammarSpec, any_whitespace: bool) -> str:
+    """llguidance's grammar text for `spec` (its constructors check nothing; validate_grammar does)."""
+    if spec.kind in ("json", "json_object"):
+        schema = spec.text if spec.kind == "json" else _ANY_JSON_OBJECT
+        options = {"whitespace_flexible": any_whitespace, "item_separator": ", ", "key_separator": ": "}
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
+    if spec.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec.text)
+    if spec.kind == "choice":
+        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(choice_literals(spec)))
+    if spec.kind == "grammar":
+        return llguidance.LLMatcher.grammar_from_lark(llguidance.gbnf_to_lark.gbnf_to_lark(spec.text))
+    return llguidance.LLMatcher.grammar_from_lark(spec.text)
+
+
+class GuidanceMatcher(GrammarMatcher):
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+        self.matcher = matcher
+
+    def accept_token(self, token: int) -> bool:
+        if not self.matcher.validate_tokens([token]):
+            return False
+        return self.matcher.consume_token(token)
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_stopped()
+
+
+class GuidanceBackend(GrammarBackend):
+    name = "guidance"
+
+    @classmethod
+    def check(cls, spec: GrammarSpec, any_whitespace: bool) -> None:
+        if spec.kind == "json":
+            spec.schema()
+        try:
+            failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(_grammar(spec, any_whitespace))
+        except Exception as error:  # a schema that is not a JSON object, an unconvertible EBNF
+            raise bad_constraint(spec, error) from None
+        if failed:
+            raise bad_constraint(spec, ValueError("; ".join(messages)))
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], any_whitespace: bool) -> None:
+        self.any_whitespace = any_whitespace
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stop_token_ids)
+        self.executor = llguidance.LLExecutor(num_threads=2)
+
+    def compile(self, spec: GrammarSpec) -> str:
+        return _grammar(spec, self.any_whitespace)
+
+    def matcher(self, compiled: str) -> GuidanceMatcher:
+        return GuidanceMatcher(llguidance.LLMatcher(self.tokenizer, compiled, log_level=0))
+
+    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: np.ndarray) -> None:
+        llguidance.numpy.fill_next_token_bitmask_par(
+            self.executor, [(m.matcher, row) for row, m in enumerate(matchers)], bitmask)

@@ -1,0 +1,116 @@
+"""The engine core's side of structured output: grammars compiled off the step loop, one matcher per
+sequence, and each step's bitmask for the constrained rows only.
+
+Compiling takes milliseconds to (for large schemas) seconds, so it runs on one worker thread, and a
+request waits outside the scheduler until its grammar is ready; compiled grammars are cached by
+(backend, constraint), the tokenizer being the engine's one. Matchers advance with every accepted token
+and keep their state through preemption (a preempted sequence keeps its tokens and recomputes only
+their KV), so nothing needs rebuilding.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from paged.model_source import ModelSource
+from paged.sampling_params import SamplingParams
+from paged.structured_output.backend import GrammarBackend, GrammarMatcher, load_backend_class
+from paged.structured_output.bitmask import GrammarBitmask
+from paged.structured_output.params import StructuredOutputsParams
+
+_CACHE_SIZE = 256
+
+
+@dataclass
+class GrammarState:
+    """A sequence's matcher. While `waiting_for` is set (a reasoning model still thinking) the grammar is
+    not applied; the token after that one is the first it constrains."""
+
+    matcher: GrammarMatcher
+    backend: GrammarBackend
+    waiting_for: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.waiting_for is None
+
+
+class StructuredOutputManager:
+    def __init__(self, source: ModelSource, vocab_size: int, any_whitespace: bool) -> None:
+        self.source = source
+        self.vocab_size = vocab_size
+        self.any_whitespace = any_whitespace
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paged-grammar")
+        self._tokenizer: Any = None
+        self._backends: dict[str, GrammarBackend] = {}
+        self._compiled: OrderedDict[tuple[str, Any], Future] = OrderedDict()
+        self._bitmask = np.zeros((0, -(-vocab_size // 32)), np.int32)
+
+    def compile(self, params: SamplingParams) -> Future:
+        """The grammar of a request's constraint, compiling on the worker thread (or cached)."""
+        constraint = params.structured_outputs
+        key = (constraint.backend or "xgrammar", constraint.spec)
+        future = self._compiled.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = self._pool.submit(self._compile, key[0], constraint, sorted(params.eos_token_ids))
+            self._compiled[key] = future
+            if len(self._compiled) > _CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        return future
+
+    def _compile(self, name: str, constraint: StructuredOutputsParams, stop_token_ids: list[int]
+                 ) -> tuple[GrammarBackend, Any]:
+        backend = self._backends.get(name)
+        if backend is None:
+            if self._tokenizer is None:
+                self._tokenizer = self.source.load_tokenizer()
+            backend = load_backend_class(name)(self._tokenizer, self.vocab_size, stop_token_ids, self.any_whitespace)
+            self._backends[name] = backend
+        return backend, backend.compile(constraint.spec)
+
+    @staticmethod
+    def start(compiled: tuple[GrammarBackend, Any], constraint: StructuredOutputsParams) -> GrammarState:
+        """A sequence's matcher, at the start of its grammar."""
+        backend, grammar = compiled
+        return GrammarState(backend.matcher(grammar), backend, constraint.reasoning_end_token_id)
+
+    @staticmethod
+    def advance(state: GrammarState, token: int) -> bool:
+        """Take a sampled token; False if the grammar refuses it (it cannot, unless the mask was overridden:
+        a request that must stop yet cannot, say, by min_tokens)."""
+        if not state.active:
+            if token == state.waiting_for:
+                state.waiting_for = None
+            return True
+        return state.matcher.accept_token(token)
+
+    def bitmask(self, states: list[GrammarState | None]) -> GrammarBitmask | None:
+        """The bitmask of the rows whose grammar is active; None when no row is constrained (the step then
+        pays nothing). One batched fill per backend in use."""
+        rows = [i for i, state in enumerate(states) if state is not None and state.active]
+        if not rows:
+            return None
+        if self._bitmask.shape[0] < len(rows):
+            self._bitmask = np.zeros((len(rows), self._bitmask.shape[1]), np.int32)
+        bitmask = self._bitmask[: len(rows)]
+        by_backend: dict[int, list[int]] = {}
+        for position, row in enumerate(rows):
+            by_backend.setdefault(id(states[row].backend), []).append(position)
+        for positions in by_backend.values():
+            backend = states[rows[positions[0]]].backend
+            if len(positions) == len(rows):
+                backend.fill_bitmask([states[row].matcher for row in rows], bitmask)
+            else:
+                part = np.zeros((len(positions), bitmask.shape[1]), np.int32)
+                backend.fill_bitmask([states[rows[p]].matcher for p in positions], part)
+                bitmask[positions] = part
+        return GrammarBitmask(rows, bitmask.copy())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,66 @@
+"""Grammars through xgrammar: JSON schema, JSON object, regex, choice, EBNF and Lark; batched masks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import xgrammar as xgr
+
+from paged.structured_output.backend import GrammarBackend, GrammarMatcher, bad_constraint, choice_literals
+from paged.structured_output.params import GrammarSpec
+
+
+def _grammar(spec: GrammarSpec, any_whitespace: bool) -> xgr.Grammar:
+    """The uncompiled grammar of `spec`; compact JSON (", " and ": " separators) unless any_whitespace."""
+    if spec.kind == "json":
+        return xgr.Grammar.from_json_schema(spec.text, any_whitespace=any_whitespace, strict_mode=True)
+    if spec.kind == "json_object":
+        return xgr.Grammar.builtin_json_grammar()
+    if spec.kind == "regex":
+        return xgr.Grammar.from_regex(spec.text)
+    if spec.kind == "choice":
+        return xgr.Grammar.from_ebnf("root ::= " + " | ".join(choice_literals(spec)))
+    if spec.kind == "lark":
+        return xgr.Grammar.from_lark(spec.text)
+    return xgr.Grammar.from_ebnf(spec.text)
+
+
+class XGrammarMatcher(GrammarMatcher):
+    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
+        self.matcher = matcher
+
+    def accept_token(self, token: int) -> bool:
+        return self.matcher.accept_token(token)
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+class XGrammarBackend(GrammarBackend):
+    name = "xgrammar"
+
+    @classmethod
+    def check(cls, spec: GrammarSpec, any_whitespace: bool) -> None:
+        if spec.kind == "json":
+            spec.schema()
+        try:
+            _grammar(spec, any_whitespace)
+        except Exception as error:  # xgrammar raises RuntimeError, ValueError or its own types
+            raise bad_constraint(spec, error) from None
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], any_whitespace: bool) -> None:
+        self.any_whitespace = any_whitespace
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+        self.batch = xgr.BatchGrammarMatcher(max_threads=2)
+
+    def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        return self.compiler.compile_grammar(_grammar(spec, self.any_whitespace))
+
+    def matcher(self, compiled: xgr.CompiledGrammar) -> XGrammarMatcher:
+        return XGrammarMatcher(xgr.GrammarMatcher(compiled))
+
+    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: np.ndarray) -> None:
+        self.batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], torch.from_numpy(bitmask))
