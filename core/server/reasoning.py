@@ -79,13 +79,8 @@ class ReasoningStream:
     def feed(self, delta: str) -> tuple[str, str]:
         """(reasoning, content) this delta releases."""
         self.text += delta
-        if not self.decided:
-            stripped = self.text.lstrip()
-            if not self.parser.opened_by_prompt and THINK_START.startswith(stripped):
-                return "", ""  # may still become <think>
-            self.decided, self.thinking = True, self.parser.thinks(self.text)
-            if self.thinking and stripped.startswith(THINK_START):
-                self.sent = self.text.index(THINK_START) + len(THINK_START)
+        if not self.decided and not self._decide(final=False):
+            return "", ""
         if not self.thinking:
             return "", self._take(len(self.text))
         if self.ended:
@@ -98,8 +93,20 @@ class ReasoningStream:
         self.sent, self.ended = end + len(THINK_END), True
         return reasoning, self._answer()
 
+    def _decide(self, final: bool) -> bool:
+        """Whether the reply thinks, once its start shows it (a reply may begin with <think> in pieces)."""
+        stripped = self.text.lstrip()
+        if not final and len(stripped) < len(THINK_START) and THINK_START.startswith(stripped):
+            return False
+        self.decided, self.thinking = True, self.parser.thinks(self.text)
+        if self.thinking and stripped.startswith(THINK_START):
+            self.sent = self.text.index(THINK_START) + len(THINK_START)
+        return True
+
     def finish(self) -> tuple[str, str]:
         """What is still held, as (reasoning, content)."""
+        if not self.decided:
+            self._decide(final=True)
         if self.thinking and not self.ended:
             return self._take(len(self.text)), ""
         return "", self._answer() if self.thinking else self._take(len(self.text))

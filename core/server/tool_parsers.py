@@ -157,6 +157,8 @@ class ToolCallStream:
         if not self.settled:
             self.start = self.parser.find_start(self.text)
         if self.start is not None:
+            if self.parser.anchored:  # only whitespace precedes: not content
+                self.sent = self.start
             return self._release(self.start)
         held = 0 if self.settled else self.parser.undecided(self.text)
         if self.parser.anchored and held == 0:
