@@ -147,3 +147,27 @@ def test_fp8_kv_cache_agreement_on_gpu(gpu_device, tmp_path):
 
     top_same, positions, worst, _ = fp8_kv_agreement(gpu_device, tmp_path)
     assert top_same >= 0.8 * positions and worst < 0.5
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_structured_output_on_gpu(eager, gpu_device, tmp_path):
+    """The grammar's bitmask applied on the device: constrained rows keep to their regex (words w3..w99, then
+    the end), greedy equals the CPU backend's, and an unconstrained neighbour is unchanged."""
+    from paged.structured_output import StructuredOutputsParams
+
+    save_tiny_model("llama", tmp_path, seed=random.randrange(1 << 30))
+    prompts = [{"prompt_token_ids": [random.randrange(3, VOCAB) for _ in range(n)]} for n in (5, 23)]
+    constrained = SamplingParams(temperature=0, max_tokens=20,
+                                 structured_outputs=StructuredOutputsParams(regex="(w[1-9][0-9]?){8}"))
+    free = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    runs = {}
+    for device in (gpu_device, "cpu"):
+        llm = LLM(model=str(tmp_path), dtype="float32", device=device, enforce_eager=eager, max_num_seqs=8,
+                  gpu_memory_utilization=0.2, kv_cache_memory="64MiB")
+        runs[device] = [o.outputs[0].token_ids for o in llm.generate(prompts * 2, [constrained] * 2 + [free] * 2,
+                                                                      use_tqdm=False)]
+        alone = llm.generate(prompts, free, use_tqdm=False)
+        assert runs[device][2:] == [o.outputs[0].token_ids for o in alone]
+    for tokens in runs[gpu_device][:2]:
+        assert len(tokens) == 9 and all(3 <= t < 100 for t in tokens[:8])
+    assert runs[gpu_device] == runs["cpu"]

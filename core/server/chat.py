@@ -181,7 +181,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     for d in DeltaTracker(body.n).update(0, outputs[0]):
         shaping = shaper()
         part = shaping.whole(d.text)
-        message = AssistantMessage(content=part.content or (None if part.tool_calls else ""),
+        message = AssistantMessage(content=part.content or (None if part.tool_calls or part.reasoning else ""),
                                    reasoning_content=part.reasoning or None, tool_calls=part.tool_calls or None)
         choices.append(ChatChoice(index=d.index, message=message, logprobs=logprobs(d),
                                   finish_reason=shaping.finish_reason(d.finish_reason, part),

@@ -16,8 +16,8 @@ def _grammar(spec: GrammarSpec, any_whitespace: bool) -> xgr.Grammar:
     """The uncompiled grammar of `spec`; compact JSON (", " and ": " separators) unless any_whitespace."""
     if spec.kind == "json":
         return xgr.Grammar.from_json_schema(spec.text, any_whitespace=any_whitespace, strict_mode=True)
-    if spec.kind == "json_object":
-        return xgr.Grammar.builtin_json_grammar()
+    if spec.kind == "json_object":  # any object: a schema without strict mode's closed objects
+        return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=any_whitespace, strict_mode=False)
     if spec.kind == "regex":
         return xgr.Grammar.from_regex(spec.text)
     if spec.kind == "choice":
