@@ -7,8 +7,7 @@
 # profile, serve (paged serve against the offline engine on the same model, for each API_SERVERS count),
 # serve-hf (`transformers serve` with continuous batching, and paged on the same chat workload),
 # quant-kernels, fp8-w1-8b, fp8-single-8b, awq-single-8b, awq-w1-8b, gptq-single-8b, long-8b, long-8b-fp8kv,
-# awq-single-70b, awq-w1-70b (quantized weights and the FP8 KV cache), gemv-variants (the decode GEMV
-# kernels' tile sweep), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
+# awq-single-70b, awq-w1-70b (quantized weights and the FP8 KV cache), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
 # .bench/smollm2-tokenizer: a shape has no tokenizer).
 # Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
 # summary.md (the table for RESULTS.md), and a log per part group.
@@ -149,10 +148,6 @@ if want profile; then
     --profile "$OUT/profile-single.txt" >>"$OUT/bench.log" 2>&1
 fi
 [ -f "$RESULTS" ] && python3 benchmarks/summarize_gpu.py "$RESULTS" | tee "$OUT/summary.md"
-if want gemv-variants; then
-  python3 benchmarks/gemv_variants.py --out "$OUT/gemv_variants.md" >"$OUT/gemv-variants.log" 2>&1
-  echo "gemv variants exit $?"
-fi
 if want structured-1b; then
   echo "== structured-1b"
   python3 benchmarks/structured.py --shape 1b --tokenizer .bench/smollm2-tokenizer --num-prompts 64 \

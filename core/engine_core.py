@@ -9,6 +9,7 @@ waits on HTTP; the offline LLMEngine calls it in-process.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -265,7 +266,9 @@ class EngineCore:
                 touched += self._retire()
         self._in_flight = flight
         if flight is None and not sched.is_empty:
-            sched.grammar = self.structured.bitmask([s.request.grammar for s in sched.scheduled if s.completes])
+            states = [s.request.grammar for s in sched.scheduled if s.completes]
+            if any(state is not None and state.active for state in states):
+                sched.grammar = functools.partial(self.structured.bitmask, states)
             with record_function("paged.execute"):
                 result = self.runner.execute(sched)
             with record_function("paged.apply"):

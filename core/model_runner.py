@@ -260,7 +260,7 @@ class ModelRunner:
     def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
         rows = [sched.scheduled[i].request for i in completing]
         if sched.grammar is not None:
-            apply_grammar_bitmask(logits, sched.grammar)
+            apply_grammar_bitmask(logits, sched.grammar())
         if all(r.params.plain_greedy for r in rows):
             return self.sampler(logits, PLAIN_GREEDY, self.generator)
         batch = build_sampling_batch(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from paged.block_manager import BlockManager
 from paged.request import Request, RequestStatus
@@ -33,7 +34,9 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    grammar: GrammarBitmask | None = None  # allowed tokens of the constrained rows among those that complete
+    # The allowed tokens of the constrained rows among those that complete, filled when called: the runner
+    # calls it once the forward pass is launched, so the host fills it while an accelerator computes.
+    grammar: Callable[[], GrammarBitmask] | None = None
 
     @property
     def num_batched_tokens(self) -> int:

@@ -4,6 +4,7 @@ Lark (EBNF is converted to Lark by the library)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import llguidance
@@ -62,7 +63,7 @@ class GuidanceBackend(GrammarBackend):
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], any_whitespace: bool) -> None:
         self.any_whitespace = any_whitespace
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stop_token_ids)
-        self.executor = llguidance.LLExecutor(num_threads=2)
+        self.executor = llguidance.LLExecutor(num_threads=min(8, os.cpu_count() or 1))
 
     def compile(self, spec: GrammarSpec) -> str:
         return _grammar(spec, self.any_whitespace)

@@ -90,12 +90,10 @@ class StructuredOutputManager:
             return True
         return state.matcher.accept_token(token)
 
-    def bitmask(self, states: list[GrammarState | None]) -> GrammarBitmask | None:
-        """The bitmask of the rows whose grammar is active; None when no row is constrained (the step then
-        pays nothing). One batched fill per backend in use."""
+    def bitmask(self, states: list[GrammarState | None]) -> GrammarBitmask:
+        """The bitmask of the rows whose grammar is active (at least one is: a step without any passes no
+        bitmask and pays nothing). One batched fill per backend in use."""
         rows = [i for i, state in enumerate(states) if state is not None and state.active]
-        if not rows:
-            return None
         if self._bitmask.shape[0] < len(rows):
             self._bitmask = np.zeros((len(rows), self._bitmask.shape[1]), np.int32)
         bitmask = self._bitmask[: len(rows)]

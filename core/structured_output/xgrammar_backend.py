@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,8 @@ class XGrammarBackend(GrammarBackend):
         self.any_whitespace = any_whitespace
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
-        self.batch = xgr.BatchGrammarMatcher(max_threads=2)
+        # The fill runs while the device computes the step (or, on a CPU, while nothing else does).
+        self.batch = xgr.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
 
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         return self.compiler.compile_grammar(_grammar(spec, self.any_whitespace))
