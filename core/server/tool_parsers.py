@@ -169,7 +169,7 @@ class ToolCallStream:
         """The content still held; the calls are in `calls` afterwards."""
         if self.start is None:
             return self._release(len(self.text))
-        content, self.calls = self.parser.extract(self.text)
+        _, self.calls = self.parser.extract(self.text)
         if not self.calls:
             return self._release(len(self.text))
         return ""
