@@ -150,9 +150,9 @@ def test_models_and_version(client: openai.OpenAI, http: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("response_format", {"type": "json_object"}),
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("guided_json", {"type": "object"}),
+    ("functions", [{"name": "f", "parameters": {}}]),
+    ("guided_decoding_backend", "outlines"),
+    ("bad_words", ["hi"]),
     ("best_of", 3),
 ])
 def test_an_unimplemented_output_changing_field_is_a_400_naming_it(client: openai.OpenAI, field: str,
