@@ -50,7 +50,8 @@ class LLMEngine:
         return self.inputs.tokenize_prompt(prompt)
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,
-                    add_generation_prompt: bool = True, tools: list[dict] | None = None, **template_kwargs) -> list[int]:
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    **template_kwargs) -> list[int]:
         return self.inputs.render_chat(messages, chat_template, add_generation_prompt, tools, **template_kwargs)
 
     def check_prompt(self, token_ids: list[int]) -> None:

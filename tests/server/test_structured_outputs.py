@@ -87,7 +87,8 @@ def test_streamed_equals_whole_under_greedy(client, model, request_kind):
     whole = client.chat.completions.create(**kwargs).choices[0]
     content, calls, finish = _streamed_chat(client, **kwargs)
     assert content == (whole.message.content or "")
-    assert calls == [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls or []]
+    made = whole.message.tool_calls or []
+    assert calls == [{"name": c.function.name, "arguments": c.function.arguments} for c in made]
     assert finish == whole.finish_reason
     if request_kind == "json_schema":
         City.model_validate_json(content)
@@ -122,7 +123,8 @@ def test_required_and_named_tool_choices_give_valid_calls(client, model):
 def test_auto_tool_choice_parses_the_models_calls(client, model):
     """tool_choice "auto" with the hermes parser: the model's reply (held to a Hermes call here by a regex, as
     a tool-trained model would write it) comes back as tool_calls, whole and streamed."""
-    call = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]{2,8}", "unit": "celsius"\}\}\n</tool_call>'
+    call = (r'<tool_call>\n\{"name": "get_weather", "arguments": '
+            r'\{"city": "[A-Z][a-z]{2,8}", "unit": "celsius"\}\}\n</tool_call>')
     kwargs = dict(model=model, messages=ASK, tools=TOOLS, temperature=0, max_tokens=120,
                   extra_body={"guided_regex": "Checking\\. " + call})
     whole = client.chat.completions.create(**kwargs).choices[0]

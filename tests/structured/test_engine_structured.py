@@ -117,7 +117,8 @@ def test_mask_is_every_token_that_continues_a_match(llm, backend):
     vocab = llm.engine.vocab_size
     eos = tokenizer.eos_token_id
     texts = {t: tokenizer.decode([t]) for t in range(len(tokenizer))}
-    plain = [t for t, s in texts.items() if s.isascii() and s and not tokenizer.convert_ids_to_tokens(t).startswith("<")]
+    plain = [t for t, s in texts.items()
+             if s.isascii() and s and not tokenizer.convert_ids_to_tokens(t).startswith("<")]
     pattern = r"[a-c]{1,3}(-[0-9]{2})?x"
     compiled = regex.compile(pattern)
     grammar_backend = load_backend_class(backend)(tokenizer, vocab, [eos], False)
@@ -154,8 +155,9 @@ def test_unconstrained_requests_in_the_batch_are_untouched(llm):
 
 
 def test_seeds_logprobs_and_n(llm):
-    constraint = StructuredOutputsParams(json={"type": "object", "properties": {"w": {"type": "string", "maxLength": 8}},
-                                               "required": ["w"], "additionalProperties": False})
+    word = {"type": "object", "properties": {"w": {"type": "string", "maxLength": 8}}, "required": ["w"],
+            "additionalProperties": False}
+    constraint = StructuredOutputsParams(json=word)
     params = SamplingParams(n=3, temperature=1.2, seed=11, max_tokens=40, logprobs=2, structured_outputs=constraint)
     first, again = (llm.generate(chat(llm, ["A word as JSON."]), params, use_tqdm=False)[0] for _ in range(2))
     assert [c.token_ids for c in first.outputs] == [c.token_ids for c in again.outputs]

@@ -34,7 +34,8 @@ CASES = [
      % (json.dumps(WEATHER), json.dumps(TIME)), None, [("weather", WEATHER), ("time", TIME)]),
     ("mistral", "Sure. [TOOL_CALLS]weather[ARGS]%s[TOOL_CALLS]time[ARGS]%s" % (json.dumps(WEATHER), json.dumps(TIME)),
      "Sure. ", [("weather", WEATHER), ("time", TIME)]),
-    ("json", '```json\n[{"name": "weather", "arguments": %s}]\n```' % json.dumps(WEATHER), None, [("weather", WEATHER)]),
+    ("json", '```json\n[{"name": "weather", "arguments": %s}]\n```' % json.dumps(WEATHER), None,
+     [("weather", WEATHER)]),
     ("json", '  {"name": "time", "parameters": %s}' % json.dumps(TIME), None, [("time", TIME)]),
     ("json", "Plain text [not a call]", "Plain text [not a call]", []),
 ]
