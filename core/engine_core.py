@@ -280,12 +280,14 @@ class EngineCore:
         return outputs
 
     def _can_run_ahead(self) -> bool:
-        """Whether the next step is sure to be a graph-replayed, plain-greedy decode of every running request."""
+        """Whether the next step is sure to be a graph-replayed, plain-greedy decode of every running request, none
+        of them constrained (a grammar's mask for step N + 1 needs step N's token)."""
         running = self.scheduler.running
         sizes = self.runner.graph_sizes
         return self.backend.runs_ahead and bool(sizes) and not self.scheduler.waiting \
             and len(running) <= sizes[-1] and all(
-            r.params.plain_greedy and r.params.prompt_logprobs is None and r.num_tokens - r.num_computed_tokens <= 1
+            r.params.plain_greedy and r.params.prompt_logprobs is None and r.grammar is None
+            and r.num_tokens - r.num_computed_tokens <= 1
             for r in running
         )
 

@@ -96,10 +96,10 @@ class SamplingParams:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with nothing that changes the logits or asks for logprobs: sampling is one argmax."""
+        """Greedy with nothing that changes the logits or asks for logprobs: sampling is one argmax (of the
+        logits a grammar has masked, if it has one)."""
         return (
             self.temperature < 1e-5
-            and self.structured_outputs is None
             and not self.logit_bias
             and self.min_tokens == 0
             and self.logprobs is None
