@@ -28,7 +28,10 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 class GrammarMatcher(ABC):
-    """One sequence's position in its grammar."""
+    """One sequence's position in its grammar: a library's matcher behind two calls."""
+
+    def __init__(self, matcher: Any) -> None:
+        self.matcher = matcher
 
     @abstractmethod
     def accept_token(self, token: int) -> bool:
@@ -43,9 +46,19 @@ class GrammarBackend(ABC):
     name: str
 
     @classmethod
-    @abstractmethod
     def check(cls, spec: GrammarSpec, any_whitespace: bool) -> None:
         """Raise UserError (naming the field) if the library cannot compile `spec`; no vocabulary needed."""
+        if spec.kind == "json":
+            spec.schema()
+        try:
+            cls.validate(spec, any_whitespace)
+        except Exception as error:  # the libraries raise RuntimeError, ValueError or their own types
+            raise bad_constraint(spec, error) from None
+
+    @classmethod
+    @abstractmethod
+    def validate(cls, spec: GrammarSpec, any_whitespace: bool) -> None:
+        """Raise whatever the library raises for a constraint it cannot compile."""
 
     @abstractmethod
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], any_whitespace: bool) -> None:

@@ -12,7 +12,7 @@ import llguidance.hf
 import llguidance.numpy
 import numpy as np
 
-from paged.structured_output.backend import GrammarBackend, GrammarMatcher, bad_constraint, choice_literals
+from paged.structured_output.backend import GrammarBackend, GrammarMatcher, choice_literals
 from paged.structured_output.params import GrammarSpec
 
 _ANY_JSON_OBJECT = json.dumps({"type": "object"})
@@ -34,9 +34,6 @@ def _grammar(spec: GrammarSpec, any_whitespace: bool) -> str:
 
 
 class GuidanceMatcher(GrammarMatcher):
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
-        self.matcher = matcher
-
     def accept_token(self, token: int) -> bool:
         if not self.matcher.validate_tokens([token]):
             return False
@@ -50,15 +47,10 @@ class GuidanceBackend(GrammarBackend):
     name = "guidance"
 
     @classmethod
-    def check(cls, spec: GrammarSpec, any_whitespace: bool) -> None:
-        if spec.kind == "json":
-            spec.schema()
-        try:
-            failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(_grammar(spec, any_whitespace))
-        except Exception as error:  # a schema that is not a JSON object, an unconvertible EBNF
-            raise bad_constraint(spec, error) from None
+    def validate(cls, spec: GrammarSpec, any_whitespace: bool) -> None:
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(_grammar(spec, any_whitespace))
         if failed:
-            raise bad_constraint(spec, ValueError("; ".join(messages)))
+            raise ValueError("; ".join(messages))
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], any_whitespace: bool) -> None:
         self.any_whitespace = any_whitespace

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
-from paged.structured_output.backend import GrammarBackend, GrammarMatcher, bad_constraint, choice_literals
+from paged.structured_output.backend import GrammarBackend, GrammarMatcher, choice_literals
 from paged.structured_output.params import GrammarSpec
 
 
@@ -29,9 +29,6 @@ def _grammar(spec: GrammarSpec, any_whitespace: bool) -> xgr.Grammar:
 
 
 class XGrammarMatcher(GrammarMatcher):
-    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
-        self.matcher = matcher
-
     def accept_token(self, token: int) -> bool:
         return self.matcher.accept_token(token)
 
@@ -43,13 +40,8 @@ class XGrammarBackend(GrammarBackend):
     name = "xgrammar"
 
     @classmethod
-    def check(cls, spec: GrammarSpec, any_whitespace: bool) -> None:
-        if spec.kind == "json":
-            spec.schema()
-        try:
-            _grammar(spec, any_whitespace)
-        except Exception as error:  # xgrammar raises RuntimeError, ValueError or its own types
-            raise bad_constraint(spec, error) from None
+    def validate(cls, spec: GrammarSpec, any_whitespace: bool) -> None:
+        _grammar(spec, any_whitespace)
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], any_whitespace: bool) -> None:
         self.any_whitespace = any_whitespace
