@@ -7,7 +7,7 @@ time to first token with a schema never seen (its grammar compiles) and with a c
 Each round runs the constrained batch (greedy, up to --output-len tokens) and the same prompts
 unconstrained with EOS ignored and each request's max_tokens set to the length its constrained twin
 reached, so both runs generate exactly the same number of tokens in batches of the same sizes: the
-difference is the grammar's (mask fill on the host, mask on the device, no run-ahead of greedy steps).
+difference is the grammar's (matchers advanced and masks filled on the host, masks applied on the device).
 The two take turns going first, round by round, so a slow spell of a shared machine hits both.
 A --shape has random weights and no tokenizer of its own: --tokenizer lends one (its vocabulary is
 masked inside the shape's).

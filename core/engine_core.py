@@ -238,7 +238,9 @@ class EngineCore:
 
         Plain greedy decoding on a backend with graphs runs one step ahead: step N+1 is launched before
         step N's tokens are read back (its inputs come from N's on the device), so the host's work of
-        reading, detokenizing and scheduling overlaps the device's work instead of adding to it.
+        reading, detokenizing and scheduling overlaps the device's work instead of adding to it. Where
+        rows follow a grammar, step N+1's mask needs step N's tokens: it is filled once they are read
+        back, while N+1's forward pass runs, and N+1's tokens are taken from the masked logits.
         """
         touched: list[Request] = []
         if self.compiling:
@@ -253,8 +255,9 @@ class EngineCore:
             self.runner.release(request.request_id)
         flight = None
         if not sched.is_empty and ahead:
+            masked = any(s.request.grammar is not None for s in sched.scheduled)
             with record_function("paged.launch"):
-                flight = self.runner.launch_greedy(sched, self._in_flight)
+                flight = self.runner.launch_greedy(sched, self._in_flight, masked)
             if flight is None:  # _can_run_ahead promised a graph-sized decode step: the two disagree
                 raise RuntimeError("a step predicted to run ahead could not be launched")
         if flight is not None:
@@ -266,9 +269,13 @@ class EngineCore:
             with record_function("paged.apply"):
                 touched += self._retire()
         self._in_flight = flight
+        if flight is not None and flight.logits is not None:
+            with record_function("paged.grammar"):
+                states = self._grammar_states(flight.requests)
+                self.runner.finish_greedy(flight, states and self.structured.bitmask(states))
         if flight is None and not sched.is_empty:
-            states = [s.request.grammar for s in sched.scheduled if s.completes]
-            if any(state is not None and state.active for state in states):
+            states = self._grammar_states([s.request for s in sched.scheduled if s.completes])
+            if states:
                 sched.grammar = functools.partial(self.structured.bitmask, states)
             with record_function("paged.execute"):
                 result = self.runner.execute(sched)
@@ -279,14 +286,20 @@ class EngineCore:
             outputs, self._rejected = self._rejected + outputs, []
         return outputs
 
+    @staticmethod
+    def _grammar_states(rows: list[Request]) -> list | None:
+        """Each sampling row's grammar state (None for an unconstrained or finished row), or None where no
+        row's grammar is active: that step takes no mask."""
+        states = [None if r.status.finished else r.grammar for r in rows]
+        return states if any(state is not None and state.active for state in states) else None
+
     def _can_run_ahead(self) -> bool:
-        """Whether the next step is sure to be a graph-replayed, plain-greedy decode of every running request, none
-        of them constrained (a grammar's mask for step N + 1 needs step N's token)."""
+        """Whether the next step is sure to be a graph-replayed, plain-greedy decode of every running request."""
         running = self.scheduler.running
         sizes = self.runner.graph_sizes
         return self.backend.runs_ahead and bool(sizes) and not self.scheduler.waiting \
             and len(running) <= sizes[-1] and all(
-            r.params.plain_greedy and r.params.prompt_logprobs is None and r.grammar is None
+            r.params.plain_greedy and r.params.prompt_logprobs is None
             and r.num_tokens - r.num_computed_tokens <= 1
             for r in running
         )

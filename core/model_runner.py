@@ -18,7 +18,7 @@ import torch
 from paged.backends.interface import AttentionMetadata, Backend
 from paged.sampler import PLAIN_GREEDY, Sampler, SamplerOutput, build_sampling_batch, gather_logprobs
 from paged.scheduler import SchedulerOutput
-from paged.structured_output.bitmask import apply_grammar_bitmask
+from paged.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -57,7 +57,9 @@ class InFlightStep:
     tokens: torch.Tensor  # [rows] on the device
     host: torch.Tensor  # the staging buffer the tokens are copied into (two alternate)
     host_tokens: torch.Tensor  # its first rows
-    done: object  # the backend event recorded after the copy
+    done: object = None  # the backend event recorded after the copy
+    # Set while the tokens wait for a grammar's mask (ModelRunner.finish_greedy): the step's logits.
+    logits: torch.Tensor | None = None
     indices: list[int] = field(default_factory=list)  # where each row's placeholder sits in its token list
 
     def token_ids(self) -> list[int]:
@@ -185,6 +187,7 @@ class ModelRunner:
         self.block_rows = BlockTableRows(max_num_seqs, self.max_blocks_per_seq)
         self.graphs: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.token_staging = [backend.host_tensor((max_num_seqs,), torch.int64) for _ in range(2)]
+        self.bitmask_staging = backend.host_tensor((max_num_seqs, -(-vocab_size // 32)), torch.int32)
         self.graph_sizes: list[int] = []  # ascending
         self.graph_buffers: InputBuffers | None = None
 
@@ -260,7 +263,7 @@ class ModelRunner:
     def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
         rows = [sched.scheduled[i].request for i in completing]
         if sched.grammar is not None:
-            apply_grammar_bitmask(logits, sched.grammar())
+            apply_grammar_bitmask(logits, sched.grammar(), self.bitmask_staging)
         if all(r.params.plain_greedy for r in rows):
             return self.sampler(logits, PLAIN_GREEDY, self.generator)
         batch = build_sampling_batch(
@@ -345,11 +348,14 @@ class ModelRunner:
         self._upload_graph_inputs(sched, size)
         return self.graphs[size]()[0][: len(sched.scheduled)]
 
-    def launch_greedy(self, sched: SchedulerOutput, previous: InFlightStep | None) -> InFlightStep | None:
+    def launch_greedy(self, sched: SchedulerOutput, previous: InFlightStep | None, masked: bool = False
+                      ) -> InFlightStep | None:
         """Launch a plain-greedy decode step and return without waiting for it (None: not possible).
 
         Tokens still in flight from `previous` (the placeholders in the requests' token lists) are fed
-        to this step on the device, so the host never waits for them before launching.
+        to this step on the device, so the host never waits for them before launching. `masked`: some
+        rows follow a grammar, whose mask needs `previous`'s tokens on the host; the step's tokens wait
+        for finish_greedy, which the host calls once it has them, while this step's forward pass runs.
         """
         size = self._graph_size(sched)
         if size is None:
@@ -365,15 +371,32 @@ class ModelRunner:
                 input_ids = self.graph_buffers.device["input_ids"]
                 index = torch.tensor(dst, device=self.device)
                 input_ids.index_copy_(0, index, previous.tokens.index_select(0, torch.tensor(src, device=self.device)))
-        tokens = self.graphs[size]()[1][: len(sched.scheduled)]
+        logits, tokens = self.graphs[size]()
+        rows = len(sched.scheduled)
         staging = self.token_staging[0] if previous is None or previous.host is self.token_staging[1] \
             else self.token_staging[1]
-        host = staging[: len(tokens)]
-        host.copy_(tokens, non_blocking=True)
-        done = self.backend.event()
-        done.record()
         requests = [s.request for s in sched.scheduled]
-        return InFlightStep(requests, {r.request_id: i for i, r in enumerate(requests)}, tokens, staging, host, done)
+        flight = InFlightStep(requests, {r.request_id: i for i, r in enumerate(requests)}, tokens[:rows], staging,
+                              staging[:rows])
+        if masked:
+            flight.logits = logits[:rows]
+        else:
+            self._read_back(flight)
+        return flight
+
+    def finish_greedy(self, flight: InFlightStep, grammar: GrammarBitmask | None) -> None:
+        """The tokens of a step launched `masked`: the argmax over its logits with the grammar's mask applied
+        (None: no row's grammar is active, the graph's argmax stands), then their copy to the host."""
+        if grammar is not None:
+            apply_grammar_bitmask(flight.logits, grammar, self.bitmask_staging)
+            flight.tokens = flight.logits.argmax(dim=-1)
+        flight.logits = None
+        self._read_back(flight)
+
+    def _read_back(self, flight: InFlightStep) -> None:
+        flight.host_tokens.copy_(flight.tokens, non_blocking=True)
+        flight.done = self.backend.event()
+        flight.done.record()
 
     # --- profiling --------------------------------------------------------------------------------
 

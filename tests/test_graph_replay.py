@@ -85,7 +85,8 @@ def test_running_ahead_matches_eager_with_stops(tmp_path, monkeypatch):
     llm = LLM(**kwargs)
     launched = []
     original = llm.engine.runner.launch_greedy
-    monkeypatch.setattr(llm.engine.runner, "launch_greedy", lambda s, p: launched.append(p) or original(s, p))
+    monkeypatch.setattr(llm.engine.runner, "launch_greedy",
+                        lambda s, p, masked: launched.append(p) or original(s, p, masked))
     got = llm.generate(prompts, params, use_tqdm=False)
     assert any(p is not None for p in launched), "no step ran ahead of the previous one"
     for a, b in zip(got, expected):

@@ -24,15 +24,23 @@ def _byte_bits(device: torch.device) -> torch.Tensor:
     return ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).bool()
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, grammar: GrammarBitmask) -> None:
+def apply_grammar_bitmask(logits: torch.Tensor, grammar: GrammarBitmask, staging: torch.Tensor | None = None
+                          ) -> None:
     """Disallowed tokens of the constrained rows to -inf, in place; other rows are not touched.
 
     The words travel to the device (a few KiB a row) and are unpacked there with one lookup per byte (the
     words are little-endian, so byte k holds tokens 8k..8k+7): a gather and a fill over [rows, vocab],
-    small next to the step, and the same ops on every backend.
+    small next to the step, and the same ops on every backend. `staging` (pinned, at least as large as the
+    bitmask) makes the copy asynchronous: from pageable memory it would first wait for the work queued on
+    the device, the forward pass still running included. The caller must know the previous copy from it done.
     """
     device, vocab = logits.device, logits.shape[-1]
-    words = torch.from_numpy(grammar.bitmask).to(device)
+    host = torch.from_numpy(grammar.bitmask)
+    if staging is not None:
+        staging = staging[: host.shape[0], : host.shape[1]]
+        staging.copy_(host)
+        host = staging
+    words = host.to(device, non_blocking=staging is not None)
     allowed = _byte_bits(device)[words.view(torch.uint8).long()].view(len(grammar.rows), -1)[:, :vocab]
     if len(grammar.rows) == logits.shape[0]:
         logits.masked_fill_(~allowed, float("-inf"))

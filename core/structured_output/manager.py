@@ -92,7 +92,8 @@ class StructuredOutputManager:
 
     def bitmask(self, states: list[GrammarState | None]) -> GrammarBitmask:
         """The bitmask of the rows whose grammar is active (at least one is: a step without any passes no
-        bitmask and pays nothing). One batched fill per backend in use."""
+        bitmask and pays nothing). One batched fill per backend in use. Its array is this manager's, valid
+        until the next call."""
         rows = [i for i, state in enumerate(states) if state is not None and state.active]
         if self._bitmask.shape[0] < len(rows):
             self._bitmask = np.zeros((len(rows), self._bitmask.shape[1]), np.int32)
@@ -108,7 +109,7 @@ class StructuredOutputManager:
                 part = np.zeros((len(positions), bitmask.shape[1]), np.int32)
                 backend.fill_bitmask([states[rows[p]].matcher for p in positions], part)
                 bitmask[positions] = part
-        return GrammarBitmask(rows, bitmask.copy())
+        return GrammarBitmask(rows, bitmask)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

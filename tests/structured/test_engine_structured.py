@@ -185,6 +185,34 @@ def test_preemption_and_prefix_caching_keep_outputs(smollm2_gguf):
     assert results[0] == results[1]
 
 
+def test_running_ahead_gives_the_synchronous_tokens(llm, smollm2_gguf, monkeypatch):
+    """Greedy steps launched before the previous one's tokens are read, with rows under a grammar (their mask
+    filled once those tokens are in, then applied to the launched step's logits): each request gets the tokens
+    of the synchronous engine, constrained rows and their unconstrained neighbours alike, stops included."""
+    import paged.engine_core
+    from tests.test_graph_replay import ReplayingCPUBackend
+
+    texts = ["A colour as JSON.", "Name three rivers.", "A date please.", "Pick one.", "Count to five."]
+    constraints = [{"json": {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}},
+                             "required": ["colour"], "additionalProperties": False}},
+                   None, {"regex": r"\d{4}-\d{2}-\d{2}"}, {"choice": ["left", "right", "straight on"]}, None]
+    params = [SamplingParams(temperature=0, max_tokens=12 + 5 * i, stop=["river"] if i == 1 else None,
+                             structured_outputs=StructuredOutputsParams(**c) if c else None)
+              for i, c in enumerate(constraints)]
+    expected = [o.outputs[0].token_ids for o in llm.generate(chat(llm, texts), params, use_tqdm=False)]
+
+    monkeypatch.setattr(paged.engine_core, "load_backend", lambda device: ReplayingCPUBackend())
+    ahead = LLM(model=smollm2_gguf, device="cpu", dtype="float32", max_model_len=1024, kv_cache_memory="256MiB",
+                max_num_seqs=8)
+    masked = []
+    launch = ahead.engine.runner.launch_greedy
+    monkeypatch.setattr(ahead.engine.runner, "launch_greedy",
+                        lambda sched, previous, mask: masked.append(mask) or launch(sched, previous, mask))
+    outs = ahead.generate(chat(ahead, texts), params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert sum(masked) > 10 and not all(masked)  # most steps ran ahead with masks; the last ones without
+
+
 def test_bad_constraints_are_user_errors(llm):
     for constraint, message in [
         (StructuredOutputsParams(json='{"type": "object", "properties": []}'), "invalid JSON schema"),
