@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="structured-outputs backend: auto, xgrammar, guidance")
     ap.add_argument("--kv-cache-memory", default="2GiB")
+    ap.add_argument("--profile", metavar="FILE", help="also write where the host's time goes (cProfile) in one "
+                    "constrained and one unconstrained run")
     args = ap.parse_args()
 
     from paged import LLM, SamplingParams
@@ -97,6 +99,8 @@ def main() -> None:
                            unconstrained_tok_s=round(sum(lengths) / free_s, 1),
                            valid_json=sum(_parses(o.outputs[0].text) for o in outs)))
     ratios = [r["constrained_tok_s"] / r["unconstrained_tok_s"] for r in rounds]
+    if args.profile:
+        profile_host(timed, {"constrained": constrained, "unconstrained": free}, args.profile)
 
     fresh = SamplingParams(temperature=0, max_tokens=4, structured_outputs=StructuredOutputsParams(
         json={**SCHEMA, "properties": {**SCHEMA["properties"], f"x{uuid.uuid4().hex[:8]}": {"type": "string"}}}))
@@ -115,6 +119,24 @@ def main() -> None:
         ttft_ms={k: round(v * 1000, 1) for k, v in ttft.items()},
         versions=dict(torch=torch.__version__, transformers=transformers.__version__, xgrammar=version("xgrammar"),
                       python=sys.version.split()[0]))), flush=True)
+
+
+def profile_host(timed, runs: dict, path: str) -> None:
+    """The functions the host spends its time in (own time), for each run: a grammar's matcher updates and mask
+    fills hold the GIL or not, and add to the step or overlap the device's work."""
+    import cProfile
+    import io
+    import pstats
+
+    with open(path, "w") as f:
+        for name, params in runs.items():
+            profiler = cProfile.Profile()
+            profiler.enable()
+            seconds, _ = timed(params)
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+            f.write(f"== {name}: {seconds:.3f} s under the profiler\n{text.getvalue()}\n")
 
 
 def _parses(text: str) -> bool:

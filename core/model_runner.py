@@ -18,7 +18,7 @@ import torch
 from paged.backends.interface import AttentionMetadata, Backend
 from paged.sampler import PLAIN_GREEDY, Sampler, SamplerOutput, build_sampling_batch, gather_logprobs
 from paged.scheduler import SchedulerOutput
-from paged.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
+from paged.structured_output.bitmask import BitmaskStaging, GrammarBitmask, apply_grammar_bitmask
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -128,6 +128,9 @@ class InputBuffers:
             "query_start_loc": ((max_seqs + 1,), torch.int32),
             "seq_lens": ((max_seqs,), torch.int32),
             "block_tables": ((max_seqs, max_blocks), torch.int32),
+            # Rows of a step run ahead that take a token still on the device, and the rows that hold them.
+            "fed_rows": ((max_seqs,), torch.int64),
+            "feeding_rows": ((max_seqs,), torch.int64),
         }
         device = backend.device()
         self.device = {k: torch.zeros(s, dtype=d, device=device) for k, (s, d) in shapes.items()}
@@ -187,7 +190,7 @@ class ModelRunner:
         self.block_rows = BlockTableRows(max_num_seqs, self.max_blocks_per_seq)
         self.graphs: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.token_staging = [backend.host_tensor((max_num_seqs,), torch.int64) for _ in range(2)]
-        self.bitmask_staging = backend.host_tensor((max_num_seqs, -(-vocab_size // 32)), torch.int32)
+        self.bitmask_staging = BitmaskStaging(backend.host_tensor, max_num_seqs, vocab_size)
         self.graph_sizes: list[int] = []  # ascending
         self.graph_buffers: InputBuffers | None = None
 
@@ -368,9 +371,10 @@ class ModelRunner:
                     dst.append(row)
                     src.append(previous.row_of[s.request.request_id])
             if dst:
-                input_ids = self.graph_buffers.device["input_ids"]
-                index = torch.tensor(dst, device=self.device)
-                input_ids.index_copy_(0, index, previous.tokens.index_select(0, torch.tensor(src, device=self.device)))
+                buffers = self.graph_buffers
+                fed, feeding = (buffers.upload(name, np.asarray(rows, np.int64))
+                                for name, rows in (("fed_rows", dst), ("feeding_rows", src)))
+                buffers.device["input_ids"].index_copy_(0, fed, previous.tokens.index_select(0, feeding))
         logits, tokens = self.graphs[size]()
         rows = len(sched.scheduled)
         staging = self.token_staging[0] if previous is None or previous.host is self.token_staging[1] \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,26 +25,40 @@ def _byte_bits(device: torch.device) -> torch.Tensor:
     return ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).bool()
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, grammar: GrammarBitmask, staging: torch.Tensor | None = None
+class BitmaskStaging:
+    """Pinned host buffers a step's bitmask and its row indices pass through on their way to the device, so
+    that the copies do not wait for the work queued before them (the forward pass still running included),
+    as copies from pageable memory do. A caller reuses them only once the previous step's copies are done."""
+
+    def __init__(self, host_tensor: Callable[[tuple[int, ...], torch.dtype], torch.Tensor], max_rows: int,
+                 vocab_size: int) -> None:
+        self.words = host_tensor((max_rows, -(-vocab_size // 32)), torch.int32)
+        self.rows = host_tensor((max_rows,), torch.int64)
+
+    def upload(self, grammar: GrammarBitmask, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bitmask words and row indices on `device`."""
+        words = self.words[: len(grammar.rows), : grammar.bitmask.shape[1]]
+        words.copy_(torch.from_numpy(grammar.bitmask))
+        rows = self.rows[: len(grammar.rows)]
+        rows.numpy()[...] = grammar.rows
+        return words.to(device, non_blocking=True), rows.to(device, non_blocking=True)
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, grammar: GrammarBitmask, staging: BitmaskStaging | None = None
                           ) -> None:
     """Disallowed tokens of the constrained rows to -inf, in place; other rows are not touched.
 
     The words travel to the device (a few KiB a row) and are unpacked there with one lookup per byte (the
     words are little-endian, so byte k holds tokens 8k..8k+7): a gather and a fill over [rows, vocab],
-    small next to the step, and the same ops on every backend. `staging` (pinned, at least as large as the
-    bitmask) makes the copy asynchronous: from pageable memory it would first wait for the work queued on
-    the device, the forward pass still running included. The caller must know the previous copy from it done.
+    small next to the step, and the same ops on every backend.
     """
     device, vocab = logits.device, logits.shape[-1]
-    host = torch.from_numpy(grammar.bitmask)
-    if staging is not None:
-        staging = staging[: host.shape[0], : host.shape[1]]
-        staging.copy_(host)
-        host = staging
-    words = host.to(device, non_blocking=staging is not None)
+    if staging is None:
+        words, rows = torch.from_numpy(grammar.bitmask).to(device), torch.tensor(grammar.rows, device=device)
+    else:
+        words, rows = staging.upload(grammar, device)
     allowed = _byte_bits(device)[words.view(torch.uint8).long()].view(len(grammar.rows), -1)[:, :vocab]
     if len(grammar.rows) == logits.shape[0]:
         logits.masked_fill_(~allowed, float("-inf"))
         return
-    rows = torch.tensor(grammar.rows, device=device)
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
