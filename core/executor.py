@@ -19,6 +19,7 @@ from paged.config import EngineConfig
 from paged.errors import UserError
 from paged.model_runner import InFlightStep, ModelRunner, StepResult
 from paged.scheduler import SchedulerOutput
+from paged.structured_output.bitmask import GrammarBitmask
 
 
 class Executor(Protocol):
@@ -34,8 +35,13 @@ class Executor(Protocol):
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Run one scheduled step and sample its completing sequences."""
 
-    def launch_greedy(self, sched: SchedulerOutput, previous: InFlightStep | None) -> InFlightStep | None:
-        """Launch a graph-sized greedy decode step without waiting for it (None: it does not fit a graph)."""
+    def launch_greedy(self, sched: SchedulerOutput, previous: InFlightStep | None, masked: bool = False
+                      ) -> InFlightStep | None:
+        """Launch a graph-sized greedy decode step without waiting for it (None: it does not fit a graph);
+        `masked`: its tokens wait for finish_greedy."""
+
+    def finish_greedy(self, flight: InFlightStep, grammar: GrammarBitmask | None) -> None:
+        """Take a masked step's tokens from its logits under the grammar's bitmask."""
 
     def release(self, request_id: str) -> None:
         """The request left the running batch: free what the executor holds for it."""
