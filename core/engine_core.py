@@ -83,7 +83,8 @@ class EngineCore:
         self.groups: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.requests: dict[str, Request] = {}
         self.structured = StructuredOutputManager(source, hf_config.vocab_size,
-                                                  config.structured_outputs_any_whitespace)
+                                                  config.structured_outputs_any_whitespace, config.max_num_seqs,
+                                                  self.backend.host_tensor)
         self.compiling: dict[str, Future] = {}  # user request id -> its grammar, still compiling
         self._rejected: list[CoreOutput] = []  # requests whose grammar failed to compile, not yet reported
         self.stats = EngineStats()

@@ -18,7 +18,7 @@ import torch
 from paged.backends.interface import AttentionMetadata, Backend
 from paged.sampler import PLAIN_GREEDY, Sampler, SamplerOutput, build_sampling_batch, gather_logprobs
 from paged.scheduler import SchedulerOutput
-from paged.structured_output.bitmask import BitmaskStaging, GrammarBitmask, apply_grammar_bitmask
+from paged.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -190,7 +190,6 @@ class ModelRunner:
         self.block_rows = BlockTableRows(max_num_seqs, self.max_blocks_per_seq)
         self.graphs: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.token_staging = [backend.host_tensor((max_num_seqs,), torch.int64) for _ in range(2)]
-        self.bitmask_staging = BitmaskStaging(backend.host_tensor, max_num_seqs, vocab_size)
         self.graph_sizes: list[int] = []  # ascending
         self.graph_buffers: InputBuffers | None = None
 
@@ -266,7 +265,7 @@ class ModelRunner:
     def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
         rows = [sched.scheduled[i].request for i in completing]
         if sched.grammar is not None:
-            apply_grammar_bitmask(logits, sched.grammar(), self.bitmask_staging)
+            apply_grammar_bitmask(logits, sched.grammar())
         if all(r.params.plain_greedy for r in rows):
             return self.sampler(logits, PLAIN_GREEDY, self.generator)
         batch = build_sampling_batch(
@@ -392,7 +391,7 @@ class ModelRunner:
         """The tokens of a step launched `masked`: the argmax over its logits with the grammar's mask applied
         (None: no row's grammar is active, the graph's argmax stands), then their copy to the host."""
         if grammar is not None:
-            apply_grammar_bitmask(flight.logits, grammar, self.bitmask_staging)
+            apply_grammar_bitmask(flight.logits, grammar)
             flight.tokens = flight.logits.argmax(dim=-1)
         flight.logits = None
         self._read_back(flight)

@@ -11,11 +11,13 @@ their KV), so nothing needs rebuilding.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from paged.model_source import ModelSource
 from paged.sampling_params import SamplingParams
@@ -24,6 +26,7 @@ from paged.structured_output.bitmask import GrammarBitmask
 from paged.structured_output.params import StructuredOutputsParams
 
 _CACHE_SIZE = 256
+HostTensor = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
 @dataclass
@@ -41,7 +44,10 @@ class GrammarState:
 
 
 class StructuredOutputManager:
-    def __init__(self, source: ModelSource, vocab_size: int, any_whitespace: bool) -> None:
+    def __init__(self, source: ModelSource, vocab_size: int, any_whitespace: bool, max_rows: int = 256,
+                 host_tensor: HostTensor | None = None) -> None:
+        """`host_tensor` allocates the bitmask buffers (the backend's, pinned where it pins); `max_rows`: the
+        most sequences sampled in one step."""
         self.source = source
         self.vocab_size = vocab_size
         self.any_whitespace = any_whitespace
@@ -49,7 +55,9 @@ class StructuredOutputManager:
         self._tokenizer: Any = None
         self._backends: dict[str, GrammarBackend] = {}
         self._compiled: OrderedDict[tuple[str, Any], Future] = OrderedDict()
-        self._bitmask = np.zeros((0, -(-vocab_size // 32)), np.int32)
+        host_tensor = host_tensor or (lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+        self._words = host_tensor((max_rows, -(-vocab_size // 32)), torch.int32)
+        self._rows = host_tensor((max_rows,), torch.int64)
 
     def compile(self, params: SamplingParams) -> Future:
         """The grammar of a request's constraint, compiling on the worker thread (or cached)."""
@@ -92,12 +100,10 @@ class StructuredOutputManager:
 
     def bitmask(self, states: list[GrammarState | None]) -> GrammarBitmask:
         """The bitmask of the rows whose grammar is active (at least one is: a step without any passes no
-        bitmask and pays nothing). One batched fill per backend in use. Its array is this manager's, valid
-        until the next call."""
+        bitmask and pays nothing), filled in place in this manager's buffers: valid until the next call, which
+        the caller makes only once the device has copied this one. One batched fill per backend in use."""
         rows = [i for i, state in enumerate(states) if state is not None and state.active]
-        if self._bitmask.shape[0] < len(rows):
-            self._bitmask = np.zeros((len(rows), self._bitmask.shape[1]), np.int32)
-        bitmask = self._bitmask[: len(rows)]
+        bitmask = self._words[: len(rows)].numpy()
         by_backend: dict[int, list[int]] = {}
         for position, row in enumerate(rows):
             by_backend.setdefault(id(states[row].backend), []).append(position)
@@ -109,7 +115,9 @@ class StructuredOutputManager:
                 part = np.zeros((len(positions), bitmask.shape[1]), np.int32)
                 backend.fill_bitmask([states[rows[p]].matcher for p in positions], part)
                 bitmask[positions] = part
-        return GrammarBitmask(rows, bitmask)
+        row_index = self._rows[: len(rows)]
+        row_index.numpy()[...] = rows
+        return GrammarBitmask(rows, self._words[: len(rows)], row_index)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
