@@ -35,7 +35,8 @@ class GrammarMatcher(ABC):
 
     @abstractmethod
     def accept_token(self, token: int) -> bool:
-        """Advance by a sampled token; False if the grammar does not allow it (the matcher is then unchanged)."""
+        """Advance by a sampled token; False if the grammar does not allow it (the sequence then stops: the
+        matcher may be left unusable)."""
 
     @abstractmethod
     def is_terminated(self) -> bool:

@@ -18,10 +18,28 @@ from paged.structured_output.params import GrammarSpec
 _ANY_JSON_OBJECT = json.dumps({"type": "object"})
 
 
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _closed(node: Any) -> Any:
+    """The schema with every object that does not say otherwise closed to properties it does not name, as
+    xgrammar's strict mode and OpenAI's strict schemas have it (llguidance leaves them open)."""
+    if isinstance(node, list):
+        return [_closed(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    closed = {key: ({name: _closed(schema) for name, schema in value.items()}
+                    if key in _SCHEMA_MAPS and isinstance(value, dict) else _closed(value))
+              for key, value in node.items()}
+    if (node.get("type") == "object" or "properties" in node) and "additionalProperties" not in node:
+        closed["additionalProperties"] = False
+    return closed
+
+
 def _grammar(spec: GrammarSpec, any_whitespace: bool) -> str:
     """llguidance's grammar text for `spec` (its constructors check nothing; validate_grammar does)."""
     if spec.kind in ("json", "json_object"):
-        schema = spec.text if spec.kind == "json" else _ANY_JSON_OBJECT
+        schema = json.dumps(_closed(spec.schema())) if spec.kind == "json" else _ANY_JSON_OBJECT
         options = {"whitespace_flexible": any_whitespace, "item_separator": ", ", "key_separator": ": "}
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
     if spec.kind == "regex":
@@ -35,8 +53,8 @@ def _grammar(spec: GrammarSpec, any_whitespace: bool) -> str:
 
 class GuidanceMatcher(GrammarMatcher):
     def accept_token(self, token: int) -> bool:
-        if not self.matcher.validate_tokens([token]):
-            return False
+        # One call, not a validate_tokens check first: a refused token leaves the matcher in its error
+        # state, and the engine stops that sequence anyway.
         return self.matcher.consume_token(token)
 
     def is_terminated(self) -> bool:

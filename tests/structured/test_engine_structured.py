@@ -142,6 +142,27 @@ def test_mask_is_every_token_that_continues_a_match(llm, backend):
         text += texts[token]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_objects_are_closed_unless_the_schema_opens_them(llm, backend):
+    """Both libraries read a schema as OpenAI's strict mode does: an object that does not say otherwise takes
+    only the properties it names (llguidance alone would leave it open), nested and under $defs too."""
+    tokenizer = llm.engine.tokenizer
+    schema = {"type": "object", "properties": {"a": {"$ref": "#/$defs/inner"}}, "required": ["a"],
+              "$defs": {"inner": {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}}}
+    grammar_backend = load_backend_class(backend)(tokenizer, llm.engine.vocab_size, [tokenizer.eos_token_id], False)
+    open_too = {**schema, "$defs": {"inner": {**schema["$defs"]["inner"], "additionalProperties": True}}}
+    comma, brace = (tokenizer.encode(text, add_special_tokens=False)[0] for text in (",", "}"))
+    allowed = []
+    for s in (schema, open_too):
+        matcher = grammar_backend.matcher(grammar_backend.compile(StructuredOutputsParams(json=s).spec))
+        for token in tokenizer.encode('{"a": {"b": 7', add_special_tokens=False):
+            assert matcher.accept_token(token)
+        bitmask = np.zeros((1, -(-llm.engine.vocab_size // 32)), np.int32)
+        grammar_backend.fill_bitmask([matcher], bitmask)
+        allowed.append([bool(bitmask[0, t // 32] >> (t % 32) & 1) for t in (comma, brace)])
+    assert allowed == [[False, True], [True, True]]
+
+
 def test_unconstrained_requests_in_the_batch_are_untouched(llm):
     free = chat(llm, ["Name three rivers.", "Count to five."])
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -241,6 +262,6 @@ def test_grammar_waits_for_the_end_of_reasoning(llm):
         assert manager.advance(state, token)  # not constrained yet
     assert manager.advance(state, 2) and state.active
     assert manager.bitmask([None, state]).rows == [1]
-    assert not manager.advance(state, letters[0])
     assert manager.advance(state, tokenizer.encode("7", add_special_tokens=False)[0])
+    assert not manager.advance(state, letters[0])
     manager.close()
