@@ -74,8 +74,6 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
         self._in_flight: InFlightStep | None = None
-        # The step in flight when its tokens still wait for its grammar's mask (being filled), until next step().
-        self._masking: tuple[InFlightStep, Future | None] | None = None
         if self.backend.supports_graphs and not config.enforce_eager:
             start = time.monotonic()
             sizes = self.runner.capture_graphs()
@@ -243,15 +241,8 @@ class EngineCore:
         step N's tokens are read back (its inputs come from N's on the device), so the host's work of
         reading, detokenizing and scheduling overlaps the device's work instead of adding to it. Where
         rows follow a grammar, step N+1's mask needs step N's tokens: it is filled once they are read
-        back, while N+1's forward pass runs (on a thread, where the library lets go of the GIL, while this
-        returns and the caller works), and N+1's tokens are taken from the masked logits at the start of
-        the next call, before N+2 is launched on them.
+        back, while N+1's forward pass runs, and N+1's tokens are taken from the masked logits.
         """
-        if self._masking is not None:
-            flight, mask = self._masking
-            self._masking = None
-            with record_function("paged.grammar"):
-                self.runner.finish_greedy(flight, mask and mask.result())
         touched: list[Request] = []
         if self.compiling:
             # With nothing else to run, wait (off the GIL) for a grammar rather than spin.
@@ -280,8 +271,9 @@ class EngineCore:
                 touched += self._retire()
         self._in_flight = flight
         if flight is not None and flight.logits is not None:
-            states = self._grammar_states(flight.requests)
-            self._masking = (flight, states and self.structured.bitmask_soon(states))
+            with record_function("paged.grammar"):
+                states = self._grammar_states(flight.requests)
+                self.runner.finish_greedy(flight, states and self.structured.bitmask(states))
         if flight is None and not sched.is_empty:
             states = self._grammar_states([s.request for s in sched.scheduled if s.completes])
             if states:

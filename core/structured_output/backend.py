@@ -45,9 +45,6 @@ class GrammarMatcher(ABC):
 
 class GrammarBackend(ABC):
     name: str
-    # Whether fill_bitmask lets go of the GIL: then the engine fills on a thread while its own Python work
-    # (outputs, the frontend, scheduling) goes on, instead of before it.
-    fill_releases_gil = False
 
     @classmethod
     def check(cls, spec: GrammarSpec, any_whitespace: bool) -> None:

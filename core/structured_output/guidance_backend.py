@@ -63,7 +63,6 @@ class GuidanceMatcher(GrammarMatcher):
 
 class GuidanceBackend(GrammarBackend):
     name = "guidance"
-    fill_releases_gil = True  # its parallel fill runs without the GIL (xgrammar's keeps it)
 
     @classmethod
     def validate(cls, spec: GrammarSpec, any_whitespace: bool) -> None:

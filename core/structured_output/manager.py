@@ -52,7 +52,6 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         self.any_whitespace = any_whitespace
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paged-grammar")
-        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paged-bitmask")
         self._tokenizer: Any = None
         self._backends: dict[str, GrammarBackend] = {}
         self._compiled: OrderedDict[tuple[str, Any], Future] = OrderedDict()
@@ -120,16 +119,5 @@ class StructuredOutputManager:
         row_index.numpy()[...] = rows
         return GrammarBitmask(rows, self._words[: len(rows)], row_index)
 
-    def bitmask_soon(self, states: list[GrammarState | None]) -> Future:
-        """bitmask(states) as a future: filled on a thread where every library in use fills without the GIL,
-        else here and now. The matchers must not move until it is done."""
-        active = [state for state in states if state is not None and state.active]
-        if all(state.backend.fill_releases_gil for state in active):
-            return self._filler.submit(self.bitmask, states)
-        done: Future = Future()
-        done.set_result(self.bitmask(states))
-        return done
-
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._filler.shutdown(wait=False, cancel_futures=True)
