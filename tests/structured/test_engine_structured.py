@@ -206,10 +206,12 @@ def test_preemption_and_prefix_caching_keep_outputs(smollm2_gguf):
     assert results[0] == results[1]
 
 
-def test_running_ahead_gives_the_synchronous_tokens(llm, smollm2_gguf, monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_running_ahead_gives_the_synchronous_tokens(llm, smollm2_gguf, monkeypatch, backend):
     """Greedy steps launched before the previous one's tokens are read, with rows under a grammar (their mask
-    filled once those tokens are in, then applied to the launched step's logits): each request gets the tokens
-    of the synchronous engine, constrained rows and their unconstrained neighbours alike, stops included."""
+    filled once those tokens are in, then applied to the launched step's logits): each
+    request gets the tokens of the synchronous engine, constrained rows and their unconstrained neighbours alike,
+    stops included."""
     import paged.engine_core
     from tests.test_graph_replay import ReplayingCPUBackend
 
@@ -220,11 +222,15 @@ def test_running_ahead_gives_the_synchronous_tokens(llm, smollm2_gguf, monkeypat
     params = [SamplingParams(temperature=0, max_tokens=12 + 5 * i, stop=["river"] if i == 1 else None,
                              structured_outputs=StructuredOutputsParams(**c) if c else None)
               for i, c in enumerate(constraints)]
-    expected = [o.outputs[0].token_ids for o in llm.generate(chat(llm, texts), params, use_tqdm=False)]
+    llm.engine.config.structured_outputs_backend = backend
+    try:
+        expected = [o.outputs[0].token_ids for o in llm.generate(chat(llm, texts), params, use_tqdm=False)]
+    finally:
+        llm.engine.config.structured_outputs_backend = "auto"
 
     monkeypatch.setattr(paged.engine_core, "load_backend", lambda device: ReplayingCPUBackend())
     ahead = LLM(model=smollm2_gguf, device="cpu", dtype="float32", max_model_len=1024, kv_cache_memory="256MiB",
-                max_num_seqs=8)
+                max_num_seqs=8, structured_outputs_backend=backend)
     masked = []
     launch = ahead.engine.runner.launch_greedy
     monkeypatch.setattr(ahead.engine.runner, "launch_greedy",
