@@ -27,6 +27,7 @@ from paged.model_loading import build_model
 from paged.executor import Executor, check_parallelism, create_executor
 from paged.model_runner import PENDING_TOKEN, InFlightStep, StepResult
 from paged.model_source import ModelSource
+from paged.multiproc_executor import MultiprocExecutor
 from paged.processing import resolve_max_model_len
 from paged.request import Request, RequestStatus
 from paged.sampling_params import RequestOutputKind
@@ -42,8 +43,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig, source: ModelSource, backend: Backend | None = None) -> None:
         """`backend`: one already loaded for config.device (the core process reports it before the model loads)."""
         self.config = config
-        check_parallelism(config)
         self.backend: Backend = backend or load_backend(config.device)
+        check_parallelism(config, self.backend, source.hf_config)
         self.source = source
         hf_config = source.hf_config
         self.precision = self._resolve_precision()
@@ -57,7 +58,11 @@ class EngineCore:
         if problems:
             raise UserError(f"backend {self.backend.name} cannot run this model: {'; '.join(problems)}")
         self.backend.seed(config.seed)
+        workers = None
+        if config.tensor_parallel_size > 1:  # their processes load their shards while this one loads rank 0's
+            workers = MultiprocExecutor(config, source, self.backend, self.precision, self.max_model_len)
         self.model = build_model(source, self.backend, self.precision, self.max_model_len,
+                                 comm=workers.comm if workers else None,
                                  load_format=config.load_format, quantization=config.quantization)
         self.max_num_batched_tokens = config.max_num_batched_tokens or self.backend.max_num_batched_tokens(
             self.model.num_parameters, config.max_num_seqs)
@@ -66,7 +71,7 @@ class EngineCore:
                     self.model.weight_bytes / 2**30, self.max_num_batched_tokens,
                     "" if config.max_num_batched_tokens else f" (the {self.backend.name} backend's default)")
         self.runner: Executor = create_executor(config, self.model, self.backend, self.max_num_batched_tokens,
-                                                self.max_model_len, hf_config.vocab_size)
+                                                self.max_model_len, hf_config.vocab_size, workers)
         self.num_blocks = self._size_kv_cache(hf_config)
         self.kv_cache_bytes = self.num_blocks * self._bytes_per_block(hf_config)
         self.runner.kv_caches = self._allocate_kv_cache(hf_config, self.num_blocks)
@@ -109,7 +114,7 @@ class EngineCore:
         return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
     def _kv_heads(self, hf_config) -> int:
-        return hf_config.num_key_value_heads // self.config.tensor_parallel_size
+        return max(hf_config.num_key_value_heads // self.config.tensor_parallel_size, 1)  # replicated if fewer
 
     def _bytes_per_block(self, hf_config) -> int:
         per_layer = 2 * self.config.block_size * self._kv_heads(hf_config) * self._head_dim(hf_config)
@@ -228,6 +233,11 @@ class EngineCore:
         group = self.groups.get(sequence.group_id)
         if group is not None and all(s.status.finished for s in group):
             del self.groups[sequence.group_id]
+
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes and the grammar threads."""
+        self.runner.shutdown()
+        self.structured.close()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None or bool(self.compiling)

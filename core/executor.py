@@ -18,6 +18,7 @@ from paged.backends.interface import Backend
 from paged.config import EngineConfig
 from paged.errors import UserError
 from paged.model_runner import InFlightStep, ModelRunner, StepResult
+from paged.multiproc_executor import MultiprocExecutor
 from paged.scheduler import SchedulerOutput
 from paged.structured_output.bitmask import GrammarBitmask
 
@@ -46,17 +47,31 @@ class Executor(Protocol):
     def release(self, request_id: str) -> None:
         """The request left the running batch: free what the executor holds for it."""
 
+    def shutdown(self) -> None:
+        """Stop whatever processes the executor started."""
 
-def check_parallelism(config: EngineConfig) -> None:
-    """Before anything loads: whether an executor exists for the parallelism asked for."""
-    if config.tensor_parallel_size != 1:
-        # The layers are written for it (column/row-parallel over the communicator); one worker process per
-        # device behind this interface is not there yet.
-        raise UserError("tensor_parallel_size > 1 is not supported yet", param="tensor_parallel_size")
+
+def check_parallelism(config: EngineConfig, backend: Backend, hf_config) -> None:
+    """Before anything loads: whether this backend and this model can run the parallelism asked for."""
+    tp = config.tensor_parallel_size
+    if tp == 1:
+        return
+    if backend.kv_cache_from_device_memory and tp > backend.device_count():
+        raise UserError(f"tensor_parallel_size {tp} needs {tp} devices; the {backend.name} backend sees "
+                        f"{backend.device_count()}", param="tensor_parallel_size")
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % tp or (kv_heads % tp and tp % kv_heads):
+        raise UserError(f"tensor_parallel_size {tp} does not divide the model's {heads} attention heads and "
+                        f"{kv_heads} KV heads", param="tensor_parallel_size")
 
 
 def create_executor(config: EngineConfig, model: torch.nn.Module, backend: Backend, max_num_batched_tokens: int,
-                    max_model_len: int, vocab_size: int) -> Executor:
-    """The executor for `config` (check_parallelism has passed): the model runner in this process."""
-    return ModelRunner(model, backend, config.block_size, max_num_batched_tokens, config.max_num_seqs,
-                       max_model_len, vocab_size, config.seed)
+                    max_model_len: int, vocab_size: int, workers: MultiprocExecutor | None = None) -> Executor:
+    """The executor for `config`: the model runner in this process, which is rank 0 of `workers` when the
+    model is split over several (their processes started before this rank's shard was built)."""
+    runner = ModelRunner(model, backend, config.block_size, max_num_batched_tokens, config.max_num_seqs,
+                         max_model_len, vocab_size, config.seed)
+    if workers is None:
+        return runner
+    workers.attach(runner, max_num_batched_tokens)
+    return workers

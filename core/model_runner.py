@@ -173,7 +173,9 @@ class ModelRunner:
         max_model_len: int,
         vocab_size: int,
         seed: int,
+        samples: bool = True,
     ) -> None:
+        """`samples`: False on the tensor-parallel ranks other than 0, which run the forward pass only."""
         self.model = model
         self.backend = backend
         self.attention = model.model.layers[0].self_attn.attn
@@ -182,6 +184,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.vocab_size = vocab_size
+        self.samples = samples
         self.device = backend.device()
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler()
@@ -198,6 +201,9 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         """The request left the running batch (finished, aborted or preempted): free its table row."""
         self.block_rows.release(request_id)
+
+    def shutdown(self) -> None:
+        """Nothing runs beside this process."""
 
     def host_inputs(self, sched: SchedulerOutput, pad_to: int | None = None) -> HostInputs:
         scheduled = sched.scheduled
@@ -259,7 +265,7 @@ class ModelRunner:
                 ends = meta.query_start_loc[1:].long() - 1
                 index = ends[completing] if len(completing) < len(sched.scheduled) else ends
                 logits = self.model.compute_logits(hidden[index])
-        sampled = self._sample(sched, completing, logits) if completing else None
+        sampled = self._sample(sched, completing, logits) if completing and self.samples else None
         return StepResult(sampled, prompt_logprobs)
 
     def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:

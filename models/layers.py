@@ -57,7 +57,7 @@ class LinearBase(nn.Module, WeightLoading, BlockLoading):
         """Each checkpoint matrix this layer packs, in full (all ranks): [outputs, inputs]."""
         raise NotImplementedError
 
-    def shard_of(self, matrix):
+    def shard_of(self, matrix, part: int = 0):
         """This rank's share of one full checkpoint matrix in a quantized form (quant.matrix), cut like a dense one."""
         raise NotImplementedError
 
@@ -69,14 +69,18 @@ class ColumnParallelLinear(LinearBase):
     full size, and shard `i` of the checkpoint lands in part i of this rank's slice.
     """
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, comm: Communicator, ops: dict) -> None:
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, comm: Communicator, ops: dict,
+                 part_splits: list[int] | None = None) -> None:
+        """`part_splits[i]`: into how many slices part i is cut (default: one per rank); fewer, a divisor of the
+        rank count, replicates each slice over consecutive ranks (K and V where KV heads are fewer than ranks)."""
         super().__init__(ops["decoder_linear"])
-        for size in out_sizes:
-            if size % comm.world_size:
-                raise ValueError(f"output size {size} is not divisible by the tensor-parallel size {comm.world_size}")
+        self.part_splits = part_splits or [comm.world_size] * len(out_sizes)
+        for size, splits in zip(out_sizes, self.part_splits):
+            if size % splits or comm.world_size % splits:
+                raise ValueError(f"output size {size} does not split into {splits} of {comm.world_size} ranks")
         self.comm = comm
         self.in_features, self.out_sizes = in_features, out_sizes
-        self.local_sizes = [size // comm.world_size for size in out_sizes]
+        self.local_sizes = [size // splits for size, splits in zip(out_sizes, self.part_splits)]
         self.num_parts = len(out_sizes)
         self.method.create_weights(self, sum(self.local_sizes), in_features)
         self.bias = nn.Parameter(torch.empty(sum(self.local_sizes)), requires_grad=False) if bias else None
@@ -85,15 +89,19 @@ class ColumnParallelLinear(LinearBase):
     def part_shapes(self) -> list[tuple[int, int]]:
         return [(size, self.in_features) for size in self.out_sizes]
 
-    def shard_of(self, matrix):
-        size = matrix.shape[0] // self.comm.world_size
-        return matrix.rows(self.comm.rank * size, size)
+    def _slice_of(self, part: int) -> int:
+        """Which slice of checkpoint part `part` this rank holds."""
+        return self.comm.rank * self.part_splits[part] // self.comm.world_size
+
+    def shard_of(self, matrix, part: int = 0):
+        size = self.local_sizes[part]
+        return matrix.rows(self._slice_of(part) * size, size)
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
         index = shard or 0
         size = self.local_sizes[index]
         offset = sum(self.local_sizes[:index])
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.comm.rank * size, size))
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self._slice_of(index) * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -116,7 +124,7 @@ class RowParallelLinear(LinearBase):
     def part_shapes(self) -> list[tuple[int, int]]:
         return [(self.out_features, self.in_features)]
 
-    def shard_of(self, matrix):
+    def shard_of(self, matrix, part: int = 0):
         if self.comm.world_size == 1:
             return matrix
         return matrix.columns(self.comm.rank * self.local_in, self.local_in)

@@ -41,14 +41,15 @@ class LlamaAttention(nn.Module):
         super().__init__()
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        if heads % comm.world_size or kv_heads % comm.world_size:
+        kv_splits = min(kv_heads, comm.world_size)  # fewer KV heads than ranks: each is kept on several
+        if heads % comm.world_size or kv_heads % kv_splits or comm.world_size % kv_splits:
             raise ValueError(f"{heads} heads / {kv_heads} KV heads do not split over {comm.world_size} ranks")
-        self.num_heads, self.num_kv_heads = heads // comm.world_size, kv_heads // comm.world_size
+        self.num_heads, self.num_kv_heads = heads // comm.world_size, kv_heads // kv_splits
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         d = self.head_dim
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [heads * d, kv_heads * d, kv_heads * d], qkv_bias,
-                                             comm, ops)
+                                             comm, ops, [comm.world_size, kv_splits, kv_splits])
         self.o_proj = RowParallelLinear(heads * d, config.hidden_size, getattr(config, "attention_bias", False), comm,
                                         ops)
         self.rotary = rotary  # one table shared by every layer

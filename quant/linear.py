@@ -57,7 +57,7 @@ class QuantizedLinearMethod(LinearMethod):
 
     @staticmethod
     def _stack(layer: torch.nn.Module, matrices: list[Matrix]) -> Matrix:
-        shards = [layer.shard_of(m) for m in matrices]
+        shards = [layer.shard_of(m, part) for part, m in enumerate(matrices)]
         return shards[0] if len(shards) == 1 else type(shards[0]).stack(shards)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,59 @@
+"""Tensor parallel over real worker processes on the CPU (gloo): greedy tokens equal one rank's exactly in
+float32, for a Llama, a Mistral with a single KV head (replicated on both ranks) and a Qwen2 (qkv bias, tied
+embeddings), through chunked prefill and preemption (a preempted request is sent to the workers whole again);
+a worker killed mid-run ends the engine with an error naming it, and no process stays behind."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import pytest
+import torch
+
+from paged import LLM, SamplingParams
+from paged.errors import UserError
+from tests.models_factory import VOCAB, save_tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_two_ranks_give_one_rank_tokens(arch, tmp_path):
+    save_tiny_model(arch, tmp_path, seed=random.randrange(1 << 30))
+    prompts = [{"prompt_token_ids": [random.randrange(3, VOCAB) for _ in range(random.randint(3, 70))]}
+               for _ in range(12)]
+    params = [SamplingParams(temperature=0, max_tokens=random.randint(8, 40), ignore_eos=True) for _ in prompts]
+    # 24 blocks of 16 tokens for 12 requests of up to 110: they cannot all run at once, so some are preempted.
+    kwargs = dict(model=str(tmp_path), dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=48,
+                  num_gpu_blocks_override=24)
+    one = [o.outputs[0].token_ids for o in LLM(**kwargs).generate(prompts, params, use_tqdm=False)]
+    two_ranks = LLM(**kwargs, tensor_parallel_size=2)
+    try:
+        two = [o.outputs[0].token_ids for o in two_ranks.generate(prompts, params, use_tqdm=False)]
+        assert two_ranks.engine.core.scheduler.num_preemptions > 0
+    finally:
+        two_ranks.engine.core.shutdown()
+    assert two == one
+
+
+def test_a_worker_that_dies_fails_the_engine_and_leaves_no_process(tmp_path):
+    save_tiny_model("llama", tmp_path, seed=random.randrange(1 << 30))
+    llm = LLM(model=str(tmp_path), dtype="float32", device="cpu", kv_cache_memory="32MiB", max_model_len=128,
+              tensor_parallel_size=2)
+    engine, executor = llm.engine, llm.engine.core.runner
+    for i in range(4):
+        engine.add_request(str(i), {"prompt_token_ids": [5, 6, 7 + i]},
+                           SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    engine.step()
+    os.kill(executor.processes[0].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=r"worker 1 \(exit code -9\) died"):
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert not any(p.is_alive() for p in executor.processes)
+    assert not torch.distributed.is_initialized()  # another engine may start in this process
+
+
+def test_a_split_the_heads_do_not_allow_is_a_one_line_error(tmp_path):
+    save_tiny_model("llama", tmp_path)  # 4 heads, 2 KV heads
+    with pytest.raises(UserError, match="tensor_parallel_size 3 does not divide the model's 4 attention heads"):
+        LLM(model=str(tmp_path), device="cpu", kv_cache_memory="32MiB", max_model_len=128, tensor_parallel_size=3)
