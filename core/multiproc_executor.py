@@ -95,7 +95,8 @@ def _free_port() -> int:
 def _init_process_group(backend: Backend, rank: int, world_size: int, port: int) -> None:
     # A collective waiting on a rank that died fails after this long instead of hanging.
     torch.distributed.init_process_group(backend.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size, timeout=datetime.timedelta(seconds=_COLLECTIVE_TIMEOUT_S))
+                                         world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=_COLLECTIVE_TIMEOUT_S))
 
 
 @dataclass

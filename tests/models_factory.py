@@ -43,9 +43,10 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> torch.nn.Module:
+def save_tiny_model(arch: str, folder: Path, seed: int = 0, **overrides) -> torch.nn.Module:
+    """`overrides`: config fields to change (a vocabulary larger than the tokenizer's, say)."""
     config_cls, model_cls, extra = ARCHS[arch]
-    config = config_cls(**{**SHAPE, **extra})
+    config = config_cls(**{**SHAPE, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     model.save_pretrained(folder)
