@@ -363,6 +363,11 @@ class Backend(ABC):
 
     # --- collectives ---
 
+    def max_ranks(self) -> int | None:
+        """How many tensor-parallel ranks this machine holds: one per device; None where any number can share
+        it (processes sharing a CPU's cores)."""
+        return self.device_count()
+
     def communicator(self, rank: int = 0, world_size: int = 1) -> Communicator:
         if world_size == 1:
             return SingleRankCommunicator()

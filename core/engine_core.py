@@ -24,6 +24,7 @@ from paged.config import EngineConfig
 from paged.core_protocol import CoreOutput, CoreRequest, EngineStats, PromptLogprobs, TokenLogprobs
 from paged.errors import UserError
 from paged.model_loading import build_model
+from paged.models.layers import kv_head_splits
 from paged.executor import Executor, check_parallelism, create_executor
 from paged.model_runner import PENDING_TOKEN, InFlightStep, StepResult
 from paged.model_source import ModelSource
@@ -114,7 +115,8 @@ class EngineCore:
         return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
     def _kv_heads(self, hf_config) -> int:
-        return max(hf_config.num_key_value_heads // self.config.tensor_parallel_size, 1)  # replicated if fewer
+        kv_heads, tp = hf_config.num_key_value_heads, self.config.tensor_parallel_size
+        return kv_heads // kv_head_splits(hf_config.num_attention_heads, kv_heads, tp)
 
     def _bytes_per_block(self, hf_config) -> int:
         per_layer = 2 * self.config.block_size * self._kv_heads(hf_config) * self._head_dim(hf_config)

@@ -18,6 +18,7 @@ from paged.backends.interface import Backend
 from paged.config import EngineConfig
 from paged.errors import UserError
 from paged.model_runner import InFlightStep, ModelRunner, StepResult
+from paged.models.layers import kv_head_splits
 from paged.multiproc_executor import MultiprocExecutor
 from paged.scheduler import SchedulerOutput
 from paged.structured_output.bitmask import GrammarBitmask
@@ -56,13 +57,14 @@ def check_parallelism(config: EngineConfig, backend: Backend, hf_config) -> None
     tp = config.tensor_parallel_size
     if tp == 1:
         return
-    if backend.kv_cache_from_device_memory and tp > backend.device_count():
-        raise UserError(f"tensor_parallel_size {tp} needs {tp} devices; the {backend.name} backend sees "
-                        f"{backend.device_count()}", param="tensor_parallel_size")
-    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    if heads % tp or (kv_heads % tp and tp % kv_heads):
-        raise UserError(f"tensor_parallel_size {tp} does not divide the model's {heads} attention heads and "
-                        f"{kv_heads} KV heads", param="tensor_parallel_size")
+    most = backend.max_ranks()
+    if most is not None and tp > most:
+        raise UserError(f"tensor_parallel_size {tp} needs {tp} devices; the {backend.name} backend sees {most}",
+                        param="tensor_parallel_size")
+    try:
+        kv_head_splits(hf_config.num_attention_heads, hf_config.num_key_value_heads, tp)
+    except ValueError as error:
+        raise UserError(f"tensor_parallel_size {tp}: {error}", param="tensor_parallel_size") from None
 
 
 def create_executor(config: EngineConfig, model: torch.nn.Module, backend: Backend, max_num_batched_tokens: int,

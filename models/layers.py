@@ -62,6 +62,15 @@ class LinearBase(nn.Module, WeightLoading, BlockLoading):
         raise NotImplementedError
 
 
+def kv_head_splits(heads: int, kv_heads: int, world_size: int) -> int:
+    """Into how many slices the KV heads are cut over `world_size` ranks: one per rank, or, where a model has
+    fewer KV heads than ranks, one per KV head, each kept on several ranks. ValueError if the heads do not split."""
+    splits = min(kv_heads, world_size)
+    if heads % world_size or kv_heads % splits or world_size % splits:
+        raise ValueError(f"{heads} attention heads and {kv_heads} KV heads do not split over {world_size} ranks")
+    return splits
+
+
 class ColumnParallelLinear(LinearBase):
     """y = x W^T with W's output rows split over ranks; the output stays split.
 

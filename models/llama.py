@@ -17,6 +17,7 @@ from paged.models.layers import (
     BlockLoading,
     LinearBase,
     ColumnParallelLinear,
+    kv_head_splits,
     ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
@@ -41,9 +42,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_splits = min(kv_heads, comm.world_size)  # fewer KV heads than ranks: each is kept on several
-        if heads % comm.world_size or kv_heads % kv_splits or comm.world_size % kv_splits:
-            raise ValueError(f"{heads} heads / {kv_heads} KV heads do not split over {comm.world_size} ranks")
+        kv_splits = kv_head_splits(heads, kv_heads, comm.world_size)
         self.num_heads, self.num_kv_heads = heads // comm.world_size, kv_heads // kv_splits
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5

@@ -58,5 +58,5 @@ def test_a_worker_that_dies_fails_the_engine_and_leaves_no_process(tmp_path):
 
 def test_a_split_the_heads_do_not_allow_is_a_one_line_error(tmp_path):
     save_tiny_model("llama", tmp_path)  # 4 heads, 2 KV heads
-    with pytest.raises(UserError, match="tensor_parallel_size 3 does not divide the model's 4 attention heads"):
+    with pytest.raises(UserError, match="tensor_parallel_size 3: 4 attention heads and 2 KV heads do not split over 3 ranks"):
         LLM(model=str(tmp_path), device="cpu", kv_cache_memory="32MiB", max_model_len=128, tensor_parallel_size=3)

@@ -66,6 +66,9 @@ class CPUBackend(Backend):
     def device_count(self) -> int:
         return 1
 
+    def max_ranks(self) -> None:
+        return None  # ranks are processes sharing the host's cores
+
     def device_name(self, index: int = 0) -> str:
         return _cpu_model_name()
 

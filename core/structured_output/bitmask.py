@@ -14,9 +14,8 @@ class GrammarBitmask:
     of word t // 32 set where token t is allowed. The tensors live on the host (pinned where the backend
     pins: the engine's manager fills them in place), so their copies to the device wait for nothing queued."""
 
-    rows: list[int]
     bitmask: torch.Tensor  # int32 [len(rows), ceil(vocab / 32)]
-    row_index: torch.Tensor  # int64 [len(rows)]: rows as a tensor
+    rows: torch.Tensor  # int64: the sampled rows constrained
 
 
 @functools.cache
@@ -34,9 +33,9 @@ def apply_grammar_bitmask(logits: torch.Tensor, grammar: GrammarBitmask) -> None
     """
     device, vocab = logits.device, logits.shape[-1]
     words = grammar.bitmask.to(device, non_blocking=True)
-    allowed = _byte_bits(device)[words.view(torch.uint8).long()].view(len(grammar.rows), -1)[:, :vocab]
-    if len(grammar.rows) == logits.shape[0]:
+    allowed = _byte_bits(device)[words.view(torch.uint8).long()].view(words.shape[0], -1)[:, :vocab]
+    if words.shape[0] == logits.shape[0]:
         logits.masked_fill_(~allowed, float("-inf"))
         return
-    rows = grammar.row_index.to(device, non_blocking=True)
+    rows = grammar.rows.to(device, non_blocking=True)
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

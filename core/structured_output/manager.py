@@ -117,7 +117,7 @@ class StructuredOutputManager:
                 bitmask[positions] = part
         row_index = self._rows[: len(rows)]
         row_index.numpy()[...] = rows
-        return GrammarBitmask(rows, self._words[: len(rows)], row_index)
+        return GrammarBitmask(self._words[: len(rows)], row_index)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

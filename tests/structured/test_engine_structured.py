@@ -129,7 +129,7 @@ def test_mask_is_every_token_that_continues_a_match(llm, backend):
         bitmask = np.zeros((1, -(-vocab // 32)), np.int32)
         grammar_backend.fill_bitmask([matcher], bitmask)
         logits = torch.zeros(2, vocab)
-        apply_grammar_bitmask(logits, GrammarBitmask([1], torch.from_numpy(bitmask), torch.tensor([1])))
+        apply_grammar_bitmask(logits, GrammarBitmask(torch.from_numpy(bitmask), torch.tensor([1])))
         assert torch.equal(logits[0], torch.zeros(vocab))  # the unconstrained row
         allowed = {t for t in plain if logits[1, t] == 0}
         expected = {t for t in plain if compiled.fullmatch(text + texts[t], partial=True)}
@@ -267,7 +267,7 @@ def test_grammar_waits_for_the_end_of_reasoning(llm):
     for token in letters:
         assert manager.advance(state, token)  # not constrained yet
     assert manager.advance(state, 2) and state.active
-    assert manager.bitmask([None, state]).rows == [1]
+    assert manager.bitmask([None, state]).rows.tolist() == [1]
     assert manager.advance(state, tokenizer.encode("7", add_special_tokens=False)[0])
     assert not manager.advance(state, letters[0])
     manager.close()
