@@ -140,6 +140,14 @@ class Communicator(ABC):
     @abstractmethod
     def barrier(self) -> None: ...
 
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Hand a pipeline stage's activations to the rank `dst` (a rank of the whole world, not of this group)."""
+        raise NotImplementedError(f"{type(self).__name__} has no point-to-point transfers (pipeline parallel)")
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Fill `tensor` with what rank `src` sends."""
+        raise NotImplementedError(f"{type(self).__name__} has no point-to-point transfers (pipeline parallel)")
+
 
 class SingleRankCommunicator(Communicator):
     """The communicator of a world of one rank: nothing to exchange."""
@@ -158,7 +166,8 @@ class SingleRankCommunicator(Communicator):
 
 
 class TorchDistributedCommunicator(Communicator):
-    """Collectives through torch.distributed; the backend picks the process-group backend by name."""
+    """Collectives through torch.distributed over one group (None: every rank); the backend picks the
+    process-group backend by name. Point-to-point transfers address ranks of the whole world."""
 
     def __init__(self, rank: int, world_size: int, group: Any = None) -> None:
         super().__init__(rank, world_size)
@@ -179,6 +188,13 @@ class TorchDistributedCommunicator(Communicator):
 
     def barrier(self) -> None:
         torch.distributed.barrier(group=self.group)
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        torch.distributed.send(tensor.contiguous(), dst)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        torch.distributed.recv(tensor, src)
+        return tensor
 
 
 class _DoneEvent:
@@ -368,10 +384,15 @@ class Backend(ABC):
         it (processes sharing a CPU's cores)."""
         return self.device_count()
 
-    def communicator(self, rank: int = 0, world_size: int = 1) -> Communicator:
-        if world_size == 1:
+    # Whether stages of a pipeline can hand activations on (the communicator's send and recv).
+    supports_pipeline: ClassVar[bool] = True
+
+    def communicator(self, rank: int = 0, world_size: int = 1, group: Any = None) -> Communicator:
+        """The collectives of a group of `world_size` ranks in which this one is `rank`; `group`: the
+        torch.distributed group holding them (None: the whole world)."""
+        if world_size == 1 and group is None:
             return SingleRankCommunicator()
-        return TorchDistributedCommunicator(rank, world_size)
+        return TorchDistributedCommunicator(rank, world_size, group)
 
     # --- graphs ---
 

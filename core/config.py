@@ -45,6 +45,10 @@ class EngineConfig(BaseModel):
     max_logprobs: int = Field(default=20, ge=0)
     enforce_eager: bool = False
     tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    # How ranks beyond the engine core's own run: "mp" worker processes on this machine, "ray" actors over a
+    # Ray cluster's nodes; None: mp where this machine has the devices, else ray.
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
     chat_template: str | None = None
     generation_config: str = "auto"  # "auto": sampling defaults from the model; "vllm": none
     load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights, for benchmarks of a shape

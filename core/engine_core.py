@@ -29,6 +29,7 @@ from paged.executor import Executor, check_parallelism, create_executor
 from paged.model_runner import PENDING_TOKEN, InFlightStep, StepResult
 from paged.model_source import ModelSource
 from paged.multiproc_executor import MultiprocExecutor
+from paged.parallel import ParallelLayout
 from paged.processing import resolve_max_model_len
 from paged.request import Request, RequestStatus
 from paged.sampling_params import RequestOutputKind
@@ -59,11 +60,12 @@ class EngineCore:
         if problems:
             raise UserError(f"backend {self.backend.name} cannot run this model: {'; '.join(problems)}")
         self.backend.seed(config.seed)
+        self.layout = ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size)
         workers = None
-        if config.tensor_parallel_size > 1:  # their processes load their shards while this one loads rank 0's
+        if self.layout.world_size > 1:  # their processes load their shards while this one loads rank 0's
             workers = MultiprocExecutor(config, source, self.backend, self.precision, self.max_model_len)
         self.model = build_model(source, self.backend, self.precision, self.max_model_len,
-                                 comm=workers.comm if workers else None,
+                                 comm=workers.comm if workers else None, layout=self.layout,
                                  load_format=config.load_format, quantization=config.quantization)
         self.max_num_batched_tokens = config.max_num_batched_tokens or self.backend.max_num_batched_tokens(
             self.model.num_parameters, config.max_num_seqs)
@@ -119,8 +121,9 @@ class EngineCore:
         return kv_heads // kv_head_splits(hf_config.num_attention_heads, kv_heads, tp)
 
     def _bytes_per_block(self, hf_config) -> int:
+        """On each rank: its stage's layers (the largest stage's, which every rank's cache must match)."""
         per_layer = 2 * self.config.block_size * self._kv_heads(hf_config) * self._head_dim(hf_config)
-        return per_layer * hf_config.num_hidden_layers * self.kv_dtype.itemsize
+        return per_layer * self.layout.most_layers(hf_config.num_hidden_layers) * self.kv_dtype.itemsize
 
     def _size_kv_cache(self, hf_config) -> int:
         if self.config.num_gpu_blocks_override:
@@ -150,8 +153,7 @@ class EngineCore:
         ours_before = backend.peak_memory()  # the weights
         one_block = backend.kv_cache_shape(-(-self.max_model_len // self.config.block_size), self.config.block_size,
                                            self._kv_heads(hf_config), self._head_dim(hf_config))
-        self.runner.profile_run(self.max_num_batched_tokens, hf_config.num_hidden_layers, one_block,
-                                self.kv_dtype)
+        self.runner.profile_run(self.max_num_batched_tokens, one_block, self.kv_dtype)
         peak = backend.peak_memory()
         others = max(used_before - ours_before, 0)  # other processes and the runtime's own context
         budget = int(total * self.config.gpu_memory_utilization) - peak - others
@@ -165,7 +167,7 @@ class EngineCore:
         shape = self.backend.kv_cache_shape(
             num_blocks, self.config.block_size, self._kv_heads(hf_config), self._head_dim(hf_config)
         )
-        return [self.backend.allocate_kv_cache(shape, self.kv_dtype) for _ in range(hf_config.num_hidden_layers)]
+        return [self.backend.allocate_kv_cache(shape, self.kv_dtype) for _ in self.model.model.stage_layers]
 
     # --- requests -----------------------------------------------------------------------------
 

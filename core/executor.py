@@ -28,7 +28,7 @@ class Executor(Protocol):
     graph_sizes: list[int]  # batch sizes with captured decode graphs, ascending
     kv_caches: list[torch.Tensor]  # one per layer, allocated by the core once it sized the cache
 
-    def profile_run(self, num_tokens: int, num_layers: int, kv_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def profile_run(self, num_tokens: int, kv_shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """One forward pass of the largest step, so the peak of device memory can be read."""
 
     def capture_graphs(self) -> list[int]:
@@ -54,13 +54,19 @@ class Executor(Protocol):
 
 def check_parallelism(config: EngineConfig, backend: Backend, hf_config) -> None:
     """Before anything loads: whether this backend and this model can run the parallelism asked for."""
-    tp = config.tensor_parallel_size
-    if tp == 1:
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    if tp * pp == 1:
         return
     most = backend.max_ranks()
-    if most is not None and tp > most:
-        raise UserError(f"tensor_parallel_size {tp} needs {tp} devices; the {backend.name} backend sees {most}",
-                        param="tensor_parallel_size")
+    if most is not None and tp * pp > most:
+        what = f"tensor_parallel_size {tp} x pipeline_parallel_size {pp}" if pp > 1 else f"tensor_parallel_size {tp}"
+        raise UserError(f"{what} needs {tp * pp} devices; the {backend.name} backend sees {most}",
+                        param="tensor_parallel_size" if pp == 1 else "pipeline_parallel_size")
+    if pp > 1 and not backend.supports_pipeline:
+        raise UserError(f"the {backend.name} backend does not run pipeline parallel", param="pipeline_parallel_size")
+    if pp > hf_config.num_hidden_layers:
+        raise UserError(f"pipeline_parallel_size {pp}: the model has only {hf_config.num_hidden_layers} layers",
+                        param="pipeline_parallel_size")
     try:
         kv_head_splits(hf_config.num_attention_heads, hf_config.num_key_value_heads, tp)
     except ValueError as error:
@@ -72,7 +78,7 @@ def create_executor(config: EngineConfig, model: torch.nn.Module, backend: Backe
     """The executor for `config`: the model runner in this process, which is rank 0 of `workers` when the
     model is split over several (their processes started before this rank's shard was built)."""
     runner = ModelRunner(model, backend, config.block_size, max_num_batched_tokens, config.max_num_seqs,
-                         max_model_len, vocab_size, config.seed)
+                         max_model_len, vocab_size, config.seed, links=workers.links if workers else None)
     if workers is None:
         return runner
     workers.attach(runner, max_num_batched_tokens)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from paged.backends.interface import Backend, Communicator, Precision
 from paged.errors import UserError
 from paged.model_source import ModelSource
+from paged.parallel import ParallelLayout
 from paged.models.layers import BlockLoading, LinearBase
 from paged.models.ops import bind_ops
 from paged.models.registry import model_class
@@ -40,6 +41,7 @@ def build_model(
     precision: Precision,
     max_model_len: int,
     comm: Communicator | None = None,
+    layout: ParallelLayout | None = None,
     load_format: str = "auto",
     quantization: str | None = None,
 ) -> torch.nn.Module:
@@ -53,7 +55,7 @@ def build_model(
             ops = bind_ops(backend.ops(precision), decoder_linear)
             with torch.device(backend.device()):
                 model = cls(source.hf_config, comm or backend.communicator(), backend.attention(max_model_len), ops,
-                            max_model_len)
+                            max_model_len, layout)
         finally:
             torch.set_default_dtype(previous)
         # Counted before loading: a backend may repack the weights into buffers that are no parameters.

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from paged.backends.interface import AttentionMetadata, Backend
+from paged.pipeline import StageLinks
 from paged.sampler import PLAIN_GREEDY, Sampler, SamplerOutput, build_sampling_batch, gather_logprobs
 from paged.scheduler import SchedulerOutput
 from paged.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
@@ -174,11 +175,15 @@ class ModelRunner:
         vocab_size: int,
         seed: int,
         samples: bool = True,
+        links: StageLinks | None = None,
     ) -> None:
-        """`samples`: False on the tensor-parallel ranks other than 0, which run the forward pass only."""
+        """`samples`: False on the ranks other than 0, which run the forward pass only. `links`: this rank's
+        pipeline stage, where there are several (only stage 0 computes logits)."""
         self.model = model
         self.backend = backend
-        self.attention = model.model.layers[0].self_attn.attn
+        self.links = links
+        self.attention = model.attention
+        self.num_layers = len(model.model.stage_layers)  # this stage's, each with a KV cache here
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -258,7 +263,9 @@ class ModelRunner:
             prompt_logprobs = {}
         else:
             input_ids, positions, meta = self.prepare(sched)
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            hidden = self._forward(input_ids, positions, self.kv_caches, meta)
+            if hidden is None:  # a later pipeline stage: stage 0 takes it from here
+                return StepResult(None, {})
             prompt_logprobs = self._prompt_logprobs(sched, hidden, meta.query_start_loc)
             logits = None
             if completing:
@@ -267,6 +274,12 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[index])
         sampled = self._sample(sched, completing, logits) if completing and self.samples else None
         return StepResult(sampled, prompt_logprobs)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                 meta: AttentionMetadata) -> torch.Tensor | None:
+        if self.links is None:
+            return self.model(input_ids, positions, kv_caches, meta)
+        return self.links.forward(self.model, input_ids, positions, kv_caches, meta)
 
     def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
         rows = [sched.scheduled[i].request for i in completing]
@@ -410,9 +423,10 @@ class ModelRunner:
     # --- profiling --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def profile_run(self, num_tokens: int, num_layers: int, kv_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def profile_run(self, num_tokens: int, kv_shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """The largest step the scheduler can make (num_tokens tokens, as many sequences as allowed, each
-        sampling), over a throwaway one-sequence KV cache: it measures peak activation memory."""
+        sampling), over a throwaway one-sequence KV cache per layer of this stage: it measures peak
+        activation memory."""
         num_seqs = min(self.max_num_seqs, num_tokens)
         counts = np.full(num_seqs, num_tokens // num_seqs, np.int64)
         counts[: num_tokens % num_seqs] += 1
@@ -427,9 +441,9 @@ class ModelRunner:
         )
         meta = self.buffers.metadata(inputs, self.block_size, int(counts.max()))
         meta.prepared = self.attention.prepare(meta)
-        caches = [torch.zeros(kv_shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        hidden = self.model(self.buffers.upload("input_ids", inputs.input_ids),
-                            self.buffers.upload("positions", inputs.positions), caches, meta)
-        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
-        logits.argmax(dim=-1)
+        caches = [torch.zeros(kv_shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
+        hidden = self._forward(self.buffers.upload("input_ids", inputs.input_ids),
+                               self.buffers.upload("positions", inputs.positions), caches, meta)
+        if hidden is not None:
+            self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1]).argmax(dim=-1)
         self.backend.synchronize()

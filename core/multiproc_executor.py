@@ -1,8 +1,9 @@
-"""Tensor parallel over worker processes: rank 0 is the engine core's own model runner, ranks 1..N-1 run in
-processes this module starts, one per device, each holding its shard of the weights and of the KV cache.
+"""Tensor and pipeline parallel over worker processes: rank 0 is the engine core's own model runner, ranks
+1..N-1 run in processes this module starts, one per device, each holding its shard of the weights (its
+stage's layers, its slice of each) and of the KV cache (paged.parallel says which).
 
-Every rank runs the same forward pass (the collectives inside the layers keep them in step); only rank 0
-samples. Each step the core's scheduler output is turned into one message, pickled once and written to every
+Every rank runs its part of the same forward pass (the collectives inside the layers keep a stage's ranks in
+step, each stage waits for the one before); only rank 0 samples. Each step the core's scheduler output is turned into one message, pickled once and written to every
 worker's pipe: per request only what the worker has not seen yet (new tokens, new block ids), so a step costs
 the same to send however long the contexts are. A worker keeps each running request's tokens and blocks until
 the core releases it (finished, aborted or preempted: a preempted request is sent whole again when it returns).
@@ -22,11 +23,13 @@ from typing import Any
 
 import torch
 
-from paged.backends.interface import Backend, Precision
+from paged.backends.interface import Backend, Communicator, Precision
 from paged.config import EngineConfig
 from paged.errors import UserError
 from paged.model_runner import InFlightStep, ModelRunner, StepResult
 from paged.model_source import ModelSource
+from paged.parallel import ParallelLayout, build_communicators
+from paged.pipeline import StageLinks
 from paged.scheduler import ScheduledRequest, SchedulerOutput
 from paged.structured_output.bitmask import GrammarBitmask
 
@@ -92,11 +95,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_process_group(backend: Backend, rank: int, world_size: int, port: int) -> None:
+def layout_of(config: EngineConfig, rank: int = 0) -> ParallelLayout:
+    return ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size, rank)
+
+
+def join_world(backend: Backend, layout: ParallelLayout, address: str, source: ModelSource, precision: Precision
+               ) -> tuple[Communicator, StageLinks | None]:
+    """Join the process group as `layout.rank`: this rank's tensor-parallel communicator, and its pipeline
+    links where there are several stages."""
     # A collective waiting on a rank that died fails after this long instead of hanging.
-    torch.distributed.init_process_group(backend.dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size,
+    torch.distributed.init_process_group(backend.dist_backend, init_method=f"tcp://{address}", rank=layout.rank,
+                                         world_size=layout.world_size,
                                          timeout=datetime.timedelta(seconds=_COLLECTIVE_TIMEOUT_S))
+    comm, world = build_communicators(backend, layout)
+    links = None if world is None else StageLinks(layout, world, source.hf_config.hidden_size, precision.compute,
+                                                  backend.device())
+    return comm, links
 
 
 @dataclass
@@ -107,7 +121,7 @@ class WorkerSpec:
     source: ModelSource
     precision: Precision
     max_model_len: int
-    port: int
+    address: str  # host:port of rank 0's process-group store
 
 
 def worker_main(rank: int, spec: WorkerSpec, conn: multiprocessing.connection.Connection, parent_pid: int,
@@ -118,15 +132,15 @@ def worker_main(rank: int, spec: WorkerSpec, conn: multiprocessing.connection.Co
     from paged.model_loading import build_model
     from paged.server.processes import become_child
 
-    become_child(f"TPWorker{rank}", log_level, parent_pid)
+    become_child(f"Worker{rank}", log_level, parent_pid)
     config = spec.config
     backend = load_backend(config.device)
     backend.set_device(rank % max(backend.device_count(), 1))
-    _init_process_group(backend, rank, config.tensor_parallel_size, spec.port)
+    layout = layout_of(config, rank)
+    comm, links = join_world(backend, layout, spec.address, spec.source, spec.precision)
     try:
         backend.seed(config.seed)
-        comm = backend.communicator(rank, config.tensor_parallel_size)
-        model = build_model(spec.source, backend, spec.precision, spec.max_model_len, comm=comm,
+        model = build_model(spec.source, backend, spec.precision, spec.max_model_len, comm=comm, layout=layout,
                             load_format=config.load_format, quantization=config.quantization)
         conn.send("ready")
         requests: dict[str, WorkerRequest] = {}
@@ -140,10 +154,11 @@ def worker_main(rank: int, spec: WorkerSpec, conn: multiprocessing.connection.Co
                 return
             if kind == "runner":  # sized by the core once every shard is loaded
                 runner = ModelRunner(model, backend, config.block_size, payload, config.max_num_seqs,
-                                     spec.max_model_len, spec.source.hf_config.vocab_size, config.seed, samples=False)
+                                     spec.max_model_len, spec.source.hf_config.vocab_size, config.seed, samples=False,
+                                     links=links)
             elif kind == "kv_cache":
-                shape, dtype, count = payload
-                runner.kv_caches = [backend.allocate_kv_cache(shape, dtype) for _ in range(count)]
+                shape, dtype = payload
+                runner.kv_caches = [backend.allocate_kv_cache(shape, dtype) for _ in range(runner.num_layers)]
             elif kind == "profile":
                 runner.profile_run(*payload)
             elif kind == "step":
@@ -177,25 +192,26 @@ class MultiprocExecutor:
                  max_model_len: int) -> None:
         """Start the workers (each loads its shard meanwhile) and join the process group as rank 0."""
         if torch.distributed.is_initialized():
-            raise UserError("one tensor-parallel engine per process: shut the previous one down first "
+            raise UserError("one model-parallel engine per process: shut the previous one down first "
                             "(engine.core.shutdown())", param="tensor_parallel_size")
-        world_size = config.tensor_parallel_size
-        port = _free_port()
-        spec = WorkerSpec(config, source, precision, max_model_len, port)
+        self.layout = layout_of(config)
+        world_size = self.layout.world_size
+        address = f"127.0.0.1:{_free_port()}"
+        spec = WorkerSpec(config, source, precision, max_model_len, address)
         context = multiprocessing.get_context("spawn")
         self.conns: list[multiprocessing.connection.Connection] = []
         self.processes: list[multiprocessing.Process] = []
         for rank in range(1, world_size):
             parent, child = context.Pipe()
-            process = context.Process(target=worker_main, name=f"paged-tp{rank}", daemon=True,
+            process = context.Process(target=worker_main, name=f"paged-worker{rank}", daemon=True,
                                       args=(rank, spec, child, os.getpid(),
                                             logging.getLevelName(logging.getLogger().getEffectiveLevel())))
             process.start()
             child.close()
             self.conns.append(parent)
             self.processes.append(process)
-        _init_process_group(backend, 0, world_size, port)
-        self.comm = backend.communicator(0, world_size)
+        self.comm, self.links = join_world(backend, self.layout, address, source, precision)
+        self.num_layers = source.hf_config.num_hidden_layers
         self._sent: dict[str, _Sent] = {}
         self._released: list[str] = []
         self.runner: ModelRunner | None = None
@@ -206,12 +222,11 @@ class MultiprocExecutor:
         self.runner = runner
         for rank, conn in enumerate(self.conns, start=1):
             if not conn.poll(_START_TIMEOUT_S) or conn.recv() != "ready":
-                raise UserError(f"tensor-parallel worker {rank} did not start (exit code "
+                raise UserError(f"model-parallel worker {rank} did not start (exit code "
                                 f"{self.processes[rank - 1].exitcode})")
         self._send("runner", max_num_batched_tokens)
-        logger.info("tensor parallel over %d ranks (%s): rank 0 in this process, worker pids %s",
-                    len(self.processes) + 1, torch.distributed.get_backend(),
-                    [process.pid for process in self.processes])
+        logger.info("%s over %s: rank 0 in this process, worker pids %s", self.layout.describe(self.num_layers),
+                    torch.distributed.get_backend(), [process.pid for process in self.processes])
 
     # --- the Executor interface ---------------------------------------------------------------
 
@@ -225,12 +240,12 @@ class MultiprocExecutor:
 
     @kv_caches.setter
     def kv_caches(self, caches: list[torch.Tensor]) -> None:
-        self._send("kv_cache", (tuple(caches[0].shape), caches[0].dtype, len(caches)))
+        self._send("kv_cache", (tuple(caches[0].shape), caches[0].dtype))
         self.runner.kv_caches = caches
 
-    def profile_run(self, num_tokens: int, num_layers: int, kv_shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        self._send("profile", (num_tokens, num_layers, kv_shape, dtype))
-        self.runner.profile_run(num_tokens, num_layers, kv_shape, dtype)
+    def profile_run(self, num_tokens: int, kv_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self._send("profile", (num_tokens, kv_shape, dtype))
+        self.runner.profile_run(num_tokens, kv_shape, dtype)
 
     def capture_graphs(self) -> list[int]:
         return []
@@ -305,5 +320,5 @@ class MultiprocExecutor:
                 if p.exitcode is not None]
         self.shutdown()
         if dead:
-            return RuntimeError(f"tensor-parallel worker {', '.join(dead)} died; the engine stops")
-        return RuntimeError(f"tensor-parallel step failed: {detail}")
+            return RuntimeError(f"model-parallel worker {', '.join(dead)} died; the engine stops")
+        return RuntimeError(f"model-parallel step failed: {detail}")

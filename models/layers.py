@@ -62,6 +62,10 @@ class LinearBase(nn.Module, WeightLoading, BlockLoading):
         raise NotImplementedError
 
 
+class HeldElsewhere(nn.Module):
+    """Stands in for a layer another pipeline stage holds, so parameter names keep their checkpoint indices."""
+
+
 def kv_head_splits(heads: int, kv_heads: int, world_size: int) -> int:
     """Into how many slices the KV heads are cut over `world_size` ranks: one per rank, or, where a model has
     fewer KV heads than ranks, one per KV head, each kept on several ranks. ValueError if the heads do not split."""

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from paged.backends.interface import Attention, AttentionMetadata, Communicator
+from paged.parallel import ParallelLayout
 from paged.quant.gguf import GGUFBlocks
 from paged.models.layers import (
     BlockLoading,
+    HeldElsewhere,
     LinearBase,
     ColumnParallelLinear,
     kv_head_splits,
@@ -107,20 +109,34 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, comm, attention, ops, max_positions, qkv_bias):
+    """This pipeline stage's layers (all of them with one stage): the first stage embeds, the last normalises;
+    between stages the hidden state and the residual travel stacked in one tensor."""
+
+    def __init__(self, config, comm, attention, ops, max_positions, qkv_bias, layout: ParallelLayout):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm)
+        self.layout = layout
+        self.stage_layers = layout.stage_layers(config.num_hidden_layers)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm) \
+            if layout.is_first_stage else HeldElsewhere()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(config), ops)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, comm, attention, ops, rotary, qkv_bias) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, comm, attention, ops, rotary, qkv_bias) if i in self.stage_layers
+            else HeldElsewhere() for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops) if layout.is_last_stage else HeldElsewhere()
 
-    def forward(self, input_ids, positions, kv_caches, meta):
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+    def forward(self, input_ids, positions, kv_caches, meta, carried: torch.Tensor | None = None) -> torch.Tensor:
+        """`carried`: the previous stage's output. Returns the final hidden states on the last stage, else
+        what the next stage takes."""
+        if carried is None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = carried.unbind(0)
+        for layer, kv_cache in zip(self.layers[self.stage_layers.start : self.stage_layers.stop], kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        if not self.layout.is_last_stage:
+            return torch.stack((hidden, residual))
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -144,19 +160,24 @@ class LlamaForCausalLM(nn.Module):
         ".self_attn.v_proj.output_scale": 1,
     }
 
-    def __init__(self, config, comm: Communicator, attention: Attention, ops: dict, max_positions: int):
+    def __init__(self, config, comm: Communicator, attention: Attention, ops: dict, max_positions: int,
+                 layout: ParallelLayout | None = None):
+        """`layout`: which pipeline stage this is (the LM head sits with the embedding, on stage 0)."""
         super().__init__()
+        layout = layout or ParallelLayout()
         qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
         self.config = config
-        self.model = LlamaModel(config, comm, attention, ops, max_positions, qkv_bias)
+        self.attention = attention
+        self.model = LlamaModel(config, comm, attention, ops, max_positions, qkv_bias, layout)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm, ops)
-        if self.tied:
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm, ops) \
+            if layout.is_first_stage else HeldElsewhere()
+        if self.tied and layout.is_first_stage:
             self.lm_head.weight = self.model.embed_tokens.weight
             self.lm_head.owns_weight = False
 
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)
+    def forward(self, input_ids, positions, kv_caches, meta, carried: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta, carried)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden).float()
@@ -171,6 +192,8 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.tied and name == "lm_head.weight"):
+                continue
+            if self._held_elsewhere(name, modules):
                 continue
             if self._load_kv_scale(name, tensor, modules):
                 continue
@@ -206,6 +229,11 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         self.process_weights()
         return loaded
+
+    def _held_elsewhere(self, name: str, modules: dict[str, nn.Module]) -> bool:
+        """Whether the checkpoint tensor belongs to a module another pipeline stage holds."""
+        parts = name.split(".")
+        return any(isinstance(modules.get(".".join(parts[:n])), HeldElsewhere) for n in range(1, len(parts)))
 
     def _load_kv_scale(self, name: str, tensor: torch.Tensor, modules: dict[str, nn.Module]) -> bool:
         for ending, index in self.kv_scales.items():

@@ -1,8 +1,9 @@
-"""Tensor parallel over real worker processes on the CPU (gloo): greedy tokens equal one rank's exactly in
-float32, for a Llama, a Mistral with a single KV head (replicated on both ranks) and a Qwen2 (qkv bias, tied
-embeddings, a vocabulary two ranks do not split evenly), through chunked prefill and preemption (a preempted
-request is sent to the workers whole again); a worker killed mid-run ends the engine with an error naming it,
-and no process stays behind."""
+"""Tensor and pipeline parallel over real worker processes on the CPU (gloo): greedy tokens of TP=2, PP=2 and
+TP=2 x PP=2 equal one rank's exactly in float32, for a Llama, a Mistral with a single KV head (replicated on
+both ranks of a stage) and a Qwen2 (qkv bias, tied embeddings on stage 0, a vocabulary two ranks do not split
+evenly), with three layers that two stages do not split evenly, through chunked prefill and preemption (a
+preempted request is sent to the workers whole again); a worker killed mid-run ends the engine with an error
+naming it, and no process stays behind."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from paged.errors import UserError
 from tests.models_factory import VOCAB, save_tiny_model
 
 
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_two_ranks_give_one_rank_tokens(arch, tmp_path):
+def test_split_models_give_one_rank_tokens(arch, tp, pp, tmp_path):
     # Qwen2's vocabulary is odd (beyond the tokenizer's words): the ranks' vocabulary slices differ in size.
     overrides = {"vocab_size": VOCAB + 1} if arch == "qwen2" else {}
     save_tiny_model(arch, tmp_path, seed=random.randrange(1 << 30), **overrides)
@@ -30,7 +32,7 @@ def test_two_ranks_give_one_rank_tokens(arch, tmp_path):
     kwargs = dict(model=str(tmp_path), dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=48,
                   num_gpu_blocks_override=24)
     one = [o.outputs[0].token_ids for o in LLM(**kwargs).generate(prompts, params, use_tqdm=False)]
-    two_ranks = LLM(**kwargs, tensor_parallel_size=2)
+    two_ranks = LLM(**kwargs, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     try:
         two = [o.outputs[0].token_ids for o in two_ranks.generate(prompts, params, use_tqdm=False)]
         assert two_ranks.engine.core.scheduler.num_preemptions > 0
@@ -39,10 +41,11 @@ def test_two_ranks_give_one_rank_tokens(arch, tmp_path):
     assert two == one
 
 
-def test_a_worker_that_dies_fails_the_engine_and_leaves_no_process(tmp_path):
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_a_worker_that_dies_fails_the_engine_and_leaves_no_process(tp, pp, tmp_path):
     save_tiny_model("llama", tmp_path, seed=random.randrange(1 << 30))
     llm = LLM(model=str(tmp_path), dtype="float32", device="cpu", kv_cache_memory="32MiB", max_model_len=128,
-              tensor_parallel_size=2)
+              tensor_parallel_size=tp, pipeline_parallel_size=pp)
     engine, executor = llm.engine, llm.engine.core.runner
     for i in range(4):
         engine.add_request(str(i), {"prompt_token_ids": [5, 6, 7 + i]},
@@ -60,3 +63,5 @@ def test_a_split_the_heads_do_not_allow_is_a_one_line_error(tmp_path):
     save_tiny_model("llama", tmp_path)  # 4 heads, 2 KV heads
     with pytest.raises(UserError, match="tensor_parallel_size 3: 4 attention heads and 2 KV heads do not split over 3 ranks"):
         LLM(model=str(tmp_path), device="cpu", kv_cache_memory="32MiB", max_model_len=128, tensor_parallel_size=3)
+    with pytest.raises(UserError, match="pipeline_parallel_size 4: the model has only 3 layers"):
+        LLM(model=str(tmp_path), device="cpu", kv_cache_memory="32MiB", max_model_len=128, pipeline_parallel_size=4)

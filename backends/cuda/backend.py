@@ -14,10 +14,8 @@ from paged.backends.interface import (
     Attention,
     Availability,
     Backend,
-    Communicator,
     LinearKernel,
     Precision,
-    TorchDistributedCommunicator,
 )
 
 
@@ -138,11 +136,6 @@ class CUDABackend(Backend):
 
         kernels = {"int": IntLinear, "fp8": lambda: FP8Linear(self.has_fp8_units()), "int8": Int8Linear}
         return kernels[form]() if form in kernels else None
-
-    def communicator(self, rank: int = 0, world_size: int = 1) -> Communicator:
-        if world_size == 1:
-            return super().communicator(rank, world_size)
-        return TorchDistributedCommunicator(rank, world_size)
 
     def capture_graph(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Record fn on a side stream into a graph sharing one memory pool with the others captured."""

@@ -85,10 +85,10 @@ class GaudiBackend(Backend):
 
         return GaudiPagedAttention()
 
-    def communicator(self, rank: int = 0, world_size: int = 1) -> Communicator:
+    def communicator(self, rank: int = 0, world_size: int = 1, group: Any = None) -> Communicator:
         if world_size > 1:
             importlib.import_module("habana_frameworks.torch.distributed.hccl")  # registers "hccl"
-        return super().communicator(rank, world_size)
+        return super().communicator(rank, world_size, group)
 
     def capture_graph(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Record fn as an HPU graph on a side stream (the pattern of Habana's HPU graph API), warmed up first."""

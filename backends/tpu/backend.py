@@ -29,6 +29,7 @@ class TPUBackend(Backend):
     supported_dtypes = (torch.bfloat16, torch.float32)
     supported_block_sizes = (16, 32, 64, 128)
     supports_graphs = True
+    supports_pipeline = False  # one SPMD process drives every chip: there are no stages to hand activations to
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
@@ -90,7 +91,7 @@ class TPUBackend(Backend):
 
         return JaxPagedAttention(use_pallas=self.platform == "tpu")
 
-    def communicator(self, rank: int = 0, world_size: int = 1) -> Communicator:
+    def communicator(self, rank: int = 0, world_size: int = 1, group: Any = None) -> Communicator:
         if world_size == 1:
             return SingleRankCommunicator()
         from paged.backends.tpu.communicator import XLACommunicator, device_mesh

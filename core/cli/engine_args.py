@@ -27,6 +27,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-logprobs", type=int, default=20)
     group.add_argument("--enforce-eager", action="store_true", help="never replay captured graphs")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    group.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                       help="pipeline stages the layers are cut into (each of tensor-parallel-size ranks)")
+    group.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                       help="where ranks beyond the first run: mp (processes on this machine) or ray (actors on a "
+                            "Ray cluster, RAY_ADDRESS or a local one); default: mp where this machine has the devices")
     group.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
     group.add_argument("--quantization", "-q", help="quantization method (fp8, awq, gptq, compressed-tensors, "
                        "gguf); default: the checkpoint's own; fp8 quantizes a dense checkpoint at load")
@@ -44,7 +49,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = [
         "model", "tokenizer", "device", "dtype", "max_model_len", "seed", "block_size", "enable_prefix_caching",
         "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_logprobs",
-        "enforce_eager", "tensor_parallel_size", "chat_template", "quantization", "kv_cache_dtype",
+        "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
+        "chat_template", "quantization", "kv_cache_dtype",
         "structured_outputs_backend", "structured_outputs_any_whitespace",
     ]
     return {name: getattr(args, name) for name in names}

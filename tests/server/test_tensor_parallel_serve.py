@@ -1,5 +1,5 @@
-"""`paged serve --tensor-parallel-size 2` on the CPU: the engine core starts its worker, answers with the tokens
-one rank gives offline, and leaves no process behind when stopped."""
+"""`paged serve` over TP=2, PP=2 and TP=2 x PP=2 on the CPU: the engine core starts its workers, answers with the
+tokens one rank gives offline, and leaves no process behind when stopped."""
 
 from __future__ import annotations
 
@@ -7,24 +7,27 @@ import random
 
 import openai
 import psutil
+import pytest
 
 from paged import LLM, SamplingParams
 from tests.models_factory import VOCAB, save_tiny_model
 from tests.server.conftest import start_server, stop_server
 
 
-def test_served_over_two_ranks_like_one_offline(tmp_path):
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
+def test_served_split_like_one_rank_offline(tp, pp, tmp_path):
     save_tiny_model("qwen2", tmp_path / "model", seed=random.randrange(1 << 30))
     prompts = [[random.randrange(3, VOCAB) for _ in range(random.randint(3, 30))] for _ in range(4)]
     offline = LLM(model=str(tmp_path / "model"), dtype="float32", device="cpu", kv_cache_memory="32MiB",
                   max_model_len=128).generate([{"prompt_token_ids": p} for p in prompts],
                                               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                                               use_tqdm=False)
-    server = start_server(str(tmp_path / "model"), tmp_path / "serve.log", "--tensor-parallel-size", "2",
+    server = start_server(str(tmp_path / "model"), tmp_path / "serve.log", "-tp", str(tp), "-pp", str(pp),
                           "--max-model-len", "128", "--kv-cache-memory", "32MiB")
     try:
-        layout = server.log_text().split("tensor parallel over ")[1].splitlines()[0]
-        assert layout.startswith("2 ranks (gloo)"), layout
+        layout = server.log_text().split(f"tensor parallel {tp} x pipeline parallel {pp} = ")[1].splitlines()[0]
+        assert layout.startswith(f"{tp * pp} ranks (stage 0: "), layout
+        assert " over gloo: " in layout, layout
         workers = [psutil.Process(int(pid)) for pid in layout.split("worker pids [")[1].rstrip("]").split(",")]
         family = psutil.Process(server.process.pid).children(recursive=True)
         assert {w.pid for w in workers} <= {p.pid for p in family}
