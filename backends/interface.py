@@ -225,6 +225,7 @@ class Backend(ABC):
     name: ClassVar[str]
     device_type: ClassVar[str]  # torch device type: "cpu", "cuda", "xla", "hpu"
     dist_backend: ClassVar[str]  # torch.distributed backend: "gloo", "nccl", "hccl", ...
+    ray_resource: ClassVar[str] = "GPU"  # the Ray resource one rank's device is counted in: "GPU", "CPU", "HPU", ...
     visible_devices_env: ClassVar[str | None] = None  # e.g. CUDA_VISIBLE_DEVICES
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32,)
     supported_block_sizes: ClassVar[tuple[int, ...]] = (16,)

@@ -25,10 +25,10 @@ from paged.core_protocol import CoreOutput, CoreRequest, EngineStats, PromptLogp
 from paged.errors import UserError
 from paged.model_loading import build_model
 from paged.models.layers import kv_head_splits
-from paged.executor import Executor, check_parallelism, create_executor
+from paged.executor import Executor, check_parallelism, create_executor, remote_ranks
 from paged.model_runner import PENDING_TOKEN, InFlightStep, StepResult
 from paged.model_source import ModelSource
-from paged.multiproc_executor import MultiprocExecutor
+from paged.parallel_executor import ParallelExecutor
 from paged.parallel import ParallelLayout
 from paged.processing import resolve_max_model_len
 from paged.request import Request, RequestStatus
@@ -63,7 +63,8 @@ class EngineCore:
         self.layout = ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size)
         workers = None
         if self.layout.world_size > 1:  # their processes load their shards while this one loads rank 0's
-            workers = MultiprocExecutor(config, source, self.backend, self.precision, self.max_model_len)
+            workers = ParallelExecutor(config, source, self.backend, self.precision, self.max_model_len,
+                                       remote_ranks(config, self.backend))
         self.model = build_model(source, self.backend, self.precision, self.max_model_len,
                                  comm=workers.comm if workers else None, layout=self.layout,
                                  load_format=config.load_format, quantization=config.quantization)

@@ -1,11 +1,11 @@
 """What the engine core runs the model through: an executor.
 
 The core schedules, applies tokens and stop conditions; the executor runs each scheduled step on the
-device(s) and owns their state (KV cache tensors, captured graphs, block-table rows). Today one kind
-exists: the model runner on this process's device, which is an executor by itself. Several devices
-(tensor or pipeline parallel) need a worker process per device, or Ray actors across nodes, answering
-these same calls for their shard, so the core does not change when they come; `create_executor` is
-where that choice is made.
+device(s) and owns their state (KV cache tensors, captured graphs, block-table rows). With one device
+the model runner on this process's device is the executor by itself; split over several (tensor or
+pipeline parallel), a ParallelExecutor runs rank 0 here and the other ranks in worker processes or Ray
+actors (`remote_ranks` picks which), answering these same calls for their shards, so the core does not
+change with the layout.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from paged.config import EngineConfig
 from paged.errors import UserError
 from paged.model_runner import InFlightStep, ModelRunner, StepResult
 from paged.models.layers import kv_head_splits
-from paged.multiproc_executor import MultiprocExecutor
+from paged.multiproc_executor import ProcessRanks
+from paged.parallel_executor import ParallelExecutor, RemoteRanks
+from paged.worker import layout_of
 from paged.scheduler import SchedulerOutput
 from paged.structured_output.bitmask import GrammarBitmask
 
@@ -52,15 +54,39 @@ class Executor(Protocol):
         """Stop whatever processes the executor started."""
 
 
+def distributed_backend(config: EngineConfig, backend: Backend) -> str:
+    """Where ranks beyond the core's run, as vLLM chooses: the one asked for, else worker processes where
+    this machine has the devices, else Ray (where it is installed)."""
+    if config.distributed_executor_backend is not None:
+        return config.distributed_executor_backend
+    most = backend.max_ranks()
+    if most is None or config.tensor_parallel_size * config.pipeline_parallel_size <= most:
+        return "mp"
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return "mp"
+    return "ray"
+
+
+def remote_ranks(config: EngineConfig, backend: Backend) -> RemoteRanks:
+    if distributed_backend(config, backend) == "ray":
+        from paged.ray_executor import RayRanks
+
+        return RayRanks(layout_of(config), backend.ray_resource)
+    return ProcessRanks(layout_of(config).world_size)
+
+
 def check_parallelism(config: EngineConfig, backend: Backend, hf_config) -> None:
     """Before anything loads: whether this backend and this model can run the parallelism asked for."""
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     if tp * pp == 1:
         return
     most = backend.max_ranks()
-    if most is not None and tp * pp > most:
+    if most is not None and tp * pp > most and distributed_backend(config, backend) == "mp":
         what = f"tensor_parallel_size {tp} x pipeline_parallel_size {pp}" if pp > 1 else f"tensor_parallel_size {tp}"
-        raise UserError(f"{what} needs {tp * pp} devices; the {backend.name} backend sees {most}",
+        raise UserError(f"{what} needs {tp * pp} devices; the {backend.name} backend sees {most} on this machine "
+                        "(--distributed-executor-backend ray spreads ranks over a Ray cluster's nodes)",
                         param="tensor_parallel_size" if pp == 1 else "pipeline_parallel_size")
     if pp > 1 and not backend.supports_pipeline:
         raise UserError(f"the {backend.name} backend does not run pipeline parallel", param="pipeline_parallel_size")
@@ -74,7 +100,7 @@ def check_parallelism(config: EngineConfig, backend: Backend, hf_config) -> None
 
 
 def create_executor(config: EngineConfig, model: torch.nn.Module, backend: Backend, max_num_batched_tokens: int,
-                    max_model_len: int, vocab_size: int, workers: MultiprocExecutor | None = None) -> Executor:
+                    max_model_len: int, vocab_size: int, workers: ParallelExecutor | None = None) -> Executor:
     """The executor for `config`: the model runner in this process, which is rank 0 of `workers` when the
     model is split over several (their processes started before this rank's shard was built)."""
     runner = ModelRunner(model, backend, config.block_size, max_num_batched_tokens, config.max_num_seqs,

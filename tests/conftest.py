@@ -58,3 +58,27 @@ def tiny_llama_dir(
         return folder, model.state_dict()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster (`ray start --head`, 8 logical CPUs on this machine) for the session: its address,
+    as RAY_ADDRESS names it. Skipped where Ray is not installed."""
+    pytest.importorskip("ray")
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = shutil.which("ray")
+    temp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths live under it
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=8", "--include-dashboard=false",
+                    "--disable-usage-stats", f"--temp-dir={temp}"], check=True, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)

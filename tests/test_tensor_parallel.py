@@ -51,11 +51,11 @@ def test_a_worker_that_dies_fails_the_engine_and_leaves_no_process(tp, pp, tmp_p
         engine.add_request(str(i), {"prompt_token_ids": [5, 6, 7 + i]},
                            SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     engine.step()
-    os.kill(executor.processes[0].pid, signal.SIGKILL)
+    os.kill(executor.ranks.processes[0].pid, signal.SIGKILL)
     with pytest.raises(RuntimeError, match=r"worker 1 \(exit code -9\) died"):
         while engine.has_unfinished_requests():
             engine.step()
-    assert not any(p.is_alive() for p in executor.processes)
+    assert not any(p.is_alive() for p in executor.ranks.processes)
     assert not torch.distributed.is_initialized()  # another engine may start in this process
 
 
@@ -65,3 +65,16 @@ def test_a_split_the_heads_do_not_allow_is_a_one_line_error(tmp_path):
         LLM(model=str(tmp_path), device="cpu", kv_cache_memory="32MiB", max_model_len=128, tensor_parallel_size=3)
     with pytest.raises(UserError, match="pipeline_parallel_size 4: the model has only 3 layers"):
         LLM(model=str(tmp_path), device="cpu", kv_cache_memory="32MiB", max_model_len=128, pipeline_parallel_size=4)
+
+
+def test_paged_info_shows_the_layout(tmp_path, capsys):
+    from paged.cli.main import main
+
+    save_tiny_model("llama", tmp_path, num_hidden_layers=5)
+    assert main(["info", "--device", "cpu", "--model", str(tmp_path), "-tp", "2", "-pp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert ("layout: tensor parallel 2 x pipeline parallel 2 = 4 ranks (stage 0: layers 0-1 on ranks 0-1, "
+            "stage 1: layers 2-4 on ranks 2-3)") in out
+    assert "per rank: 2 attention heads, 1 KV heads; ranks 1..3 run in: mp" in out
+    assert main(["info", "--device", "cpu", "--model", str(tmp_path), "-tp", "3"]) == 2
+    assert "tensor_parallel_size 3: 4 attention heads and 2 KV heads do not split over 3 ranks" in capsys.readouterr().err

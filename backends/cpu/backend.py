@@ -37,6 +37,7 @@ class CPUBackend(Backend):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
+    ray_resource = "CPU"
     visible_devices_env = None
     supported_dtypes = (torch.bfloat16, torch.float32)
     supported_block_sizes = (8, 16, 32, 64, 128)

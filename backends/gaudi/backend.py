@@ -27,6 +27,7 @@ class GaudiBackend(Backend):
     name = "gaudi"
     device_type = "hpu"
     dist_backend = "hccl"
+    ray_resource = "HPU"
     visible_devices_env = "HABANA_VISIBLE_MODULES"
     supported_dtypes = (torch.bfloat16, torch.float32)
     supported_block_sizes = (16, 32, 64, 128)

@@ -25,6 +25,7 @@ class TPUBackend(Backend):
     name = "tpu"
     device_type = "jax"  # torchax's device
     dist_backend = "xla"  # not torch.distributed: XLA collectives over a JAX mesh
+    ray_resource = "TPU"
     visible_devices_env = "TPU_VISIBLE_CHIPS"
     supported_dtypes = (torch.bfloat16, torch.float32)
     supported_block_sizes = (16, 32, 64, 128)

@@ -1,5 +1,6 @@
 """`paged info`: every registered backend, whether it can run here and why, which one would, and what that
-one found here (for the CPU: the probed instruction-set level and the paths it picks).
+one found here (for the CPU: the probed instruction-set level and the paths it picks). With --model (and
+-tp / -pp): how that model would be split, each stage's layers and ranks, and where the ranks would run.
 
 With --matrix: the compatibility matrix instead, each backend's declared facts, marked verified where the
 conformance reports shipped with paged (backends/common/verified) and any given with --merge say so;
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", nargs="+", default=[], metavar="FILE",
                         help="with --matrix: conformance reports (JSON) to mark over the shipped ones")
     parser.add_argument("--write", metavar="PATH", help="with --matrix: also write the matrix as markdown")
+    parser.add_argument("--model", help="show how this model would be split (default model: omit with -tp/-pp)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    parser.add_argument("--distributed-executor-backend", choices=["mp", "ray"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +52,31 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nchosen: {chosen.name}")
     for line in chosen.backend.describe():
         print(f"  {line}")
+    if args.model or args.tensor_parallel_size * args.pipeline_parallel_size > 1:
+        _layout(chosen.backend(), args)
     return 0
+
+
+def _layout(backend, args: argparse.Namespace) -> None:
+    """The split the engine would make of the model: a UserError (one line) where it cannot."""
+    from paged.config import EngineConfig
+    from paged.executor import check_parallelism, distributed_backend
+    from paged.model_source import resolve_model
+    from paged.models.layers import kv_head_splits
+    from paged.worker import layout_of
+
+    config = EngineConfig.from_kwargs(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
+                                      pipeline_parallel_size=args.pipeline_parallel_size,
+                                      distributed_executor_backend=args.distributed_executor_backend)
+    hf = resolve_model(config.model).hf_config
+    check_parallelism(config, backend, hf)
+    layout = layout_of(config)
+    kv_heads = hf.num_key_value_heads // kv_head_splits(hf.num_attention_heads, hf.num_key_value_heads, layout.tensor)
+    where = distributed_backend(config, backend) if layout.world_size > 1 else "this process"
+    print(f"\nlayout: {layout.describe(hf.num_hidden_layers)}")
+    print(f"  per rank: {hf.num_attention_heads // layout.tensor} attention heads, {kv_heads} KV heads; "
+          f"ranks 1..{layout.world_size - 1} run in: {where}" if layout.world_size > 1 else
+          f"  per rank: {hf.num_attention_heads} attention heads, {hf.num_key_value_heads} KV heads; one rank")
 
 
 def _matrix(registered: list, args: argparse.Namespace) -> int:
