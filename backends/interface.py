@@ -140,8 +140,9 @@ class Communicator(ABC):
     @abstractmethod
     def barrier(self) -> None: ...
 
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        """Hand a pipeline stage's activations to the rank `dst` (a rank of the whole world, not of this group)."""
+    def isend(self, tensor: torch.Tensor, dst: int) -> Any:
+        """Start handing a pipeline stage's activations to the rank `dst` (a rank of the whole world, not of this
+        group); the handle's wait() returns once the transfer is done."""
         raise NotImplementedError(f"{type(self).__name__} has no point-to-point transfers (pipeline parallel)")
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
@@ -189,8 +190,8 @@ class TorchDistributedCommunicator(Communicator):
     def barrier(self) -> None:
         torch.distributed.barrier(group=self.group)
 
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        torch.distributed.send(tensor.contiguous(), dst)
+    def isend(self, tensor: torch.Tensor, dst: int) -> Any:
+        return torch.distributed.isend(tensor.contiguous(), dst)
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         torch.distributed.recv(tensor, src)
@@ -274,6 +275,11 @@ class Backend(ABC):
 
     def set_device(self, index: int) -> None:
         return None
+
+    def place_rank(self, local_rank: int, local_ranks: int) -> None:
+        """Take this rank's device, one of `local_ranks` ranks sharing this machine: device local_rank by
+        default; a backend whose ranks share one device splits it instead."""
+        self.set_device(local_rank % max(self.device_count(), 1))
 
     def synchronize(self) -> None:
         return None

@@ -83,7 +83,7 @@ def run_paged(args, model: str | None) -> tuple[dict, Callable[[], dict], list[l
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size)
     first = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), use_tqdm=False)
     startup = time.perf_counter() - _PROCESS_START
     init = time.perf_counter() - t
@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    ap.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     ap.add_argument("--profile", metavar="FILE", help="also profile a cut-down run and write the tables here")
     ap.add_argument("--compare-hf", action=argparse.BooleanOptionalAction, default=None,
                     help="also time transformers' generate (default: on for the CPU)")

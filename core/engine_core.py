@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
@@ -26,14 +27,14 @@ from paged.errors import UserError
 from paged.model_loading import build_model
 from paged.models.layers import kv_head_splits
 from paged.executor import Executor, check_parallelism, create_executor, remote_ranks
-from paged.model_runner import PENDING_TOKEN, InFlightStep, StepResult
+from paged.model_runner import PENDING_TOKEN, InFlightStep, StepResult, SubmittedStep
 from paged.model_source import ModelSource
 from paged.parallel_executor import ParallelExecutor
 from paged.parallel import ParallelLayout
 from paged.processing import resolve_max_model_len
 from paged.request import Request, RequestStatus
 from paged.sampling_params import RequestOutputKind
-from paged.scheduler import Scheduler
+from paged.scheduler import Scheduler, SchedulerOutput
 from paged.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
         self._in_flight: InFlightStep | None = None
+        self._micro_batches: deque[tuple[SchedulerOutput, SubmittedStep]] = deque()  # pipeline stages' work
         if self.backend.supports_graphs and not config.enforce_eager:
             start = time.monotonic()
             sizes = self.runner.capture_graphs()
@@ -245,30 +247,36 @@ class EngineCore:
         self.structured.close()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None or bool(self.compiling)
+        return self.scheduler.has_unfinished() or self._in_flight is not None or bool(self.compiling) \
+            or bool(self._micro_batches)
 
     # --- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[CoreOutput]:
-        """One scheduled forward pass; returns what the sequences it advanced (or finished) gained.
+        """One scheduled forward pass; returns what the sequences it advanced (or finished) gained."""
+        if self.compiling:
+            # With nothing else to run, wait (off the GIL) for a grammar rather than spin.
+            busy = self.scheduler.has_unfinished() or self._in_flight or self._micro_batches
+            self._admit_compiled(timeout=0.0 if busy else 0.05)
+        touched = self._pipeline_step() if self.layout.pipeline > 1 else self._one_stage_step()
+        outputs = self._outputs(touched)
+        if self._rejected:
+            outputs, self._rejected = self._rejected + outputs, []
+        return outputs
 
-        Plain greedy decoding on a backend with graphs runs one step ahead: step N+1 is launched before
+    def _one_stage_step(self) -> list[Request]:
+        """Plain greedy decoding on a backend with graphs runs one step ahead: step N+1 is launched before
         step N's tokens are read back (its inputs come from N's on the device), so the host's work of
         reading, detokenizing and scheduling overlaps the device's work instead of adding to it. Where
         rows follow a grammar, step N+1's mask needs step N's tokens: it is filled once they are read
         back, while N+1's forward pass runs, and N+1's tokens are taken from the masked logits.
         """
         touched: list[Request] = []
-        if self.compiling:
-            # With nothing else to run, wait (off the GIL) for a grammar rather than spin.
-            self._admit_compiled(timeout=0.0 if self.scheduler.has_unfinished() or self._in_flight else 0.05)
         ahead = self._can_run_ahead()
         if self._in_flight is not None and not ahead:
             touched += self._retire()
         with record_function("paged.schedule"):
-            sched = self.scheduler.schedule()
-        for request in sched.preempted:
-            self.runner.release(request.request_id)
+            sched = self._schedule()
         flight = None
         if not sched.is_empty and ahead:
             masked = any(s.request.grammar is not None for s in sched.scheduled)
@@ -290,17 +298,42 @@ class EngineCore:
                 states = self._grammar_states(flight.requests)
                 self.runner.finish_greedy(flight, states and self.structured.bitmask(states))
         if flight is None and not sched.is_empty:
-            states = self._grammar_states([s.request for s in sched.scheduled if s.completes])
-            if states:
-                sched.grammar = functools.partial(self.structured.bitmask, states)
+            self._attach_grammar(sched)
             with record_function("paged.execute"):
                 result = self.runner.execute(sched)
             with record_function("paged.apply"):
                 touched += self._apply(sched, result)
-        outputs = self._outputs(touched)
-        if self._rejected:
-            outputs, self._rejected = self._rejected + outputs, []
-        return outputs
+        return touched
+
+    def _pipeline_step(self) -> list[Request]:
+        """With pipeline stages, up to one micro-batch per stage is in flight: each step submits a new one
+        (of requests not already in flight, an even share of them all) and, once every stage has one or
+        nothing more can be scheduled, collects the oldest, so stage 0 works on one micro-batch while the later
+        stages work on others."""
+        unfinished = len(self.scheduler.running) + len(self.scheduler.waiting)
+        sched = self._schedule(max_rows=-(-unfinished // self.layout.pipeline))
+        if not sched.is_empty:
+            self._attach_grammar(sched)
+            self._micro_batches.append((sched, self.runner.submit(sched)))
+            self.scheduler.in_flight.update(s.request.request_id for s in sched.scheduled)
+        if not self._micro_batches or (len(self._micro_batches) < self.layout.pipeline and not sched.is_empty):
+            return []
+        sched, submitted = self._micro_batches.popleft()
+        result = self.runner.collect(submitted)
+        self.scheduler.in_flight.difference_update(s.request.request_id for s in sched.scheduled)
+        return self._apply(sched, result)
+
+    def _schedule(self, max_rows: int | None = None) -> SchedulerOutput:
+        sched = self.scheduler.schedule(max_rows)
+        for request in sched.preempted:
+            self.runner.release(request.request_id)
+        return sched
+
+    def _attach_grammar(self, sched: SchedulerOutput) -> None:
+        """The bitmask of the constrained rows among those that complete, filled when the runner asks."""
+        states = self._grammar_states([s.request for s in sched.scheduled if s.completes])
+        if states:
+            sched.grammar = functools.partial(self.structured.bitmask, states)
 
     @staticmethod
     def _grammar_states(rows: list[Request]) -> list | None:

@@ -17,7 +17,7 @@ import torch
 from paged.backends.interface import Backend
 from paged.config import EngineConfig
 from paged.errors import UserError
-from paged.model_runner import InFlightStep, ModelRunner, StepResult
+from paged.model_runner import InFlightStep, ModelRunner, StepResult, SubmittedStep
 from paged.models.layers import kv_head_splits
 from paged.multiproc_executor import ProcessRanks
 from paged.parallel_executor import ParallelExecutor, RemoteRanks
@@ -38,6 +38,12 @@ class Executor(Protocol):
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Run one scheduled step and sample its completing sequences."""
+
+    def submit(self, sched: SchedulerOutput) -> SubmittedStep:
+        """Launch a step (a micro-batch, with pipeline stages) without taking its logits."""
+
+    def collect(self, step: SubmittedStep) -> StepResult:
+        """Sample a submitted step, in the order submitted."""
 
     def launch_greedy(self, sched: SchedulerOutput, previous: InFlightStep | None, masked: bool = False
                       ) -> InFlightStep | None:

@@ -67,7 +67,9 @@ def build_model(
             model.process_weights()
         else:
             linear = ops["linear"]
-            weights = tqdm(source.iter_weights(dtype, linear.block_types), desc="Loading weights", unit=" tensors",
+            modules = dict(model.named_modules())
+            weights = tqdm(source.iter_weights(dtype, linear.block_types, lambda name: model.holds(name, modules)),
+                           desc="Loading weights", unit=" tensors",
                            file=sys.stderr, disable=None, leave=False)
             model.load_weights(weights)
     except ValueError as e:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from paged.backends.interface import AttentionMetadata, Backend
-from paged.pipeline import StageLinks
+from paged.pipeline import Handoff, StageLinks
 from paged.sampler import PLAIN_GREEDY, Sampler, SamplerOutput, build_sampling_batch, gather_logprobs
 from paged.scheduler import SchedulerOutput
 from paged.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
@@ -69,6 +69,16 @@ class InFlightStep:
 
 
 @dataclass
+class SubmittedStep:
+    """A step whose forward pass is launched and whose logits are not taken yet."""
+
+    sched: SchedulerOutput
+    starts: torch.Tensor  # query_start_loc of its rows, [rows + 1]
+    hidden: torch.Tensor | None = None  # the final hidden states, with one pipeline stage
+    handoff: Handoff | None = None  # stage 0's activations on their way through the other stages
+
+
+@dataclass
 class HostInputs:
     """One step's inputs as host arrays, rows in scheduling order."""
 
@@ -117,11 +127,13 @@ class BlockTableRows:
 class InputBuffers:
     """Device tensors at fixed addresses, and host staging arrays to fill them from.
 
-    The staging arrays come in two sets used in turn: a step launched without waiting for the previous
-    one must not overwrite what that step's copies may still be reading.
+    The staging arrays come in sets used in turn (two, or one per micro-batch a pipeline keeps in flight,
+    and one more): a step launched without waiting for the previous ones must not overwrite what their
+    copies may still be reading.
     """
 
-    def __init__(self, backend: Backend, max_tokens: int, max_seqs: int, max_blocks: int) -> None:
+    def __init__(self, backend: Backend, max_tokens: int, max_seqs: int, max_blocks: int, host_sets: int = 2
+                 ) -> None:
         shapes = {
             "input_ids": ((max_tokens,), torch.int64),
             "positions": ((max_tokens,), torch.int64),
@@ -135,12 +147,14 @@ class InputBuffers:
         }
         device = backend.device()
         self.device = {k: torch.zeros(s, dtype=d, device=device) for k, (s, d) in shapes.items()}
-        self.host_sets = [{k: backend.host_tensor(s, d) for k, (s, d) in shapes.items()} for _ in range(2)]
+        self.host_sets = [{k: backend.host_tensor(s, d) for k, (s, d) in shapes.items()} for _ in range(host_sets)]
+        self.turn = 0
         self.host = self.host_sets[0]
 
     def flip(self) -> None:
-        """Stage the next step's inputs in the other set of host arrays."""
-        self.host = self.host_sets[1] if self.host is self.host_sets[0] else self.host_sets[0]
+        """Stage the next step's inputs in the next set of host arrays."""
+        self.turn = (self.turn + 1) % len(self.host_sets)
+        self.host = self.host_sets[self.turn]
 
     def upload(self, name: str, values: np.ndarray) -> torch.Tensor:
         """Copy values into the front of the named buffer (through its staging array); returns that view."""
@@ -194,7 +208,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler()
         self.generator = backend.generator(seed)
-        self.buffers = InputBuffers(backend, max_num_tokens, max_num_seqs, self.max_blocks_per_seq)
+        self.buffers = InputBuffers(backend, max_num_tokens, max_num_seqs, self.max_blocks_per_seq,
+                                    2 if links is None else links.layout.pipeline + 1)
         self.block_rows = BlockTableRows(max_num_seqs, self.max_blocks_per_seq)
         self.graphs: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.token_staging = [backend.host_tensor((max_num_seqs,), torch.int64) for _ in range(2)]
@@ -256,30 +271,40 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        completing = [i for i, s in enumerate(sched.scheduled) if s.completes]
         graph_size = self._graph_size(sched)
-        if graph_size:
-            logits = self._replay(sched, graph_size)
-            prompt_logprobs = {}
-        else:
-            input_ids, positions, meta = self.prepare(sched)
-            hidden = self._forward(input_ids, positions, self.kv_caches, meta)
-            if hidden is None:  # a later pipeline stage: stage 0 takes it from here
-                return StepResult(None, {})
-            prompt_logprobs = self._prompt_logprobs(sched, hidden, meta.query_start_loc)
-            logits = None
-            if completing:
-                ends = meta.query_start_loc[1:].long() - 1
-                index = ends[completing] if len(completing) < len(sched.scheduled) else ends
-                logits = self.model.compute_logits(hidden[index])
-        sampled = self._sample(sched, completing, logits) if completing and self.samples else None
-        return StepResult(sampled, prompt_logprobs)
+        if not graph_size:
+            return self.collect(self.submit(sched))
+        logits = self._replay(sched, graph_size)
+        completing = list(range(len(sched.scheduled)))  # a graph step is all decodes
+        return StepResult(self._sample(sched, completing, logits) if self.samples else None, {})
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                 meta: AttentionMetadata) -> torch.Tensor | None:
+    @torch.inference_mode()
+    def submit(self, sched: SchedulerOutput) -> SubmittedStep:
+        """Launch a step's forward pass; with pipeline stages, return once this stage's share is handed on,
+        so the core can submit the next micro-batch before this one comes back."""
+        if self.links is not None:
+            self.buffers.flip()  # earlier micro-batches' copies may still read the other staging sets
+        input_ids, positions, meta = self.prepare(sched)
+        starts = meta.query_start_loc.clone()  # the next step's inputs overwrite the buffer
         if self.links is None:
-            return self.model(input_ids, positions, kv_caches, meta)
-        return self.links.forward(self.model, input_ids, positions, kv_caches, meta)
+            return SubmittedStep(sched, starts, hidden=self.model(input_ids, positions, self.kv_caches, meta))
+        return SubmittedStep(sched, starts, handoff=self.links.start(self.model, input_ids, positions,
+                                                                     self.kv_caches, meta))
+
+    @torch.inference_mode()
+    def collect(self, step: SubmittedStep) -> StepResult:
+        """A submitted step's logits, prompt logprobs and samples (nothing on a later pipeline stage)."""
+        sched = step.sched
+        hidden = step.hidden if self.links is None else self.links.finish(step.handoff)
+        if hidden is None:
+            return StepResult(None, {})
+        prompt_logprobs = self._prompt_logprobs(sched, hidden, step.starts)
+        completing = [i for i, s in enumerate(sched.scheduled) if s.completes]
+        if not completing:
+            return StepResult(None, prompt_logprobs)
+        ends = step.starts[1:].long() - 1
+        logits = self.model.compute_logits(hidden[ends[completing] if len(completing) < len(sched.scheduled) else ends])
+        return StepResult(self._sample(sched, completing, logits) if self.samples else None, prompt_logprobs)
 
     def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
         rows = [sched.scheduled[i].request for i in completing]
@@ -442,8 +467,12 @@ class ModelRunner:
         meta = self.buffers.metadata(inputs, self.block_size, int(counts.max()))
         meta.prepared = self.attention.prepare(meta)
         caches = [torch.zeros(kv_shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
-        hidden = self._forward(self.buffers.upload("input_ids", inputs.input_ids),
-                               self.buffers.upload("positions", inputs.positions), caches, meta)
+        input_ids, positions = self.buffers.upload("input_ids", inputs.input_ids), \
+            self.buffers.upload("positions", inputs.positions)
+        if self.links is None:
+            hidden = self.model(input_ids, positions, caches, meta)
+        else:
+            hidden = self.links.finish(self.links.start(self.model, input_ids, positions, caches, meta))
         if hidden is not None:
             self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1]).argmax(dim=-1)
         self.backend.synchronize()

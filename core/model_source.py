@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -65,13 +65,15 @@ class ModelSource:
             return _from_pretrained(AutoTokenizer, "tokenizer", self.converted, None)
         return _from_pretrained(AutoTokenizer, "tokenizer", self.folder, self.gguf_file)
 
-    def iter_weights(self, dtype: torch.dtype, keep_blocks: frozenset[str] = frozenset()
+    def iter_weights(self, dtype: torch.dtype, keep_blocks: frozenset[str] = frozenset(),
+                     wanted: Callable[[str], bool] = lambda name: True
                      ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
-        """Every weight as (Hugging Face name, tensor); GGUF weights come dequantized to `dtype`, except
-        matrices of a type in keep_blocks, which come as their quantized blocks."""
+        """Every weight `wanted` (by its Hugging Face name; the others are not read) as (name, tensor); GGUF
+        weights come dequantized to `dtype`, except matrices of a type in keep_blocks, which come as their
+        quantized blocks."""
         if not self.gguf_file:
-            return iter_safetensors(self.path)
-        return iter_gguf(self.path, dtype, keep_blocks)
+            return iter_safetensors(self.path, wanted)
+        return iter_gguf(self.path, dtype, keep_blocks, wanted)
 
     @property
     def generation_config_file(self) -> Path | None:

@@ -21,7 +21,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn: multiprocessing.connection.Co
     from paged.server.processes import become_child
 
     become_child(f"Worker{rank}", log_level, parent_pid)
-    worker = Worker(rank, spec)
+    worker = Worker(rank, spec, rank, spec.config.tensor_parallel_size * spec.config.pipeline_parallel_size)
     try:
         conn.send("ready")
         while True:
@@ -38,7 +38,6 @@ def worker_main(rank: int, spec: WorkerSpec, conn: multiprocessing.connection.Co
 
 class ProcessRanks:
     host = "127.0.0.1"
-    core_device_index = None  # rank r takes device r
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
@@ -56,6 +55,9 @@ class ProcessRanks:
             child.close()
             self.conns.append(parent)
             self.processes.append(process)
+
+    def place_core(self, backend) -> None:
+        backend.place_rank(0, self.world_size)  # rank r takes device r
 
     def wait_ready(self) -> None:
         for rank, conn in enumerate(self.conns, start=1):

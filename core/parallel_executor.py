@@ -20,7 +20,7 @@ import torch
 from paged.backends.interface import Backend, Precision
 from paged.config import EngineConfig
 from paged.errors import UserError
-from paged.model_runner import InFlightStep, ModelRunner, StepResult
+from paged.model_runner import InFlightStep, ModelRunner, StepResult, SubmittedStep
 from paged.model_source import ModelSource
 from paged.scheduler import SchedulerOutput
 from paged.structured_output.bitmask import GrammarBitmask
@@ -33,10 +33,12 @@ class RemoteRanks(Protocol):
     """Ranks 1..N-1, wherever they run."""
 
     host: str  # the address the workers reach this process at
-    core_device_index: int | None  # the device rank 0 must use (None: the backend's default)
 
     def start(self, spec: WorkerSpec) -> None:
         """Start every worker; each joins the process group at spec.address and loads its shard."""
+
+    def place_core(self, backend: Backend) -> None:
+        """Give rank 0 (this process) its device among the workers'."""
 
     def wait_ready(self) -> None:
         """Return once every worker has loaded its shard; UserError naming one that did not start."""
@@ -76,12 +78,11 @@ class ParallelExecutor:
             raise UserError("one model-parallel engine per process: shut the previous one down first "
                             "(engine.core.shutdown())", param="tensor_parallel_size")
         self.layout = layout_of(config)
-        self.ranks = ranks
+        self.ranks, self.backend = ranks, backend
         address = f"{ranks.host}:{free_port(ranks.host)}"
         ranks.start(WorkerSpec(config, source, precision, max_model_len, address))
         try:
-            if ranks.core_device_index is not None:
-                backend.set_device(ranks.core_device_index)
+            ranks.place_core(backend)
             self.comm, self.links = join_world(backend, self.layout, address, source, precision)
         except BaseException:
             ranks.stop()
@@ -124,9 +125,20 @@ class ParallelExecutor:
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
         self._send("step", self._message(sched))
+        return self._on_rank_0(self.runner.execute, sched)
+
+    def submit(self, sched: SchedulerOutput) -> SubmittedStep:
+        self._send("submit", self._message(sched))
+        return self._on_rank_0(self.runner.submit, sched)
+
+    def collect(self, step: SubmittedStep) -> StepResult:
+        self._send("collect", None)
+        return self._on_rank_0(self.runner.collect, step)
+
+    def _on_rank_0(self, call, arg):
         try:
-            return self.runner.execute(sched)
-        except RuntimeError as error:  # a collective whose peer went away
+            return call(arg)
+        except RuntimeError as error:  # a collective or transfer whose peer went away
             raise self._failure(str(error)) from None
 
     def launch_greedy(self, sched: SchedulerOutput, previous: InFlightStep | None, masked: bool = False
@@ -145,6 +157,7 @@ class ParallelExecutor:
         self.ranks.stop()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        self.backend.place_rank(0, 1)  # this process is a whole machine's only rank again
 
     # --- messages --------------------------------------------------------------------------------
 

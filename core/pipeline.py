@@ -4,14 +4,29 @@ Stage 0 embeds and sends the hidden state and residual on; each stage runs its l
 same tensor-parallel slice of the next; the last stage returns its final hidden states to stage 0, which
 computes the logits and samples. Every rank knows the step's token count from the scheduler's message, so
 each transfer's shape is known on both sides without a header.
+
+A step is started and finished in two calls, so stage 0 can start the next micro-batch while the later
+stages work on this one: each stage takes its micro-batches in the order stage 0 sent them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from paged.backends.interface import Communicator
 from paged.parallel import ParallelLayout
+
+
+@dataclass
+class Handoff:
+    """Stage 0's activations of one micro-batch, sent on and not yet come back."""
+
+    sending: Any  # the transfer's handle (wait() returns once the tensor may be reused)
+    activations: torch.Tensor  # kept alive until the transfer is done
+    num_tokens: int
 
 
 class StageLinks:
@@ -23,15 +38,23 @@ class StageLinks:
     def _receive(self, shape: tuple[int, ...], stage: int) -> torch.Tensor:
         return self.world.recv(torch.empty(shape, dtype=self.dtype, device=self.device), self.layout.rank_at(stage))
 
-    def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], meta) -> torch.Tensor | None:
-        """This stage's part of one step: the final hidden states on stage 0 (once the last stage sent
-        them back), None elsewhere."""
+    def start(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+              kv_caches: list[torch.Tensor], meta) -> Handoff | None:
+        """Run this stage's layers of a step and hand the result on: on stage 0, without waiting for the
+        transfer (its Handoff); elsewhere, once done (None)."""
         layout, tokens = self.layout, input_ids.shape[0]
         carried = None if layout.is_first_stage else self._receive((2, tokens, self.hidden_size), layout.stage - 1)
         out = model(input_ids, positions, kv_caches, meta, carried)
-        if not layout.is_last_stage:
-            self.world.send(out, layout.rank_at(layout.stage + 1))
-            return self._receive((tokens, self.hidden_size), layout.pipeline - 1) if layout.is_first_stage else None
-        self.world.send(out, layout.rank_at(0))
+        sending = self.world.isend(out, layout.rank_at(0 if layout.is_last_stage else layout.stage + 1))
+        if layout.is_first_stage:
+            return Handoff(sending, out, tokens)
+        sending.wait()
         return None
+
+    def finish(self, handoff: Handoff | None) -> torch.Tensor | None:
+        """The step's final hidden states, back from the last stage (on stage 0; None elsewhere)."""
+        if handoff is None:
+            return None
+        hidden = self._receive((handoff.num_tokens, self.hidden_size), self.layout.pipeline - 1)
+        handoff.sending.wait()
+        return hidden

@@ -50,7 +50,7 @@ class _RankActor:
     """A Ray actor holding one rank's Worker."""
 
     def __init__(self, rank: int, spec: WorkerSpec) -> None:
-        self.worker = Worker(rank, spec)
+        self.worker = Worker(rank, spec, 0, 1)  # Ray shows each actor only the device it was given
 
     def ready(self) -> int:
         return os.getpid()
@@ -140,11 +140,11 @@ class RayRanks:
             self.actors.append(actor.options(name=f"paged-rank{rank}", **self._options(self.groups[stage], index))
                                .remote(rank, spec))
 
-    @property
-    def core_device_index(self) -> int | None:
-        """The device of rank 0's bundle, where Ray counts devices of this kind (None on CPUs)."""
+    def place_core(self, backend) -> None:
+        """Rank 0 takes the device of its bundle, where Ray counts devices of this kind (not CPUs)."""
         ids = self.ray.get(self.lease.accelerator_ids.remote()).get(self.resource)
-        return int(ids[0]) if ids else None
+        if ids:
+            backend.set_device(int(ids[0]))
 
     def wait_ready(self) -> None:
         ray = self.ray

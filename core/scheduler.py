@@ -57,6 +57,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Requests in a micro-batch still going through the pipeline stages: not scheduled again, nor
+        # preempted, until it comes back.
+        self.in_flight: set[str] = set()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -64,18 +67,21 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_rows: int | None = None) -> SchedulerOutput:
+        """`max_rows`: at most this many requests (a micro-batch's share, with pipeline stages)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        rows = max_rows or self.max_num_seqs
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(out.scheduled) < rows:
             request = self.running[index]
-            if self._at_limit(request):
+            if self._at_limit(request) or request.request_id in self.in_flight:
                 index += 1  # its last token is still in flight: nothing more to compute
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.block_manager.allocate(request, num_new):
-                victim = self.running.pop()
+                victim = self._newest_preemptible()  # at worst the request itself
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
@@ -89,7 +95,8 @@ class Scheduler:
 
         # Waiting requests join only on a step that preempted nobody: otherwise they would take the
         # blocks the preempted ones are about to need back.
-        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs \
+                and len(out.scheduled) < rows:
             request = self.waiting[0]
             cached = self.block_manager.find_cached_prefix(request)
             num_new = min(request.num_tokens - len(cached) * self.block_manager.block_size, budget)
@@ -104,6 +111,9 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
         return out
+
+    def _newest_preemptible(self) -> Request:
+        return next(r for r in reversed(self.running) if r.request_id not in self.in_flight)
 
     def _at_limit(self, request: Request) -> bool:
         return request.num_output_tokens >= request.params.max_tokens or (

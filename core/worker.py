@@ -10,6 +10,7 @@ is sent whole again when it returns).
 from __future__ import annotations
 
 import datetime
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from paged.backends.interface import Backend, Communicator, Precision
 from paged.config import EngineConfig
-from paged.model_runner import ModelRunner
+from paged.model_runner import ModelRunner, SubmittedStep
 from paged.model_source import ModelSource
 from paged.parallel import ParallelLayout, build_communicators
 from paged.pipeline import StageLinks
@@ -102,15 +103,15 @@ def join_world(backend: Backend, layout: ParallelLayout, address: str, source: M
 class Worker:
     """One rank's shard and runner, driven by the core's messages through `handle`."""
 
-    def __init__(self, rank: int, spec: WorkerSpec, device_index: int | None = None) -> None:
-        """`device_index`: the device to use (default: rank modulo the devices this process sees)."""
+    def __init__(self, rank: int, spec: WorkerSpec, local_rank: int, local_ranks: int) -> None:
+        """`local_rank` of `local_ranks`: this rank's place among the ranks sharing its machine (its device)."""
         from paged.backends.registry import load_backend
         from paged.model_loading import build_model
 
         config = self.config = spec.config
         self.spec = spec
         backend = self.backend = load_backend(config.device)
-        backend.set_device(rank % max(backend.device_count(), 1) if device_index is None else device_index)
+        backend.place_rank(local_rank, local_ranks)
         layout = layout_of(config, rank)
         comm, self.links = join_world(backend, layout, spec.address, spec.source, spec.precision)
         backend.seed(config.seed)
@@ -118,6 +119,7 @@ class Worker:
                                  load_format=config.load_format, quantization=config.quantization)
         self.requests: dict[str, WorkerRequest] = {}
         self.runner: ModelRunner | None = None
+        self.submitted: deque[SubmittedStep] = deque()
 
     def handle(self, kind: str, payload: Any) -> None:
         if kind == "runner":  # sized by the core once every shard is loaded
@@ -132,6 +134,10 @@ class Worker:
             self.runner.profile_run(*payload)
         elif kind == "step":
             self.runner.execute(self._schedule(payload))
+        elif kind == "submit":  # micro-batches in flight over pipeline stages, collected in order
+            self.submitted.append(self.runner.submit(self._schedule(payload)))
+        elif kind == "collect":
+            self.runner.collect(self.submitted.popleft())
         else:
             raise ValueError(f"unknown message {kind!r}")
 

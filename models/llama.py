@@ -193,7 +193,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.tied and name == "lm_head.weight"):
                 continue
-            if self._held_elsewhere(name, modules):
+            if not self.holds(name, modules):
                 continue
             if self._load_kv_scale(name, tensor, modules):
                 continue
@@ -230,10 +230,12 @@ class LlamaForCausalLM(nn.Module):
         self.process_weights()
         return loaded
 
-    def _held_elsewhere(self, name: str, modules: dict[str, nn.Module]) -> bool:
-        """Whether the checkpoint tensor belongs to a module another pipeline stage holds."""
+    def holds(self, name: str, modules: dict[str, nn.Module] | None = None) -> bool:
+        """Whether this rank has a place for the checkpoint tensor: not in a module another pipeline stage
+        holds (so the loader need not even read it)."""
+        modules = modules if modules is not None else dict(self.named_modules())
         parts = name.split(".")
-        return any(isinstance(modules.get(".".join(parts[:n])), HeldElsewhere) for n in range(1, len(parts)))
+        return not any(isinstance(modules.get(".".join(parts[:n])), HeldElsewhere) for n in range(1, len(parts)))
 
     def _load_kv_scale(self, name: str, tensor: torch.Tensor, modules: dict[str, nn.Module]) -> bool:
         for ending, index in self.kv_scales.items():

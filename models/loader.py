@@ -10,7 +10,7 @@ import functools
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -52,13 +52,16 @@ _GGUF_LAYER_TENSOR = re.compile(r"blk\.(?P<layer>\d+)\.(?P<part>\w+)\.(?P<kind>w
 _GGUF_IGNORED = {"rope_freqs.weight"}
 
 
-def iter_safetensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a Hugging Face folder: sharded (through its index), `model.safetensors`, or any *.safetensors."""
+def iter_safetensors(folder: str | Path, wanted: Callable[[str], bool] = lambda name: True
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a Hugging Face folder: sharded (through its index), `model.safetensors`, or any *.safetensors;
+    only those `wanted` are read."""
     folder = Path(folder)
     for file in _safetensors_files(folder):
         with safe_open(file, framework="pt") as shard:
             for name in shard.keys():
-                yield name, shard.get_tensor(name)
+                if wanted(name):
+                    yield name, shard.get_tensor(name)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -79,8 +82,8 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: frozenset[str] = frozenset()
-              ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+def iter_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: frozenset[str] = frozenset(),
+              wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
     """The tensors of a GGUF file, dequantized to `dtype`, under Hugging Face names and in Hugging Face layout;
     matrices of a type in keep_blocks come as their GGUFBlocks instead (rows in the same layout).
 
@@ -97,6 +100,8 @@ def iter_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: frozenset[str] 
         if tensor.name in _GGUF_IGNORED:
             continue
         name, part = _hf_name(tensor.name)
+        if not wanted(name):
+            continue
         if tensor.tensor_type.name in keep_blocks and len(tensor.shape) == 2:
             blocks = GGUFBlocks.of(tensor)
             if part in permuted_heads:

@@ -33,9 +33,13 @@ def test_split_models_give_one_rank_tokens(arch, tp, pp, tmp_path):
                   num_gpu_blocks_override=24)
     one = [o.outputs[0].token_ids for o in LLM(**kwargs).generate(prompts, params, use_tqdm=False)]
     two_ranks = LLM(**kwargs, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    core = two_ranks.engine.core
+    depths, submit = [], core.runner.submit
+    core.runner.submit = lambda sched: (depths.append(len(core._micro_batches)), submit(sched))[1]
     try:
         two = [o.outputs[0].token_ids for o in two_ranks.generate(prompts, params, use_tqdm=False)]
-        assert two_ranks.engine.core.scheduler.num_preemptions > 0
+        assert core.scheduler.num_preemptions > 0
+        assert max(depths, default=0) == (1 if pp > 1 else 0)  # with stages, two micro-batches were in flight
     finally:
         two_ranks.engine.core.shutdown()
     assert two == one

@@ -47,8 +47,8 @@ class CPUBackend(Backend):
 
     def __init__(self) -> None:
         # Use every core the process may run on: torch's default can be lower inside containers.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(cores)
+        self.cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        torch.set_num_threads(len(self.cores) if self.cores else os.cpu_count() or 1)
         self.caps: CPUCapabilities = probe()
         logger.info("CPU: %s", self.caps.describe())
 
@@ -66,6 +66,19 @@ class CPUBackend(Backend):
 
     def device_count(self) -> int:
         return 1
+
+    def place_rank(self, local_rank: int, local_ranks: int) -> None:
+        """Ranks sharing this machine split its cores, each pinned to its own slice (several ranks per core
+        where there are more ranks than cores): with every rank spreading threads over every core, stages of
+        a pipeline working at once oversubscribe the cores and each runs several times slower. One rank
+        (an engine that shut its workers down) takes every core back."""
+        if self.cores is None:
+            return
+        share = max(1, len(self.cores) // local_ranks)
+        start = (local_rank * share) % len(self.cores)
+        mine = self.cores[start : start + share]
+        os.sched_setaffinity(0, mine)
+        torch.set_num_threads(len(mine))
 
     def max_ranks(self) -> None:
         return None  # ranks are processes sharing the host's cores

@@ -80,7 +80,6 @@ class LayerKernels:
             setattr(self, f"_{name}", function)
         self._norm = getattr(self, f"_rms_norm_{self.suffix}")
         self._rotary = getattr(self, f"_rotary_{self.suffix}")
-        self._threads = torch.get_num_threads()
 
     def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -90,7 +89,7 @@ class LayerKernels:
         total = None if residual is None else torch.empty_like(x)
         residual = None if residual is None else residual.contiguous()
         self._norm(x.data_ptr(), _pointer(residual), weight.data_ptr(), out.data_ptr(), _pointer(total),
-                   x.shape[0], x.shape[1], eps, self._threads)
+                   x.shape[0], x.shape[1], eps, torch.get_num_threads())
         return out, total
 
     def rotary(self, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -100,7 +99,7 @@ class LayerKernels:
         head_dim = cos_sin.shape[1]
         out = torch.empty(x.shape, dtype=x.dtype)
         self._rotary(x.data_ptr(), x.stride(0), out.data_ptr(), positions.data_ptr(), cos_sin.data_ptr(),
-                     x.shape[0], x.shape[1] // head_dim, head_dim, self._threads)
+                     x.shape[0], x.shape[1] // head_dim, head_dim, torch.get_num_threads())
         return out
 
 
@@ -120,7 +119,7 @@ class BF16Kernels(LayerKernels):
         x = x.contiguous()
         rows, (n, k) = x.shape[0], weight.shape
         y = torch.empty((rows, n), dtype=torch.bfloat16)
-        if self._gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, n, k, self._threads):
+        if self._gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, n, k, torch.get_num_threads()):
             raise ValueError(f"gemv_bf16 takes 1 to 4 rows, not {rows}")
         return y
 
@@ -147,7 +146,7 @@ class AVX2Kernels(LayerKernels):
         y = torch.empty((x.shape[0], weight.n), dtype=torch.float32)
         self._linear_packed(weight.format, x.data_ptr(), weight.q.data_ptr(), _pointer(weight.d),
                             _pointer(weight.m), _pointer(bias), y.data_ptr(), x.shape[0], weight.n, weight.k,
-                            self._threads)
+                            torch.get_num_threads())
         return y
 
     # Widened weights up to this size keep their buffer for the next call of that shape: a fresh one of
@@ -164,14 +163,14 @@ class AVX2Kernels(LayerKernels):
             if out.numel() * 4 <= self.SCRATCH_BYTES:
                 self._scratch[shape] = out
         self._widen_transposed(weight.format, weight.q.data_ptr(), _pointer(weight.d), _pointer(weight.m),
-                               out.data_ptr(), weight.n, weight.k, self._threads)
+                               out.data_ptr(), weight.n, weight.k, torch.get_num_threads())
         return out
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         inter = x.shape[-1] // 2
         out = torch.empty((x.shape[0], inter), dtype=torch.float32)
-        self._silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.shape[0], inter, self._threads)
+        self._silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.shape[0], inter, torch.get_num_threads())
         return out
 
     def write_kv(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
@@ -196,7 +195,7 @@ class AVX2Kernels(LayerKernels):
         self._paged_decode_f32(query.data_ptr(), key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0),
                                kv_cache.data_ptr(), meta.slot_mapping.data_ptr(), tables.data_ptr(),
                                meta.seq_lens.data_ptr(), out.data_ptr(), seqs, heads, kv_heads, head_dim, num_blocks,
-                               block_size, tables.stride(0), scale, self._threads)
+                               block_size, tables.stride(0), scale, torch.get_num_threads())
         return out
 
 
