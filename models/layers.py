@@ -144,7 +144,7 @@ class RowParallelLinear(LinearBase):
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
         if param is self.bias:
-            param.data.copy_(loaded)
+            param.data.copy_(loaded[:])  # a lazy checkpoint tensor read whole
         else:
             param.data.copy_(loaded.narrow(1, self.comm.rank * self.local_in, self.local_in))
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from paged.backends.interface import Attention, AttentionMetadata, Communicator
 from paged.parallel import ParallelLayout
+from paged.models.loader import whole
 from paged.quant.gguf import GGUFBlocks
 from paged.models.layers import (
     BlockLoading,
@@ -205,7 +206,7 @@ class LlamaForCausalLM(nn.Module):
             module_name, suffix = target.rsplit(".", 1)
             module = modules.get(module_name)
             if isinstance(module, LinearBase) and module.method.takes_part(suffix):
-                module.method.keep_part(module, suffix, tensor, shard)
+                module.method.keep_part(module, suffix, whole(tensor), shard)
                 loaded.add(target)
                 continue
             if target not in params:
@@ -220,9 +221,9 @@ class LlamaForCausalLM(nn.Module):
                     continue
                 tensor = tensor.dequantize(param.dtype)
             if isinstance(module, WeightLoading):
-                module.load_shard(param, tensor, shard)
+                module.load_shard(param, tensor, shard)  # reads only its slice of a lazy tensor
             else:
-                param.data.copy_(tensor)
+                param.data.copy_(whole(tensor))
             loaded.add(target)
         missing = {n for n in params if n not in loaded} - ({"lm_head.weight"} if self.tied else set())
         if missing:
@@ -240,7 +241,7 @@ class LlamaForCausalLM(nn.Module):
     def _load_kv_scale(self, name: str, tensor: torch.Tensor, modules: dict[str, nn.Module]) -> bool:
         for ending, index in self.kv_scales.items():
             if name.endswith(ending):
-                modules[name.removesuffix(ending) + ".self_attn"].kv_scale[index] = tensor.float().reshape(())
+                modules[name.removesuffix(ending) + ".self_attn"].kv_scale[index] = whole(tensor).float().reshape(())
                 return True
         return False
 

@@ -52,16 +52,43 @@ _GGUF_LAYER_TENSOR = re.compile(r"blk\.(?P<layer>\d+)\.(?P<part>\w+)\.(?P<kind>w
 _GGUF_IGNORED = {"rope_freqs.weight"}
 
 
-def iter_safetensors(folder: str | Path, wanted: Callable[[str], bool] = lambda name: True
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
+class CheckpointTensor:
+    """A checkpoint tensor not read yet, so a tensor-parallel rank reads only the slice it keeps (narrow,
+    indexing) instead of the whole matrix; load() reads all of it. Valid until the loader moves on."""
+
+    def __init__(self, shard, name: str) -> None:
+        self._shard, self._name = shard, name
+        self._slice = shard.get_slice(name)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self._slice[(slice(None),) * dim + (slice(start, start + length),)]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._slice[index]
+
+    def load(self) -> torch.Tensor:
+        return self._shard.get_tensor(self._name)
+
+
+def whole(tensor):
+    """A checkpoint tensor read in full (one that came lazily), or what was given."""
+    return tensor.load() if isinstance(tensor, CheckpointTensor) else tensor
+
+
+def iter_safetensors(folder: str | Path, wanted: Callable[[str], bool] = lambda name: True, lazy: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor | CheckpointTensor]]:
     """The tensors of a Hugging Face folder: sharded (through its index), `model.safetensors`, or any *.safetensors;
-    only those `wanted` are read."""
+    only those `wanted` are read, and with `lazy` only as far as the taker reads them (CheckpointTensor)."""
     folder = Path(folder)
     for file in _safetensors_files(folder):
         with safe_open(file, framework="pt") as shard:
             for name in shard.keys():
                 if wanted(name):
-                    yield name, shard.get_tensor(name)
+                    yield name, CheckpointTensor(shard, name) if lazy else shard.get_tensor(name)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

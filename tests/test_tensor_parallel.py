@@ -82,3 +82,32 @@ def test_paged_info_shows_the_layout(tmp_path, capsys):
     assert "per rank: 2 attention heads, 1 KV heads; ranks 1..3 run in: mp" in out
     assert main(["info", "--device", "cpu", "--model", str(tmp_path), "-tp", "3"]) == 2
     assert "tensor_parallel_size 3: 4 attention heads and 2 KV heads do not split over 3 ranks" in capsys.readouterr().err
+
+
+def test_a_rank_reads_only_its_slices_of_the_split_matrices(tmp_path, monkeypatch):
+    """Rank 1 of 2, built in this process: its parameters are its slices of the checkpoint's, and of the
+    safetensors file it read in full only the norms (every split matrix was read as a slice)."""
+    from paged.backends.interface import TorchDistributedCommunicator
+    from paged.backends.registry import load_backend
+    from paged.model_loading import build_model
+    from paged.model_source import resolve_model
+    from paged.models.loader import CheckpointTensor
+
+    reference = save_tiny_model("qwen2", tmp_path, seed=random.randrange(1 << 30), vocab_size=VOCAB + 1).state_dict()
+    read_whole = []
+    load = CheckpointTensor.load
+    monkeypatch.setattr(CheckpointTensor, "load", lambda self: read_whole.append(self._name) or load(self))
+    backend = load_backend("cpu")
+    source = resolve_model(str(tmp_path))
+    model = build_model(source, backend, backend.precision(torch.float32, None), 128,
+                        comm=TorchDistributedCommunicator(1, 2))
+    assert read_whole and all(name.endswith("norm.weight") for name in read_whole), read_whole
+    params = dict(model.named_parameters())
+    q, k = reference["model.layers.1.self_attn.q_proj.weight"], reference["model.layers.1.self_attn.k_proj.weight"]
+    qkv = params["model.layers.1.self_attn.qkv_proj.weight"]
+    assert torch.equal(qkv[: q.shape[0] // 2], q[q.shape[0] // 2 :])
+    assert torch.equal(qkv[q.shape[0] // 2 : q.shape[0] // 2 + k.shape[0] // 2], k[k.shape[0] // 2 :])
+    down = reference["model.layers.2.mlp.down_proj.weight"]
+    assert torch.equal(params["model.layers.2.mlp.down_proj.weight"], down[:, down.shape[1] // 2 :])
+    embed = reference["model.embed_tokens.weight"]  # 513 rows: rank 1 holds 256 of its 257
+    assert torch.equal(params["model.embed_tokens.weight"][:256], embed[257:])
