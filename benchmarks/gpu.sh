@@ -21,9 +21,9 @@ RESULTS="$OUT/results.jsonl"
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 # The GPU machine has torch, triton and transformers but no network: the project's other needs come
-# along as wheels in .whl/ (see benchmarks/RESULTS.md for how they are fetched).
+# along as wheels in .whl/ (benchmarks/fetch_wheels.sh fetches them).
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/paged-site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/paged-site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/paged-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
