@@ -64,9 +64,6 @@ class _RankActor:
             traceback.print_exc()
             os._exit(1)
 
-    def close(self) -> None:
-        self.worker.close()
-
 
 class _DeviceLease:
     """Holds rank 0's bundle, so no worker is given the device the engine core uses."""
