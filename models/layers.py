@@ -26,8 +26,9 @@ class WeightLoading:
 class BlockLoading:
     """Mixin for layers whose LinearMethod may compute from a GGUF matrix's quantized blocks.
 
-    Each checkpoint part (shard) is kept as it came, in gguf_blocks; the method packs them in
-    process_weights, or dequantizes them into the weight if the parts do not share one type.
+    Each checkpoint part (shard) is kept as this rank's share of it (`cut`), in gguf_blocks; the method packs
+    them in process_weights, or dequantizes them into the weight (`place_local`) if the parts do not share
+    one type. Only a linear layer cuts blocks; any other takes them with a single rank only.
     """
 
     num_parts = 1
@@ -35,10 +36,18 @@ class BlockLoading:
     def takes_blocks(self, blocks: GGUFBlocks) -> bool:
         return blocks.qtype in self.method.block_types and self.comm.world_size == 1
 
+    def cut(self, blocks: GGUFBlocks, shard: int) -> GGUFBlocks:
+        """This rank's share of a whole checkpoint matrix's blocks."""
+        return blocks
+
+    def place_local(self, param: nn.Parameter, local: torch.Tensor, shard: int) -> None:
+        """Copy this rank's share of checkpoint part `shard`, already cut (`cut`'s, dequantized), into place."""
+        self.load_shard(param, local, shard)
+
     def load_blocks(self, blocks: GGUFBlocks, shard: int | None) -> None:
         if not hasattr(self, "gguf_blocks"):
             self.gguf_blocks: dict[int, GGUFBlocks] = {}
-        self.gguf_blocks[shard or 0] = blocks
+        self.gguf_blocks[shard or 0] = self.cut(blocks, shard or 0)
 
     def process_weights(self) -> None:
         self.method.process_weights(self)
@@ -58,8 +67,19 @@ class LinearBase(nn.Module, WeightLoading, BlockLoading):
         raise NotImplementedError
 
     def shard_of(self, matrix, part: int = 0):
-        """This rank's share of one full checkpoint matrix in a quantized form (quant.matrix), cut like a dense one."""
+        """This rank's share of one full checkpoint matrix in a quantized form (quant.matrix or GGUF blocks),
+        cut like a dense one."""
         raise NotImplementedError
+
+    def takes_blocks(self, blocks: GGUFBlocks) -> bool:
+        return blocks.qtype in self.method.block_types and self.cuts_blocks(blocks)
+
+    def cuts_blocks(self, blocks: GGUFBlocks) -> bool:
+        """Whether this rank's share of the matrix falls on whole blocks."""
+        return True
+
+    def cut(self, blocks: GGUFBlocks, shard: int) -> GGUFBlocks:
+        return self.shard_of(blocks, shard)
 
 
 class HeldElsewhere(nn.Module):
@@ -113,8 +133,10 @@ class ColumnParallelLinear(LinearBase):
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
         index = shard or 0
         size = self.local_sizes[index]
-        offset = sum(self.local_sizes[:index])
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self._slice_of(index) * size, size))
+        self.place_local(param, loaded.narrow(0, self._slice_of(index) * size, size), index)
+
+    def place_local(self, param: nn.Parameter, local: torch.Tensor, shard: int) -> None:
+        param.data.narrow(0, sum(self.local_sizes[:shard]), self.local_sizes[shard]).copy_(local)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -142,11 +164,17 @@ class RowParallelLinear(LinearBase):
             return matrix
         return matrix.columns(self.comm.rank * self.local_in, self.local_in)
 
+    def cuts_blocks(self, blocks: GGUFBlocks) -> bool:
+        return blocks.splits_at(self.local_in)
+
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
         if param is self.bias:
             param.data.copy_(loaded[:])  # a lazy checkpoint tensor read whole
         else:
-            param.data.copy_(loaded.narrow(1, self.comm.rank * self.local_in, self.local_in))
+            self.place_local(param, loaded.narrow(1, self.comm.rank * self.local_in, self.local_in), 0)
+
+    def place_local(self, param: nn.Parameter, local: torch.Tensor, shard: int) -> None:
+        param.data.copy_(local)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.comm.all_reduce(self.method.apply(self, x, None))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, ReaderTensor
 from gguf.quants import dequantize
 
 from paged.errors import UserError
@@ -60,6 +60,23 @@ class GGUFBlocks:
         """The dense matrix, exactly as dequantize_tensor gives it."""
         values = dequantize(self.data.numpy(), GGMLQuantizationType[self.qtype])
         return torch.from_numpy(values).reshape(self.shape).to(dtype)
+
+    def rows(self, start: int, length: int) -> GGUFBlocks:
+        """Outputs start .. start + length (a column-parallel shard): whole rows of blocks."""
+        return GGUFBlocks(self.qtype, self.data.narrow(0, start, length), (length, self.shape[1]))
+
+    def columns(self, start: int, length: int) -> GGUFBlocks:
+        """Inputs start .. start + length (a row-parallel shard); the bounds must fall on block boundaries."""
+        per_block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.qtype]]
+        if start % per_block or length % per_block:
+            raise ValueError(f"inputs {start}..{start + length} do not fall on {self.qtype} blocks of {per_block}")
+        first = start // per_block * block_bytes
+        data = self.data.narrow(1, first, length // per_block * block_bytes).contiguous()
+        return GGUFBlocks(self.qtype, data, (self.shape[0], length))
+
+    def splits_at(self, column: int) -> bool:
+        """Whether a row-parallel cut at this input falls on a block boundary."""
+        return column % GGML_QUANT_SIZES[GGMLQuantizationType[self.qtype]][0] == 0
 
     def with_rows(self, data: torch.Tensor) -> GGUFBlocks:
         """The same matrix with its rows replaced (reordered) by `data`."""

@@ -111,3 +111,80 @@ def test_a_rank_reads_only_its_slices_of_the_split_matrices(tmp_path, monkeypatc
     assert torch.equal(params["model.layers.2.mlp.down_proj.weight"], down[:, down.shape[1] // 2 :])
     embed = reference["model.embed_tokens.weight"]  # 513 rows: rank 1 holds 256 of its 257
     assert torch.equal(params["model.embed_tokens.weight"][:256], embed[257:])
+
+
+class _RankOneOfTwo:
+    """Rank 1 of 2 with the collectives left out: a layer's own share of a product, checked alone."""
+
+    rank, world_size = 1, 2
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_a_rank_keeps_its_share_of_gguf_blocks_quantized(qtype):
+    """Rank 1 of 2 keeps its rows (q, k, v, one KV head per rank) and its block-aligned columns of GGUF matrices
+    as blocks, and computes its share of the product from them; a layer whose parts differ in type holds the
+    dequantized share instead."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from paged.backends.registry import load_backend
+    from paged.models.layers import ColumnParallelLinear, RowParallelLinear
+    from paged.models.ops import bind_ops
+    from paged.quant.gguf import GGUFBlocks
+
+    backend = load_backend("cpu")
+    ops = bind_ops(backend.ops(backend.precision(None, qtype)))  # the precision `auto` picks for such a GGUF
+    if qtype not in ops["decoder_linear"].block_types:
+        pytest.skip(f"the CPU backend computes from {qtype} blocks only at AVX2 and above")
+    torch.manual_seed(random.randrange(1 << 30))
+
+    def blocks(rows: int, cols: int, kind: str = qtype) -> GGUFBlocks:
+        data = quantize(torch.randn(rows, cols).numpy(), GGMLQuantizationType[kind])
+        return GGUFBlocks(kind, torch.from_numpy(np.ascontiguousarray(data)), (rows, cols))
+
+    comm = _RankOneOfTwo()
+    x = torch.randn(3, 128)
+    qkv = ColumnParallelLinear(128, [128, 64, 64], False, comm, ops)
+    parts = [blocks(128, 128), blocks(64, 128), blocks(64, 128)]
+    for shard, part in enumerate(parts):
+        assert qkv.takes_blocks(part)
+        qkv.load_blocks(part, shard)
+    qkv.process_weights()
+    assert qkv.method.storage(qkv) != "bfloat16"
+    dense = torch.cat([p.dequantize(torch.float32)[p.shape[0] // 2 :] for p in parts])
+    torch.testing.assert_close(qkv(x), x @ dense.T, rtol=2e-2, atol=2e-2)
+
+    down = RowParallelLinear(256, 128, False, comm, ops)
+    matrix = blocks(128, 256)
+    assert down.takes_blocks(matrix)
+    down.load_blocks(matrix, None)
+    down.process_weights()
+    torch.testing.assert_close(down(x), x @ matrix.dequantize(torch.float32)[:, 128:].T, rtol=2e-2, atol=2e-2)
+
+    mixed = ColumnParallelLinear(128, [128, 64, 64], False, comm, ops)
+    parts = [blocks(128, 128, "Q8_0" if qtype != "Q8_0" else "Q4_0"), blocks(64, 128), blocks(64, 128)]
+    for shard, part in enumerate(parts):
+        mixed.load_blocks(part, shard)
+    mixed.process_weights()
+    dense = torch.cat([p.dequantize(torch.float32)[p.shape[0] // 2 :] for p in parts])
+    torch.testing.assert_close(mixed(x), x @ dense.bfloat16().float().T, rtol=1e-3, atol=1e-3)  # packed as bf16
+
+
+def test_a_row_split_off_gguf_block_boundaries_is_refused():
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from paged.quant.gguf import GGUFBlocks
+
+    data = quantize(torch.randn(4, 64).numpy(), GGMLQuantizationType.Q8_0)
+    matrix = GGUFBlocks("Q8_0", torch.from_numpy(np.ascontiguousarray(data)), (4, 64))
+    assert matrix.splits_at(32) and not matrix.splits_at(16 + 8)
+    with pytest.raises(ValueError, match="do not fall on Q8_0 blocks of 32"):
+        matrix.columns(8, 32)
+    torch.testing.assert_close(matrix.columns(32, 32).dequantize(torch.float32),
+                               matrix.dequantize(torch.float32)[:, 32:])

@@ -88,7 +88,7 @@ class PackedLinear(LinearMethod):
             layer.packed_weight = pack_gguf(GGUFBlocks(parts[0].qtype, rows, (rows.shape[0], parts[0].shape[1])))
         else:
             for shard, part in blocks.items():  # kept for a matrix whose other parts are in another format
-                layer.load_shard(layer.weight, part.dequantize(layer.weight.dtype), shard)
+                layer.place_local(layer.weight, part.dequantize(layer.weight.dtype), shard)
             layer.packed_weight = pack_bf16(layer.weight.detach())
         layer.gguf_blocks = {}
         if getattr(layer, "owns_weight", True):

@@ -102,7 +102,7 @@ class GGUFLinear(LinearMethod):
                                                   requires_grad=False)
         else:
             for shard, part in blocks.items():
-                layer.load_shard(layer.weight, part.dequantize(layer.weight.dtype), shard)
+                layer.place_local(layer.weight, part.dequantize(layer.weight.dtype), shard)
         layer.gguf_blocks = {}
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
