@@ -30,7 +30,7 @@ from paged.executor import Executor, check_parallelism, create_executor, remote_
 from paged.model_runner import PENDING_TOKEN, InFlightStep, StepResult, SubmittedStep
 from paged.model_source import ModelSource
 from paged.parallel_executor import ParallelExecutor
-from paged.parallel import ParallelLayout
+from paged.parallel import layout_of
 from paged.processing import resolve_max_model_len
 from paged.request import Request, RequestStatus
 from paged.sampling_params import RequestOutputKind
@@ -61,7 +61,7 @@ class EngineCore:
         if problems:
             raise UserError(f"backend {self.backend.name} cannot run this model: {'; '.join(problems)}")
         self.backend.seed(config.seed)
-        self.layout = ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size)
+        self.layout = layout_of(config)
         workers = None
         if self.layout.world_size > 1:  # their processes load their shards while this one loads rank 0's
             workers = ParallelExecutor(config, source, self.backend, self.precision, self.max_model_len,

@@ -21,7 +21,7 @@ from paged.model_runner import InFlightStep, ModelRunner, StepResult, SubmittedS
 from paged.models.layers import kv_head_splits
 from paged.multiproc_executor import ProcessRanks
 from paged.parallel_executor import ParallelExecutor, RemoteRanks
-from paged.worker import layout_of
+from paged.parallel import layout_of
 from paged.scheduler import SchedulerOutput
 from paged.structured_output.bitmask import GrammarBitmask
 

@@ -67,11 +67,9 @@ def build_model(
             model.process_weights()
         else:
             linear = ops["linear"]
-            modules = dict(model.named_modules())
             # A tensor-parallel rank reads only its slices of each split matrix.
-            sliced = (comm or backend.communicator()).world_size > 1
-            weights = tqdm(source.iter_weights(dtype, linear.block_types, lambda name: model.holds(name, modules),
-                                               lazy=sliced),
+            sliced = comm is not None and comm.world_size > 1
+            weights = tqdm(source.iter_weights(dtype, linear.block_types, model.holds, lazy=sliced),
                            desc="Loading weights", unit=" tensors",
                            file=sys.stderr, disable=None, leave=False)
             model.load_weights(weights)

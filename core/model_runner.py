@@ -285,11 +285,12 @@ class ModelRunner:
         if self.links is not None:
             self.buffers.flip()  # earlier micro-batches' copies may still read the other staging sets
         input_ids, positions, meta = self.prepare(sched)
-        starts = meta.query_start_loc.clone()  # the next step's inputs overwrite the buffer
-        if self.links is None:
-            return SubmittedStep(sched, starts, hidden=self.model(input_ids, positions, self.kv_caches, meta))
-        return SubmittedStep(sched, starts, handoff=self.links.start(self.model, input_ids, positions,
-                                                                     self.kv_caches, meta))
+        if self.links is None:  # collected at once: nothing overwrites the inputs before
+            return SubmittedStep(sched, meta.query_start_loc,
+                                 hidden=self.model(input_ids, positions, self.kv_caches, meta))
+        # The next micro-batch's inputs overwrite the buffer before this one is collected.
+        return SubmittedStep(sched, meta.query_start_loc.clone(),
+                             handoff=self.links.start(self.model, input_ids, positions, self.kv_caches, meta))
 
     @torch.inference_mode()
     def collect(self, step: SubmittedStep) -> StepResult:

@@ -10,6 +10,11 @@ own rank 0 is where the tokens come from, as with one rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from paged.backends.interface import Backend, Communicator
+    from paged.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -38,9 +43,6 @@ class ParallelLayout:
     def is_last_stage(self) -> bool:
         return self.stage == self.pipeline - 1
 
-    def of_rank(self, rank: int) -> ParallelLayout:
-        return ParallelLayout(self.tensor, self.pipeline, rank)
-
     def tensor_groups(self) -> list[list[int]]:
         """The ranks of each stage's tensor-parallel group, stage by stage."""
         return [list(range(s * self.tensor, (s + 1) * self.tensor)) for s in range(self.pipeline)]
@@ -68,7 +70,11 @@ class ParallelLayout:
         return f"tensor parallel {self.tensor} x pipeline parallel {self.pipeline} = {self.world_size} ranks ({stages})"
 
 
-def build_communicators(backend, layout: ParallelLayout):
+def layout_of(config: EngineConfig, rank: int = 0) -> ParallelLayout:
+    return ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size, rank)
+
+
+def build_communicators(backend: Backend, layout: ParallelLayout) -> tuple[Communicator, Communicator | None]:
     """This rank's (tensor-parallel group's communicator, the whole world's for stage-to-stage transfers or
     None with one stage), once torch.distributed is initialised. Every rank creates every stage's group, in
     the same order, as torch.distributed requires."""

@@ -24,7 +24,8 @@ from paged.model_runner import InFlightStep, ModelRunner, StepResult, SubmittedS
 from paged.model_source import ModelSource
 from paged.scheduler import SchedulerOutput
 from paged.structured_output.bitmask import GrammarBitmask
-from paged.worker import RequestDelta, StepMessage, WorkerSpec, join_world, layout_of
+from paged.parallel import layout_of
+from paged.worker import RequestDelta, StepMessage, WorkerSpec, join_world
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from paged.backends.interface import Backend, Communicator, Precision
 from paged.config import EngineConfig
 from paged.model_runner import ModelRunner, SubmittedStep
 from paged.model_source import ModelSource
-from paged.parallel import ParallelLayout, build_communicators
+from paged.parallel import ParallelLayout, build_communicators, layout_of
 from paged.pipeline import StageLinks
 from paged.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -80,10 +80,6 @@ class WorkerSpec:
     precision: Precision
     max_model_len: int
     address: str  # host:port of rank 0's process-group store
-
-
-def layout_of(config: EngineConfig, rank: int = 0) -> ParallelLayout:
-    return ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size, rank)
 
 
 def join_world(backend: Backend, layout: ParallelLayout, address: str, source: ModelSource, precision: Precision

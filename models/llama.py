@@ -176,6 +176,8 @@ class LlamaForCausalLM(nn.Module):
         if self.tied and layout.is_first_stage:
             self.lm_head.weight = self.model.embed_tokens.weight
             self.lm_head.owns_weight = False
+        # Checkpoint name prefixes of what other pipeline stages hold.
+        self._elsewhere = tuple(f"{name}." for name, m in self.named_modules() if isinstance(m, HeldElsewhere))
 
     def forward(self, input_ids, positions, kv_caches, meta, carried: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta, carried)
@@ -194,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.tied and name == "lm_head.weight"):
                 continue
-            if not self.holds(name, modules):
+            if not self.holds(name):
                 continue
             if self._load_kv_scale(name, tensor, modules):
                 continue
@@ -231,12 +233,10 @@ class LlamaForCausalLM(nn.Module):
         self.process_weights()
         return loaded
 
-    def holds(self, name: str, modules: dict[str, nn.Module] | None = None) -> bool:
+    def holds(self, name: str) -> bool:
         """Whether this rank has a place for the checkpoint tensor: not in a module another pipeline stage
         holds (so the loader need not even read it)."""
-        modules = modules if modules is not None else dict(self.named_modules())
-        parts = name.split(".")
-        return not any(isinstance(modules.get(".".join(parts[:n])), HeldElsewhere) for n in range(1, len(parts)))
+        return not name.startswith(self._elsewhere)
 
     def _load_kv_scale(self, name: str, tensor: torch.Tensor, modules: dict[str, nn.Module]) -> bool:
         for ending, index in self.kv_scales.items():

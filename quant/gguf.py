@@ -68,7 +68,7 @@ class GGUFBlocks:
     def columns(self, start: int, length: int) -> GGUFBlocks:
         """Inputs start .. start + length (a row-parallel shard); the bounds must fall on block boundaries."""
         per_block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.qtype]]
-        if start % per_block or length % per_block:
+        if not (self.splits_at(start) and self.splits_at(length)):
             raise ValueError(f"inputs {start}..{start + length} do not fall on {self.qtype} blocks of {per_block}")
         first = start // per_block * block_bytes
         data = self.data.narrow(1, first, length // per_block * block_bytes).contiguous()

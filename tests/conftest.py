@@ -66,13 +66,12 @@ def ray_cluster():
     as RAY_ADDRESS names it. Skipped where Ray is not installed."""
     pytest.importorskip("ray")
     import shutil
-    import socket
     import subprocess
     import tempfile
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from paged.parallel_executor import free_port
+
+    port = free_port()
     ray = shutil.which("ray")
     temp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths live under it
     subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=8", "--include-dashboard=false",

@@ -15,7 +15,7 @@ import pytest
 
 from paged import LLM, SamplingParams
 from paged.errors import UserError
-from tests.models_factory import VOCAB, save_tiny_model
+from tests.models_factory import save_tiny_model, split_workload
 
 
 def _gone(pids: list[int]) -> bool:
@@ -32,13 +32,7 @@ def _gone(pids: list[int]) -> bool:
                          ids=["qwen2-tp2", "qwen2-pp2", "qwen2-tp2xpp2", "mistral-tp2xpp2"])
 def test_ray_splits_give_one_rank_tokens(arch, tp, pp, tmp_path, ray_cluster, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
-    overrides = {"vocab_size": VOCAB + 1} if arch == "qwen2" else {}
-    save_tiny_model(arch, tmp_path, seed=random.randrange(1 << 30), **overrides)
-    prompts = [{"prompt_token_ids": [random.randrange(3, VOCAB) for _ in range(random.randint(3, 70))]}
-               for _ in range(8)]
-    params = [SamplingParams(temperature=0, max_tokens=random.randint(8, 30), ignore_eos=True) for _ in prompts]
-    kwargs = dict(model=str(tmp_path), dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=48,
-                  num_gpu_blocks_override=24)
+    kwargs, prompts, params = split_workload(arch, tmp_path, num_prompts=8)
     one = [o.outputs[0].token_ids for o in LLM(**kwargs).generate(prompts, params, use_tqdm=False)]
     split = LLM(**kwargs, tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend="ray")
     pids = list(split.engine.core.runner.ranks.pids)

@@ -16,21 +16,13 @@ import torch
 
 from paged import LLM, SamplingParams
 from paged.errors import UserError
-from tests.models_factory import VOCAB, save_tiny_model
+from tests.models_factory import VOCAB, save_tiny_model, split_workload
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_split_models_give_one_rank_tokens(arch, tp, pp, tmp_path):
-    # Qwen2's vocabulary is odd (beyond the tokenizer's words): the ranks' vocabulary slices differ in size.
-    overrides = {"vocab_size": VOCAB + 1} if arch == "qwen2" else {}
-    save_tiny_model(arch, tmp_path, seed=random.randrange(1 << 30), **overrides)
-    prompts = [{"prompt_token_ids": [random.randrange(3, VOCAB) for _ in range(random.randint(3, 70))]}
-               for _ in range(12)]
-    params = [SamplingParams(temperature=0, max_tokens=random.randint(8, 40), ignore_eos=True) for _ in prompts]
-    # 24 blocks of 16 tokens for 12 requests of up to 110: they cannot all run at once, so some are preempted.
-    kwargs = dict(model=str(tmp_path), dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=48,
-                  num_gpu_blocks_override=24)
+    kwargs, prompts, params = split_workload(arch, tmp_path)
     one = [o.outputs[0].token_ids for o in LLM(**kwargs).generate(prompts, params, use_tqdm=False)]
     two_ranks = LLM(**kwargs, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     core = two_ranks.engine.core

@@ -23,7 +23,6 @@ class CUDABackend(Backend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
-    ray_resource = "GPU"
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
     supported_dtypes = (torch.bfloat16, torch.float16, torch.float32)
     supported_block_sizes = (16, 32, 64, 128)

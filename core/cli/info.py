@@ -63,7 +63,7 @@ def _layout(backend, args: argparse.Namespace) -> None:
     from paged.executor import check_parallelism, distributed_backend
     from paged.model_source import resolve_model
     from paged.models.layers import kv_head_splits
-    from paged.worker import layout_of
+    from paged.parallel import layout_of
 
     config = EngineConfig.from_kwargs(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
                                       pipeline_parallel_size=args.pipeline_parallel_size,
@@ -72,11 +72,10 @@ def _layout(backend, args: argparse.Namespace) -> None:
     check_parallelism(config, backend, hf)
     layout = layout_of(config)
     kv_heads = hf.num_key_value_heads // kv_head_splits(hf.num_attention_heads, hf.num_key_value_heads, layout.tensor)
-    where = distributed_backend(config, backend) if layout.world_size > 1 else "this process"
+    where = f"ranks 1..{layout.world_size - 1} run in: {distributed_backend(config, backend)}" \
+        if layout.world_size > 1 else "one rank"
     print(f"\nlayout: {layout.describe(hf.num_hidden_layers)}")
-    print(f"  per rank: {hf.num_attention_heads // layout.tensor} attention heads, {kv_heads} KV heads; "
-          f"ranks 1..{layout.world_size - 1} run in: {where}" if layout.world_size > 1 else
-          f"  per rank: {hf.num_attention_heads} attention heads, {hf.num_key_value_heads} KV heads; one rank")
+    print(f"  per rank: {hf.num_attention_heads // layout.tensor} attention heads, {kv_heads} KV heads; {where}")
 
 
 def _matrix(registered: list, args: argparse.Namespace) -> int:
