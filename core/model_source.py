@@ -23,7 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from paged.backends.common.cache import cache_dir
 from paged.default_model import DEFAULT_MODEL_SAMPLING, default_model_path
 from paged.errors import UserError
-from paged.models.loader import CheckpointTensor, gguf_matrix_type, iter_gguf, iter_safetensors
+from paged.models.loader import LazyTensor, gguf_matrix_type, iter_gguf, iter_safetensors
 from paged.quant.gguf import GGUFBlocks
 
 logger = logging.getLogger(__name__)
@@ -67,13 +67,13 @@ class ModelSource:
 
     def iter_weights(self, dtype: torch.dtype, keep_blocks: frozenset[str] = frozenset(),
                      wanted: Callable[[str], bool] = lambda name: True, lazy: bool = False
-                     ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks | CheckpointTensor]]:
+                     ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks | LazyTensor]]:
         """Every weight `wanted` (by its Hugging Face name; the others are not read) as (name, tensor); GGUF
         weights come dequantized to `dtype`, except matrices of a type in keep_blocks, which come as their
-        quantized blocks. `lazy`: safetensors weights come unread, for a rank that reads only its slices."""
+        quantized blocks. `lazy`: matrices come unread, for a rank that reads only its slices."""
         if not self.gguf_file:
             return iter_safetensors(self.path, wanted, lazy)
-        return iter_gguf(self.path, dtype, keep_blocks, wanted)
+        return iter_gguf(self.path, dtype, keep_blocks, wanted, lazy)
 
     @property
     def generation_config_file(self) -> Path | None:

@@ -34,11 +34,12 @@ class BlockLoading:
     num_parts = 1
 
     def takes_blocks(self, blocks: GGUFBlocks) -> bool:
-        return blocks.qtype in self.method.block_types and self.comm.world_size == 1
+        """Whether the method computes from this matrix's blocks as this rank would cut them."""
+        raise NotImplementedError
 
     def cut(self, blocks: GGUFBlocks, shard: int) -> GGUFBlocks:
-        """This rank's share of a whole checkpoint matrix's blocks."""
-        return blocks
+        """This rank's share of a whole checkpoint matrix's blocks (GGUFBlocks, or a GGUFTensor not read yet)."""
+        raise NotImplementedError
 
     def place_local(self, param: nn.Parameter, local: torch.Tensor, shard: int) -> None:
         """Copy this rank's share of checkpoint part `shard`, already cut (`cut`'s, dequantized), into place."""
@@ -213,6 +214,17 @@ class ParallelLMHead(VocabParallelEmbedding, BlockLoading):
         self.method = ops["linear"]
         # False once tied to the embedding: a LinearMethod that repacks the weight must keep it for lookups.
         self.owns_weight = True
+
+    def takes_blocks(self, blocks: GGUFBlocks) -> bool:
+        return blocks.qtype in self.method.block_types
+
+    def cut(self, blocks: GGUFBlocks, shard: int) -> GGUFBlocks:
+        """This rank's vocabulary range; the last one padded with zero rows to the same size, so that every
+        rank's logits have one shape to gather (the padding's are cut off)."""
+        if self.comm.world_size == 1:
+            return blocks
+        held = max(0, min(self.local_vocab, self.vocab_size - self.start))
+        return blocks.rows(self.start, held).padded(self.local_vocab)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         local = self.method.apply(self, hidden, None)

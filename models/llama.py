@@ -13,7 +13,7 @@ from torch import nn
 
 from paged.backends.interface import Attention, AttentionMetadata, Communicator
 from paged.parallel import ParallelLayout
-from paged.models.loader import whole
+from paged.models.loader import GGUFTensor, LazyTensor, whole
 from paged.quant.gguf import GGUFBlocks
 from paged.models.layers import (
     BlockLoading,
@@ -185,7 +185,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFBlocks]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFBlocks | LazyTensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into this rank's parameters; returns names loaded.
 
         GGUF matrices may come as their quantized blocks: a layer whose method computes from them keeps
@@ -214,14 +214,15 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
-            if isinstance(tensor, GGUFBlocks):
+            if isinstance(tensor, (GGUFBlocks, GGUFTensor)):
                 if self.tied and module is self.model.embed_tokens and self.lm_head.takes_blocks(tensor):
                     self.lm_head.load_blocks(tensor, None)  # logits from the blocks; lookups from dense rows
                 if isinstance(module, BlockLoading) and module.takes_blocks(tensor):
                     module.load_blocks(tensor, shard)
                     loaded.add(target)
                     continue
-                tensor = tensor.dequantize(param.dtype)
+                if isinstance(tensor, GGUFBlocks):
+                    tensor = tensor.dequantize(param.dtype)
             if isinstance(module, WeightLoading):
                 module.load_shard(param, tensor, shard)  # reads only its slice of a lazy tensor
             else:

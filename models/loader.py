@@ -9,16 +9,17 @@ from __future__ import annotations
 import functools
 import json
 import re
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from gguf import GGUFReader
+from gguf import GGUFReader, ReaderTensor
 from safetensors import safe_open
 
 from paged.errors import UserError
-from paged.quant.gguf import GGUFBlocks, dequantize_tensor
+from paged.quant.gguf import GGUFBlocks, block_size, dequantize_tensor, stored_rows, torch_shape
 
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
@@ -52,17 +53,29 @@ _GGUF_LAYER_TENSOR = re.compile(r"blk\.(?P<layer>\d+)\.(?P<part>\w+)\.(?P<kind>w
 _GGUF_IGNORED = {"rope_freqs.weight"}
 
 
-class CheckpointTensor:
-    """A checkpoint tensor not read yet, so a tensor-parallel rank reads only the slice it keeps (narrow,
+class LazyTensor(ABC):
+    """A checkpoint tensor not read yet, so that a tensor-parallel rank reads only the slice it keeps (narrow,
     indexing) instead of the whole matrix; load() reads all of it. Valid until the loader moves on."""
+
+    shape: torch.Size
+
+    @abstractmethod
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def __getitem__(self, index) -> torch.Tensor: ...
+
+    @abstractmethod
+    def load(self) -> torch.Tensor: ...
+
+
+class CheckpointTensor(LazyTensor):
+    """A safetensors tensor, read through the file's slicing."""
 
     def __init__(self, shard, name: str) -> None:
         self._shard, self._name = shard, name
         self._slice = shard.get_slice(name)
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size(self._slice.get_shape())
+        self.shape = torch.Size(self._slice.get_shape())
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         return self._slice[(slice(None),) * dim + (slice(start, start + length),)]
@@ -74,9 +87,74 @@ class CheckpointTensor:
         return self._shard.get_tensor(self._name)
 
 
+class GGUFTensor(LazyTensor):
+    """A GGUF matrix, in Hugging Face layout, read from the memory-mapped file only where it is sliced: rows, or
+    columns on whole blocks, come dequantized (narrow, indexing) or as blocks (rows, columns), so a rank's share
+    is all that leaves the disk. Other slices read it whole (load, blocks).
+
+    Q and K of a Llama-like file are stored permuted within each head (see _unpermute_rows); a slice of whole
+    heads is unpermuted on its own."""
+
+    def __init__(self, tensor: ReaderTensor, dtype: torch.dtype, permuted_heads: int | None = None) -> None:
+        self._tensor, self._dtype, self._heads = tensor, dtype, permuted_heads
+        self.qtype = tensor.tensor_type.name
+        self.shape = torch.Size(torch_shape(tensor))
+
+    def rows(self, start: int, length: int) -> GGUFBlocks:
+        """Rows start .. start + length as their blocks (a copy)."""
+        if self._heads is not None and (start % self._head_rows or length % self._head_rows):
+            return self.blocks().rows(start, length)
+        raw = torch.from_numpy(stored_rows(self._tensor)[start : start + length].copy())
+        if self._heads is not None and length:
+            raw = _unpermute_rows(raw, length // self._head_rows)
+        return GGUFBlocks(self.qtype, raw, (length, self.shape[1]))
+
+    def columns(self, start: int, length: int) -> GGUFBlocks:
+        """Columns start .. start + length (on block boundaries) as their blocks."""
+        per_block, block_bytes = block_size(self.qtype)
+        if self._heads is not None or not (self.splits_at(start) and self.splits_at(length)):
+            return self.blocks().columns(start, length)
+        first, size = start // per_block * block_bytes, length // per_block * block_bytes
+        raw = torch.from_numpy(stored_rows(self._tensor)[:, first : first + size].copy())
+        return GGUFBlocks(self.qtype, raw, (self.shape[0], length))
+
+    def splits_at(self, column: int) -> bool:
+        return column % block_size(self.qtype)[0] == 0
+
+    def blocks(self) -> GGUFBlocks:
+        """The whole matrix as its blocks."""
+        raw = torch.from_numpy(stored_rows(self._tensor).copy())
+        if self._heads is not None:
+            raw = _unpermute_rows(raw, self._heads)
+        return GGUFBlocks(self.qtype, raw, self.shape)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.blocks().dequantize(dtype)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if dim == 0:
+            return self.rows(start, length).dequantize(self._dtype)
+        if self.splits_at(start) and self.splits_at(length):
+            return self.columns(start, length).dequantize(self._dtype)
+        return self.load().narrow(dim, start, length)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice) and index.step in (None, 1):
+            start, stop, _ = index.indices(self.shape[0])
+            return self.narrow(0, start, max(0, stop - start))
+        return self.load()[index]
+
+    def load(self) -> torch.Tensor:
+        return self.dequantize(self._dtype)
+
+    @property
+    def _head_rows(self) -> int:
+        return self.shape[0] // self._heads
+
+
 def whole(tensor):
     """A checkpoint tensor read in full (one that came lazily), or what was given."""
-    return tensor.load() if isinstance(tensor, CheckpointTensor) else tensor
+    return tensor.load() if isinstance(tensor, LazyTensor) else tensor
 
 
 def iter_safetensors(folder: str | Path, wanted: Callable[[str], bool] = lambda name: True, lazy: bool = False
@@ -110,9 +188,11 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def iter_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: frozenset[str] = frozenset(),
-              wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+              wanted: Callable[[str], bool] = lambda name: True, lazy: bool = False
+              ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks | GGUFTensor]]:
     """The tensors of a GGUF file, dequantized to `dtype`, under Hugging Face names and in Hugging Face layout;
-    matrices of a type in keep_blocks come as their GGUFBlocks instead (rows in the same layout).
+    matrices of a type in keep_blocks come as their GGUFBlocks instead (rows in the same layout), and with
+    `lazy` every matrix comes unread (GGUFTensor), for a rank that reads only its slices.
 
     `lm_head.weight` only appears when the file has its own output matrix; otherwise the embeddings are tied.
     """
@@ -129,16 +209,17 @@ def iter_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: frozenset[str] 
         name, part = _hf_name(tensor.name)
         if not wanted(name):
             continue
-        if tensor.tensor_type.name in keep_blocks and len(tensor.shape) == 2:
-            blocks = GGUFBlocks.of(tensor)
-            if part in permuted_heads:
-                blocks = blocks.with_rows(_unpermute_rows(blocks.data, permuted_heads[part]))
-            yield name, blocks
+        if len(tensor.shape) != 2:  # a norm or a bias
+            weight = dequantize_tensor(tensor, dtype)
+            yield name, _unpermute_rows(weight, permuted_heads[part]) if part in permuted_heads else weight
             continue
-        weight = dequantize_tensor(tensor, dtype)
-        if part in permuted_heads:
-            weight = _unpermute_rows(weight, permuted_heads[part])
-        yield name, weight
+        unread = GGUFTensor(tensor, dtype, permuted_heads.get(part))
+        if lazy:
+            yield name, unread
+        elif unread.qtype in keep_blocks:
+            yield name, unread.blocks()
+        else:
+            yield name, unread.load()
 
 
 def gguf_reader(path: str | Path) -> GGUFReader:

@@ -24,21 +24,37 @@ def torch_shape(tensor: ReaderTensor) -> tuple[int, ...]:
 
 
 def dequantize_tensor(tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
-    """A GGUF tensor as a dense `dtype` tensor in torch/Hugging Face orientation ([out, in] for a linear).
+    """A GGUF tensor as a dense `dtype` tensor in torch/Hugging Face orientation ([out, in] for a linear)."""
+    return dequantize_bytes(tensor.data, tensor.tensor_type.name, torch_shape(tensor), dtype, tensor.name)
+
+
+def dequantize_bytes(raw: np.ndarray, qtype: str, shape: tuple[int, ...], dtype: torch.dtype,
+                     name: str = "") -> torch.Tensor:
+    """Stored values (blocks, or plain floats) of a tensor or of some of its rows as a dense `dtype` tensor.
 
     Unpacks to float32 first, like transformers, so that casting to `dtype` afterwards rounds once.
     """
-    qtype = GGMLQuantizationType(tensor.tensor_type)
     try:
-        values = dequantize(tensor.data, qtype)
+        values = dequantize(raw, GGMLQuantizationType[qtype])
     except NotImplementedError as error:
         raise UserError(
-            f"GGUF tensor '{tensor.name}' is stored as {qtype.name}, which the installed gguf package "
+            f"GGUF tensor '{name}' is stored as {qtype}, which the installed gguf package "
             "cannot dequantize; use a file quantized with F32/F16/BF16, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 or a K-quant"
         ) from error
     if not values.flags.writeable:  # F32 comes back as a view of the read-only memory-mapped file
         values = np.array(values)
-    return torch.from_numpy(values).reshape(torch_shape(tensor)).to(dtype)
+    return torch.from_numpy(values).reshape(shape).to(dtype)
+
+
+def stored_rows(tensor: ReaderTensor) -> np.ndarray:
+    """A matrix's stored bytes, [rows, bytes per row], still in the (memory-mapped) file: rows of blocks, or of
+    plain floats, so a slice of rows or of whole blocks is read without the rest."""
+    return tensor.data.view(np.uint8).reshape(torch_shape(tensor)[0], -1)
+
+
+def block_size(qtype: str) -> tuple[int, int]:
+    """(values, bytes) of one block of `qtype`; a plain float type is a block of one value."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
 
 
 @dataclass
@@ -50,16 +66,9 @@ class GGUFBlocks:
     data: torch.Tensor
     shape: tuple[int, int]
 
-    @classmethod
-    def of(cls, tensor: ReaderTensor) -> GGUFBlocks:
-        rows, cols = torch_shape(tensor)
-        data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True)).view(rows, -1)
-        return cls(GGMLQuantizationType(tensor.tensor_type).name, data, (rows, cols))
-
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense matrix, exactly as dequantize_tensor gives it."""
-        values = dequantize(self.data.numpy(), GGMLQuantizationType[self.qtype])
-        return torch.from_numpy(values).reshape(self.shape).to(dtype)
+        return dequantize_bytes(self.data.numpy(), self.qtype, self.shape, dtype)
 
     def rows(self, start: int, length: int) -> GGUFBlocks:
         """Outputs start .. start + length (a column-parallel shard): whole rows of blocks."""
@@ -67,7 +76,7 @@ class GGUFBlocks:
 
     def columns(self, start: int, length: int) -> GGUFBlocks:
         """Inputs start .. start + length (a row-parallel shard); the bounds must fall on block boundaries."""
-        per_block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[self.qtype]]
+        per_block, block_bytes = block_size(self.qtype)
         if not (self.splits_at(start) and self.splits_at(length)):
             raise ValueError(f"inputs {start}..{start + length} do not fall on {self.qtype} blocks of {per_block}")
         first = start // per_block * block_bytes
@@ -76,8 +85,9 @@ class GGUFBlocks:
 
     def splits_at(self, column: int) -> bool:
         """Whether a row-parallel cut at this input falls on a block boundary."""
-        return column % GGML_QUANT_SIZES[GGMLQuantizationType[self.qtype]][0] == 0
+        return column % block_size(self.qtype)[0] == 0
 
-    def with_rows(self, data: torch.Tensor) -> GGUFBlocks:
-        """The same matrix with its rows replaced (reordered) by `data`."""
-        return GGUFBlocks(self.qtype, data, self.shape)
+    def padded(self, rows: int) -> GGUFBlocks:
+        """The matrix with zero blocks (zero scales: zero weights) appended up to `rows` rows."""
+        pad = self.data.new_zeros(rows - self.data.shape[0], self.data.shape[1])
+        return GGUFBlocks(self.qtype, torch.cat((self.data, pad)), (rows, self.shape[1]))

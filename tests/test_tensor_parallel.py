@@ -116,15 +116,16 @@ class _RankOneOfTwo:
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 def test_a_rank_keeps_its_share_of_gguf_blocks_quantized(qtype):
-    """Rank 1 of 2 keeps its rows (q, k, v, one KV head per rank) and its block-aligned columns of GGUF matrices
-    as blocks, and computes its share of the product from them; a layer whose parts differ in type holds the
+    """Rank 1 of 2 keeps its rows (q, k, v, one KV head per rank; the LM head's vocabulary range, padded where
+    the vocabulary does not split evenly) and its block-aligned columns of GGUF matrices as blocks, and computes
+    its share of the product from them; a layer whose parts differ in type holds the
     dequantized share instead."""
     import numpy as np
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
     from paged.backends.registry import load_backend
-    from paged.models.layers import ColumnParallelLinear, RowParallelLinear
+    from paged.models.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
     from paged.models.ops import bind_ops
     from paged.quant.gguf import GGUFBlocks
 
@@ -157,6 +158,15 @@ def test_a_rank_keeps_its_share_of_gguf_blocks_quantized(qtype):
     down.process_weights()
     torch.testing.assert_close(down(x), x @ matrix.dequantize(torch.float32)[:, 128:].T, rtol=2e-2, atol=2e-2)
 
+    head = ParallelLMHead(99, 128, comm, ops)  # rank 1 holds 49 of 99 rows, padded to 50
+    vocab = blocks(99, 128)
+    assert head.takes_blocks(vocab)
+    head.load_blocks(vocab, None)
+    head.process_weights()
+    logits = head.method.apply(head, x, None)
+    assert logits.shape == (3, 50) and not logits[:, 49].any()
+    torch.testing.assert_close(logits[:, :49], x @ vocab.dequantize(torch.float32)[50:].T, rtol=2e-2, atol=2e-2)
+
     mixed = ColumnParallelLinear(128, [128, 64, 64], False, comm, ops)
     parts = [blocks(128, 128, "Q8_0" if qtype != "Q8_0" else "Q4_0"), blocks(64, 128), blocks(64, 128)]
     for shard, part in enumerate(parts):
@@ -180,3 +190,48 @@ def test_a_row_split_off_gguf_block_boundaries_is_refused():
         matrix.columns(8, 32)
     torch.testing.assert_close(matrix.columns(32, 32).dequantize(torch.float32),
                                matrix.dequantize(torch.float32)[:, 32:])
+
+
+@pytest.mark.parametrize("tp, pp", [(3, 1), (1, 2)], ids=["tp3", "pp2"])
+def test_a_split_gguf_model_gives_one_rank_tokens(smollm2_gguf, tp, pp):
+    """SmolLM2 (9 heads, 3 KV heads, Q4_1 blocks, a tied Q8_0 embedding) split over ranks that keep their
+    shares of its blocks quantized: the greedy tokens of one rank."""
+    kwargs = dict(model=smollm2_gguf, device="cpu", kv_cache_memory="64MiB", max_model_len=256)
+    prompts = [{"prompt_token_ids": random.sample(range(49152), 5 + 4 * i)} for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    one = [o.outputs[0].token_ids for o in LLM(**kwargs).generate(prompts, params, use_tqdm=False)]
+    split = LLM(**kwargs, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    try:
+        assert "Q4_1" in split.engine.core.runner.runner.model.weight_storage  # rank 0 computes from blocks
+        two = [o.outputs[0].token_ids for o in split.generate(prompts, params, use_tqdm=False)]
+    finally:
+        split.engine.core.shutdown()
+    assert two == one
+
+
+def test_a_rank_reads_only_its_shares_of_a_gguf_file(smollm2_gguf, monkeypatch):
+    """Rank 1 of 3, built in this process from SmolLM2's GGUF: no matrix is read whole (heads' rows of the
+    permuted Q and K, block-aligned columns of o and down, a vocabulary range of the tied embedding), and its
+    q/k/v and logits are its shares of one rank's."""
+    from paged.backends.interface import TorchDistributedCommunicator
+    from paged.backends.registry import load_backend
+    from paged.model_loading import build_model
+    from paged.model_source import resolve_model
+    from paged.models.loader import GGUFTensor
+
+    backend, source = load_backend("cpu"), resolve_model(smollm2_gguf)
+    precision = backend.precision(None, "Q4_1")
+    whole_model = build_model(source, backend, precision, 128)
+    read_whole = []
+    blocks = GGUFTensor.blocks
+    monkeypatch.setattr(GGUFTensor, "blocks", lambda self: read_whole.append(self._tensor.name) or blocks(self))
+    rank = build_model(source, backend, precision, 128, comm=TorchDistributedCommunicator(1, 3))
+    assert read_whole == []
+    assert rank.lm_head.method.storage(rank.lm_head) == whole_model.lm_head.method.storage(whole_model.lm_head)
+
+    x = torch.randn(3, 576)
+    q, k, v = whole_model.model.layers[0].self_attn.qkv_proj(x).split([576, 192, 192], dim=-1)
+    ours = rank.model.layers[0].self_attn.qkv_proj(x)
+    torch.testing.assert_close(ours, torch.cat((q[:, 192:384], k[:, 64:128], v[:, 64:128]), dim=-1))
+    logits = rank.lm_head.method.apply(rank.lm_head, x, None)
+    torch.testing.assert_close(logits, whole_model.lm_head.method.apply(whole_model.lm_head, x, None)[:, 16384:32768])
