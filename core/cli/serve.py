@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from paged.cli.engine_args import add_engine_args, engine_kwargs
@@ -44,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how tool calls are found in the model's replies: the model family's format")
     server.add_argument("--reasoning-parser", choices=REASONING_PARSERS,
                         help="split a thinking model's <think> block into reasoning_content")
+    for what in ("origins", "methods", "headers"):
+        server.add_argument(f"--allowed-{what}", type=_json_list, default=["*"],
+                            help=f'CORS: the allowed {what}, a JSON list (default ["*"])')
+    server.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    server.add_argument("--enable-request-id-headers", action="store_true",
+                        help="answer with X-Request-Id (the client's, or a new one) and name the request after it")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(parser)
@@ -76,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         reasoning_parser=args.reasoning_parser,
+        allowed_origins=args.allowed_origins,
+        allowed_methods=args.allowed_methods,
+        allowed_headers=args.allowed_headers,
+        allow_credentials=args.allow_credentials,
+        enable_request_id_headers=args.enable_request_id_headers,
     )
     options = APIServerOptions(uvicorn_log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
                                log_stats=not args.disable_log_stats, log_requests=args.enable_log_requests,
@@ -88,3 +100,13 @@ def _body_size(value: str) -> int:
         return parse_bytes(value)
     except ValueError as error:
         raise UserError(f"--max-body-size: {error}", param="max_body_size") from None
+
+
+def _json_list(value: str) -> list[str]:
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not (isinstance(parsed, list) and all(isinstance(item, str) for item in parsed)):
+        raise argparse.ArgumentTypeError(f'expected a JSON list of strings such as \'["https://example.com"]\', got {value!r}')
+    return parsed

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 
 from paged import __version__
@@ -21,7 +22,7 @@ from paged.server import chat, completions, metrics, misc, models, tokenize
 from paged.server.engine_client import EngineClient
 from paged.server.errors import APIError, ClientDisconnected, EngineDeadError, describe_error, error_response
 from paged.server.metrics import EngineMetrics
-from paged.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from paged.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
 from paged.server.settings import ServerSettings
 from paged.server.stats_log import StatsLogger
 
@@ -61,9 +62,14 @@ def build_app(engine_client: EngineClient, settings: ServerSettings, log_stats: 
         app.include_router(module.router)
     _add_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    if settings.api_key:  # added last, so it runs first: no body is read for an unauthenticated request
+    if settings.api_key:  # added late, so it runs early: no body is read for an unauthenticated request
         open_paths = {"/health"} | (set() if settings.metrics_require_key else {"/metrics"})
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, open_paths=frozenset(open_paths))
+    if settings.enable_request_id_headers:  # before the key check, so a 401 carries the id too
+        app.add_middleware(RequestIdMiddleware)
+    # Outermost: a browser's preflight (OPTIONS, never with the key) is answered before anything else runs.
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=settings.allowed_methods,
+                       allow_headers=settings.allowed_headers, allow_credentials=settings.allow_credentials)
     return app
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Literal
@@ -11,7 +10,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from paged.errors import UserError
-from paged.server.deps import Engine, Settings
+from paged.server.deps import Engine, Settings, engine_request_id
 from paged.server.errors import ERROR_RESPONSES
 from paged.server.generation import ChoiceDelta, DeltaTracker, final_outputs, sse_response, stream_chunks, usage_of
 from paged.server.logprobs import ChatLogprobs, chat_logprobs
@@ -126,7 +125,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                                                             reasoning_end_token_id=reasoning.end_id))
     check_sampling_params(engine, params, body)
     tool_parser = TOOL_PARSERS[settings.tool_call_parser]() if settings.tool_call_parser else None
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id = engine_request_id("chatcmpl", request)
     stream = await engine.submit(request_id, [token_ids], params)
     created = created_now()
 

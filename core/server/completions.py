@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -12,7 +11,7 @@ from pydantic import Field
 
 from paged.errors import UserError
 from paged.outputs import PositionLogprobs
-from paged.server.deps import Engine, Settings
+from paged.server.deps import Engine, Settings, engine_request_id
 from paged.server.errors import ERROR_RESPONSES
 from paged.server.generation import (
     ChoiceDelta,
@@ -68,7 +67,7 @@ async def create_completion(body: CompletionRequest, request: Request, engine: E
         defaults=settings.generation_defaults,
     )
     check_sampling_params(engine, params, body)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    request_id = engine_request_id("cmpl", request)
     stream = await engine.submit(request_id, [p.token_ids for p in prompts], params)
     response = CompletionResponse(id=request_id, created=created_now(), model=model, choices=[])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -20,3 +21,9 @@ def _settings(request: Request) -> ServerSettings:
 
 Engine = Annotated[EngineClient, Depends(_engine)]
 Settings = Annotated[ServerSettings, Depends(_settings)]
+
+
+def engine_request_id(prefix: str, request: Request) -> str:
+    """The id of a response and its engine requests: the client's X-Request-Id under --enable-request-id-headers
+    (RequestIdMiddleware), else a new one."""
+    return f"{prefix}-{getattr(request.state, 'request_id', None) or uuid.uuid4().hex}"

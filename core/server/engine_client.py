@@ -220,6 +220,8 @@ class EngineClient:
                                 f"{self._max_waiting}): try again shortly", retry_after=1)
         now = time.monotonic()
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        if any(engine_id in self._streams for engine_id in ids):
+            raise APIError(400, f"request id {request_id} is in use by a request still running", param="X-Request-Id")
         requests = [self.inputs.make_request(engine_id, prompt, params, now, self._index)
                     for engine_id, prompt in zip(ids, prompts, strict=True)]
         stream = RequestStream(self, ids)

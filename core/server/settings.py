@@ -20,6 +20,12 @@ class ServerSettings:
     tool_call_parser: str | None = None  # a name in paged.server.tool_parsers.TOOL_PARSERS
     enable_auto_tool_choice: bool = False
     reasoning_parser: str | None = None  # a name in paged.server.reasoning.REASONING_PARSERS
+    # CORS, as vLLM's defaults: any origin, method and header, no credentials.
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    enable_request_id_headers: bool = False
     # Sampling defaults for fields a request leaves out (the model's generation_config), SamplingParams names.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 

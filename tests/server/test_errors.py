@@ -137,6 +137,15 @@ def test_api_key(server, http: httpx.Client) -> None:
         bad_client.models.list()
 
 
+def test_a_request_is_named_after_its_x_request_id(client: openai.OpenAI, server) -> None:
+    raw = client.completions.with_raw_response.create(model="tiny", prompt="trace me", max_tokens=2,
+                                                      extra_headers={"X-Request-Id": "trace-7f3"})
+    assert raw.headers["x-request-id"] == "trace-7f3" and raw.parse().id == "cmpl-trace-7f3"
+    chat = client.chat.completions.with_raw_response.create(model="tiny", max_tokens=2,
+                                                            messages=[{"role": "user", "content": "hi"}])
+    assert raw.parse().id != chat.parse().id == f"chatcmpl-{chat.headers['x-request-id']}"
+
+
 def test_still_serving_after_errors(client: openai.OpenAI) -> None:
     out = client.completions.create(model="tiny", prompt="still here", max_tokens=3)
     assert out.choices[0].finish_reason in ("length", "stop")
@@ -146,6 +155,10 @@ def test_models_and_version(client: openai.OpenAI, http: httpx.Client) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny", "tiny-alias"]
     assert models.data[0].model_extra["max_model_len"] == 256
+    alias = client.models.retrieve("tiny-alias")
+    assert (alias.id, alias.object, alias.model_extra["max_model_len"]) == ("tiny-alias", "model", 256)
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist"):
+        client.models.retrieve("gpt-4o")
     assert http.get("/version").json()["version"]
 
 

@@ -48,3 +48,25 @@ def test_chunked_body_over_the_limit_is_413() -> None:
                      headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert response.json()["error"]["code"] == 413
+
+
+def test_cors_preflight_gets_the_allowed_origin_before_the_key_check() -> None:
+    settings = ServerSettings(["m"], "m", api_key="k", allowed_origins=["https://chat.example"])
+    preflight = {"Origin": "https://chat.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    answer = _call(settings, "OPTIONS", "/v1/chat/completions", headers=preflight)
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == "https://chat.example"
+    refused = _call(settings, "OPTIONS", "/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    assert _call(settings, "GET", "/version", headers={"Origin": "https://chat.example"}).headers[
+        "access-control-allow-origin"] == "https://chat.example"
+
+
+def test_request_id_headers_go_out_as_they_came_in() -> None:
+    settings = ServerSettings(["m"], "m", api_key="k", enable_request_id_headers=True)
+    echoed = _call(settings, "GET", "/version", headers={"X-Request-Id": "trace-42"})
+    assert echoed.headers["x-request-id"] == "trace-42"
+    made = _call(settings, "GET", "/v1/models")  # a 401: it carries an id too
+    assert made.status_code == 401 and len(made.headers["x-request-id"]) == 32
+    assert "x-request-id" not in _call(ServerSettings(["m"], "m"), "GET", "/version").headers
