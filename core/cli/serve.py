@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 
 from paged.cli.engine_args import add_engine_args, engine_kwargs
 from paged.config import parse_bytes
@@ -51,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     server.add_argument("--enable-request-id-headers", action="store_true",
                         help="answer with X-Request-Id (the client's, or a new one) and name the request after it")
+    server.add_argument("--ssl-keyfile", help="HTTPS: the private key file (with --ssl-certfile)")
+    server.add_argument("--ssl-certfile", help="HTTPS: the certificate (chain) file")
+    server.add_argument("--ssl-ca-certs", help="HTTPS: CA certificates to check client certificates against")
+    server.add_argument("--root-path", default="", help="the path prefix a proxy serves this under")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(parser)
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1", param=name)
     model = args.model_tag or args.model
     max_body_bytes = _body_size(args.max_body_size)  # checked before the minutes a model may take to load
+    _check_tls(args)
     config = EngineConfig.from_kwargs(**{**engine_kwargs(args), "model": model,
                                          "generation_config": args.generation_config})
     settings = ServerSettings(
@@ -91,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
     )
     options = APIServerOptions(uvicorn_log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
                                log_stats=not args.disable_log_stats, log_requests=args.enable_log_requests,
-                               log_level=args.log_level, max_waiting_requests=args.max_waiting_requests)
+                               log_level=args.log_level, max_waiting_requests=args.max_waiting_requests,
+                               ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                               ssl_ca_certs=args.ssl_ca_certs, root_path=args.root_path)
     return Supervisor(config, settings, Listen(args.host, args.port), args.api_server_count, options).run()
 
 
@@ -110,3 +118,19 @@ def _json_list(value: str) -> list[str]:
     if not (isinstance(parsed, list) and all(isinstance(item, str) for item in parsed)):
         raise argparse.ArgumentTypeError(f'expected a JSON list of strings such as \'["https://example.com"]\', got {value!r}')
     return parsed
+
+
+def _check_tls(args: argparse.Namespace) -> None:
+    """Load the key and certificates once here, so that a wrong file is one line, not an API server's traceback."""
+    if args.ssl_keyfile and not args.ssl_certfile:
+        raise UserError("--ssl-keyfile needs --ssl-certfile", param="ssl_certfile")
+    if not args.ssl_certfile:
+        return
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+        if args.ssl_ca_certs:
+            context.load_verify_locations(args.ssl_ca_certs)
+    except (OSError, ssl.SSLError) as error:
+        raise UserError(f"TLS: cannot load --ssl-certfile/--ssl-keyfile/--ssl-ca-certs: {error}",
+                        param="ssl_certfile") from None

@@ -30,6 +30,14 @@ class APIServerOptions:
     log_requests: bool = False
     log_level: str = "INFO"
     max_waiting_requests: int | None = None  # beyond this many waiting in the core, 429 with Retry-After
+    ssl_keyfile: str | None = None  # with ssl_certfile: HTTPS
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None  # the CAs a client certificate is checked against
+    root_path: str = ""  # the path prefix a proxy serves this under (ASGI root_path)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile else "http"
 
 
 class DrainingServer(uvicorn.Server):
@@ -78,5 +86,7 @@ def run_api_server(index: int, config: EngineConfig, settings: ServerSettings, a
     # log_config=None: uvicorn's lines go through this process's logging, prefixed with its role. Its own
     # graceful shutdown comes after the drain, when every request has ended: a second is plenty.
     uvicorn_config = uvicorn.Config(app, log_level=options.uvicorn_log_level, log_config=None,
-                                    timeout_graceful_shutdown=1)
+                                    timeout_graceful_shutdown=1, ssl_keyfile=options.ssl_keyfile,
+                                    ssl_certfile=options.ssl_certfile, ssl_ca_certs=options.ssl_ca_certs,
+                                    root_path=options.root_path)
     DrainingServer(uvicorn_config, client, options.shutdown_timeout).run(sockets=[listener])

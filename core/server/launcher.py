@@ -158,8 +158,9 @@ class Supervisor:
         max_model_len = facts["max_model_len"]
         logger.info("maximum concurrency: %d sequences (--max-num-seqs); %.2fx requests of the full %d-token context "
                     "fit the KV cache at once", self.config.max_num_seqs, tokens / max_model_len, max_model_len)
-        logger.info("serving %s on http://%s:%d with %d API server(s) and the engine core (pid %d)%s",
-                    ", ".join(self.settings.served_model_names), self.listen.host, self.listen.port,
+        logger.info("serving %s on %s://%s:%d%s with %d API server(s) and the engine core (pid %d)%s",
+                    ", ".join(self.settings.served_model_names), self.options.scheme, self.listen.host,
+                    self.listen.port, self.options.root_path,
                     len(self._api_servers), self._core.pid, " (API key required)" if self.settings.api_key else "")
 
     def _watch(self) -> int:

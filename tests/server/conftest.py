@@ -68,7 +68,7 @@ class Server:
 
 
 def start_server(model: str | None, log: Path, *flags: str, env: dict[str, str] | None = None,
-                 timeout: float = 180, as_a_user_would: bool = False) -> Server:
+                 timeout: float = 180, as_a_user_would: bool = False, scheme: str = "http") -> Server:
     """Start `paged serve` (on the default model when `model` is None) and wait until every API server is
     ready (/health answers 200, and each logged the core's READY: an API server still starting would answer 503).
 
@@ -81,13 +81,13 @@ def start_server(model: str | None, log: Path, *flags: str, env: dict[str, str] 
                *ours, *flags]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+    server = Server(f"{scheme}://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_text()}")
         try:
-            healthy = httpx.get(f"{server.url}/health", timeout=2).status_code == 200
+            healthy = httpx.get(f"{server.url}/health", timeout=2, verify=False).status_code == 200
         except httpx.TransportError:
             healthy = False
         text = server.log_text()
