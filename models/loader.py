@@ -19,7 +19,7 @@ from gguf import GGUFReader, ReaderTensor
 from safetensors import safe_open
 
 from paged.errors import UserError
-from paged.quant.gguf import GGUFBlocks, block_size, dequantize_tensor, stored_rows, torch_shape
+from paged.quant.gguf import GGUFBlocks, column_bytes, dequantize_tensor, splits_at, stored_rows, torch_shape
 
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
@@ -111,15 +111,13 @@ class GGUFTensor(LazyTensor):
 
     def columns(self, start: int, length: int) -> GGUFBlocks:
         """Columns start .. start + length (on block boundaries) as their blocks."""
-        per_block, block_bytes = block_size(self.qtype)
-        if self._heads is not None or not (self.splits_at(start) and self.splits_at(length)):
+        if self._heads is not None:  # Q and K are cut by rows only; their columns are read with the whole
             return self.blocks().columns(start, length)
-        first, size = start // per_block * block_bytes, length // per_block * block_bytes
-        raw = torch.from_numpy(stored_rows(self._tensor)[:, first : first + size].copy())
+        raw = torch.from_numpy(stored_rows(self._tensor)[:, column_bytes(self.qtype, start, length)].copy())
         return GGUFBlocks(self.qtype, raw, (self.shape[0], length))
 
     def splits_at(self, column: int) -> bool:
-        return column % block_size(self.qtype)[0] == 0
+        return splits_at(self.qtype, column)
 
     def blocks(self) -> GGUFBlocks:
         """The whole matrix as its blocks."""

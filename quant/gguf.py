@@ -52,9 +52,18 @@ def stored_rows(tensor: ReaderTensor) -> np.ndarray:
     return tensor.data.view(np.uint8).reshape(torch_shape(tensor)[0], -1)
 
 
-def block_size(qtype: str) -> tuple[int, int]:
-    """(values, bytes) of one block of `qtype`; a plain float type is a block of one value."""
-    return GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+def splits_at(qtype: str, column: int) -> bool:
+    """Whether a cut at this column of a `qtype` matrix falls on a block boundary (a plain float type's blocks
+    are one value)."""
+    return column % GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0] == 0
+
+
+def column_bytes(qtype: str, start: int, length: int) -> slice:
+    """The bytes of every stored row that hold columns start .. start + length; the bounds must fall on blocks."""
+    per_block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    if not (splits_at(qtype, start) and splits_at(qtype, length)):
+        raise ValueError(f"inputs {start}..{start + length} do not fall on {qtype} blocks of {per_block}")
+    return slice(start // per_block * block_bytes, (start + length) // per_block * block_bytes)
 
 
 @dataclass
@@ -76,16 +85,12 @@ class GGUFBlocks:
 
     def columns(self, start: int, length: int) -> GGUFBlocks:
         """Inputs start .. start + length (a row-parallel shard); the bounds must fall on block boundaries."""
-        per_block, block_bytes = block_size(self.qtype)
-        if not (self.splits_at(start) and self.splits_at(length)):
-            raise ValueError(f"inputs {start}..{start + length} do not fall on {self.qtype} blocks of {per_block}")
-        first = start // per_block * block_bytes
-        data = self.data.narrow(1, first, length // per_block * block_bytes).contiguous()
+        data = self.data[:, column_bytes(self.qtype, start, length)].contiguous()
         return GGUFBlocks(self.qtype, data, (self.shape[0], length))
 
     def splits_at(self, column: int) -> bool:
         """Whether a row-parallel cut at this input falls on a block boundary."""
-        return column % block_size(self.qtype)[0] == 0
+        return splits_at(self.qtype, column)
 
     def padded(self, rows: int) -> GGUFBlocks:
         """The matrix with zero blocks (zero scales: zero weights) appended up to `rows` rows."""
