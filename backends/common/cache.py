@@ -7,5 +7,7 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """$PAGED_CACHE_DIR, else ~/.cache/paged."""
-    return Path(os.environ.get("PAGED_CACHE_DIR") or Path.home() / ".cache" / "paged")
+    """$PAGED_CACHE_DIR, else paged/ under the XDG cache folder ($XDG_CACHE_HOME, else ~/.cache)."""
+    if os.environ.get("PAGED_CACHE_DIR"):
+        return Path(os.environ["PAGED_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "paged"
