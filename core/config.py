@@ -28,8 +28,12 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct); a path or a Hub id
     tokenizer: str | None = None
+    revision: str | None = None  # the Hub model's branch, tag or commit; None: main
+    download_dir: str | None = None  # a Hub cache of its own; None: huggingface_hub's (HF_HOME, HF_HUB_CACHE)
+    gguf_file: str | None = None  # the GGUF file of a Hub repository or local folder holding several
+    trust_remote_code: bool = False  # let transformers run a model's own config and tokenizer code
     served_model_name: str | None = None
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     device: str | None = None  # None: detect
@@ -51,7 +55,8 @@ class EngineConfig(BaseModel):
     distributed_executor_backend: Literal["mp", "ray"] | None = None
     chat_template: str | None = None
     generation_config: str = "auto"  # "auto": sampling defaults from the model; "vllm": none
-    load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights, for benchmarks of a shape
+    # auto: GGUF for a .gguf file, else safetensors; dummy: random weights, for benchmarks of a shape.
+    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
     quantization: str | None = None  # None: the checkpoint's own; "fp8" quantizes a dense one at load
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8 (fp8_e4m3): e4m3 with per-layer scales
     skip_tokenizer_init: bool = False  # token ids in, token ids out

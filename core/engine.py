@@ -11,7 +11,7 @@ from __future__ import annotations
 from paged.config import EngineConfig
 from paged.engine_core import EngineCore
 from paged.errors import UserError
-from paged.model_source import resolve_model
+from paged.model_source import source_of
 from paged.outputs import RequestOutput
 from paged.processing import InputProcessor, OutputProcessor
 from paged.request import RequestStatus
@@ -20,7 +20,7 @@ from paged.sampling_params import SamplingParams
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.source = resolve_model(config.model, config.tokenizer)
+        self.source = source_of(config)
         self.inputs = InputProcessor(config, self.source)
         self.core = EngineCore(config, self.source)
         self.outputs = OutputProcessor(self.inputs.tokenizer)

@@ -1,8 +1,8 @@
 """Where a model comes from (a Hugging Face folder or a GGUF file) and how to read each part of it.
 
 Everything about the on-disk format stays here, so the engine asks for a config, a tokenizer, weights
-and sampling defaults without knowing which format it got. Nothing is ever fetched from a model hub:
-every transformers call is `local_files_only`.
+and sampling defaults without knowing which format it got. A model named by Hub id is fetched first
+(paged.hub) and read from there like any folder: every transformers call is `local_files_only`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from paged.backends.common.cache import cache_dir
+from paged.config import EngineConfig
 from paged.default_model import DEFAULT_MODEL_SAMPLING, default_model_path
 from paged.errors import UserError
+from paged.hub import HubModel, fetch, hub_model
 from paged.models.loader import LazyTensor, gguf_matrix_type, iter_gguf, iter_safetensors
 from paged.quant.gguf import GGUFBlocks
 
@@ -50,6 +52,7 @@ class ModelSource:
     converted: Path | None = None  # a GGUF's config and tokenizer, saved once as a Hugging Face folder
     # Sampling defaults its authors recommend where the files carry none (the default model's card).
     recommended_sampling: dict[str, Any] | None = None
+    trust_remote_code: bool = False  # the model's own config and tokenizer classes may run
 
     @property
     def folder(self) -> Path:
@@ -59,11 +62,12 @@ class ModelSource:
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer override if one was given, else the model's own (a GGUF carries one inside)."""
+        trust = self.trust_remote_code
         if self.tokenizer is not None:
-            return _from_pretrained(AutoTokenizer, "tokenizer", self.tokenizer, None)
+            return _from_pretrained(AutoTokenizer, "tokenizer", self.tokenizer, None, trust)
         if self.converted is not None:
-            return _from_pretrained(AutoTokenizer, "tokenizer", self.converted, None)
-        return _from_pretrained(AutoTokenizer, "tokenizer", self.folder, self.gguf_file)
+            return _from_pretrained(AutoTokenizer, "tokenizer", self.converted, None, trust)
+        return _from_pretrained(AutoTokenizer, "tokenizer", self.folder, self.gguf_file, trust)
 
     def iter_weights(self, dtype: torch.dtype, keep_blocks: frozenset[str] = frozenset(),
                      wanted: Callable[[str], bool] = lambda name: True, lazy: bool = False
@@ -131,8 +135,36 @@ def sampling_defaults(choice: str, source: ModelSource) -> dict[str, Any]:
     return defaults
 
 
-def resolve_model(model: str | None, tokenizer: str | None = None) -> ModelSource:
-    """Turn what the user named into a ModelSource: None (the default model), a folder with config.json, or a .gguf.
+def source_of(config: EngineConfig) -> ModelSource:
+    """The engine config's model (and tokenizer), fetched from the Hub first where they are named by Hub id."""
+    local = localized(config)
+    return resolve_model(local.model, local.tokenizer, load_format=config.load_format,
+                         trust_remote_code=config.trust_remote_code)
+
+
+def localized(config: EngineConfig) -> EngineConfig:
+    """The config with a model or tokenizer named by Hub id replaced by its local path, fetched where missing:
+    done once before a server's processes start, so that they all read the same files and none downloads."""
+    update: dict[str, Any] = {}
+    model = config.model and hub_model(config.model, config.gguf_file)
+    if model:
+        update["model"] = fetch(model, revision=config.revision, download_dir=config.download_dir,
+                                load_format=config.load_format, trust_remote_code=config.trust_remote_code)
+    elif config.gguf_file and config.model:
+        update["model"] = str(Path(config.model).expanduser() / config.gguf_file)
+    if model or config.gguf_file:
+        update["gguf_file"] = None  # now part of the path
+    tokenizer = config.tokenizer and hub_model(config.tokenizer)
+    if tokenizer:
+        update["tokenizer"] = fetch(HubModel(tokenizer.repo_id), download_dir=config.download_dir, load_format="dummy",
+                                    trust_remote_code=config.trust_remote_code)
+    return config.model_copy(update=update)
+
+
+def resolve_model(model: str | None, tokenizer: str | None = None, *, load_format: str = "auto",
+                  trust_remote_code: bool = False) -> ModelSource:
+    """Turn a local model into a ModelSource: None (the default model), a folder with config.json, a .gguf file,
+    or with load_format "gguf" a folder holding one.
 
     Anything else, or a file transformers cannot read, is a one-line UserError naming the path.
     """
@@ -140,14 +172,20 @@ def resolve_model(model: str | None, tokenizer: str | None = None) -> ModelSourc
     if default:
         model = default_model_path()
     path = Path(model).expanduser()
+    if path.is_dir() and load_format == "gguf":
+        path = _only_gguf(path)
     if path.is_dir() and (path / "config.json").is_file():
-        source = ModelSource(str(path), None, _from_pretrained(AutoConfig, "config", path, None))
+        config = _from_pretrained(AutoConfig, "config", path, None, trust_remote_code)
+        source = ModelSource(str(path), None, config, trust_remote_code=trust_remote_code)
     elif path.is_file() and path.suffix == ".gguf":
+        if load_format == "safetensors":
+            raise UserError(f"--load-format safetensors, but '{model}' is a GGUF file", param="load_format")
         converted = _converted_gguf(path)
         config = _from_pretrained(AutoConfig, "config", converted, None)
         source = ModelSource(str(path), path.name, config, converted=converted)
     else:
-        raise UserError(f"model '{model}' not found: expected a folder with config.json or a .gguf file", "model")
+        raise UserError(f"model '{model}' not found: expected a folder with config.json, a .gguf file, or a "
+                        "Hugging Face Hub id (owner/name, or owner/name:file.gguf)", "model")
     if tokenizer is not None:
         tokenizer_path = Path(tokenizer).expanduser()
         if not tokenizer_path.is_dir():
@@ -156,6 +194,14 @@ def resolve_model(model: str | None, tokenizer: str | None = None) -> ModelSourc
     if default:
         source.recommended_sampling = DEFAULT_MODEL_SAMPLING
     return source
+
+
+def _only_gguf(folder: Path) -> Path:
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) != 1:
+        raise UserError(f"--load-format gguf: '{folder}' holds {len(found)} .gguf files "
+                        f"({', '.join(p.name for p in found) or 'none'}); name one with --gguf-file", "load_format")
+    return found[0]
 
 
 def _converted_gguf(path: Path) -> Path:
@@ -190,11 +236,13 @@ def _with_architectures(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
-def _from_pretrained(auto_class: Any, what: str, folder: str | Path, gguf_file: str | None) -> Any:
+def _from_pretrained(auto_class: Any, what: str, folder: str | Path, gguf_file: str | None,
+                     trust_remote_code: bool = False) -> Any:
     """`auto_class.from_pretrained` on local files only, its failures turned into one-line UserErrors."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return auto_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        return auto_class.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code,
+                                          **kwargs)
     except Exception as error:  # transformers raises OSError, ValueError, KeyError... for unreadable files
         where = Path(folder) / gguf_file if gguf_file else folder
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

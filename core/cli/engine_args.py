@@ -10,8 +10,18 @@ from paged.config import EngineConfig
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    group.add_argument("--tokenizer", help="tokenizer folder, if not the model's")
+    group.add_argument("--model", help="a Hugging Face Hub id (owner/name, or owner/name:file.gguf for one GGUF "
+                       "file of a repository), an HF folder or a .gguf file (default: SmolLM2-135M-Instruct)")
+    group.add_argument("--tokenizer", help="tokenizer folder or Hub id, if not the model's")
+    group.add_argument("--revision", help="the Hub model's branch, tag or commit (default: main)")
+    group.add_argument("--download-dir", help="Hub cache folder to fetch into and read from (default: "
+                       "huggingface_hub's, under $HF_HOME or $HF_HUB_CACHE)")
+    group.add_argument("--gguf-file", help="the .gguf file to load from a Hub repository or folder holding several")
+    group.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
+                       help="auto: GGUF for a .gguf file, else safetensors; dummy: random weights of the model's shape")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="let transformers run a model's own config and tokenizer code (the architecture must "
+                            "still be one paged implements)")
     group.add_argument("--device", help="backend name (cpu, cuda, rocm, tpu, gaudi, or a plugin); default: detect")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "half", "bf16"])
     group.add_argument("--max-model-len", type=int)
@@ -47,7 +57,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = [
-        "model", "tokenizer", "device", "dtype", "max_model_len", "seed", "block_size", "enable_prefix_caching",
+        "model", "tokenizer", "revision", "download_dir", "gguf_file", "load_format", "trust_remote_code", "device",
+        "dtype", "max_model_len", "seed", "block_size", "enable_prefix_caching",
         "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_logprobs",
         "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
         "chat_template", "quantization", "kv_cache_dtype",

@@ -61,14 +61,14 @@ def _layout(backend, args: argparse.Namespace) -> None:
     """The split the engine would make of the model: a UserError (one line) where it cannot."""
     from paged.config import EngineConfig
     from paged.executor import check_parallelism, distributed_backend
-    from paged.model_source import resolve_model
+    from paged.model_source import source_of
     from paged.models.layers import kv_head_splits
     from paged.parallel import layout_of
 
     config = EngineConfig.from_kwargs(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
                                       pipeline_parallel_size=args.pipeline_parallel_size,
                                       distributed_executor_backend=args.distributed_executor_backend)
-    hf = resolve_model(config.model).hf_config
+    hf = source_of(config).hf_config
     check_parallelism(config, backend, hf)
     layout = layout_of(config)
     kv_heads = hf.num_key_value_heads // kv_head_splits(hf.num_attention_heads, hf.num_key_value_heads, layout.tensor)

@@ -28,10 +28,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, modules
 
 
+_HTTP_CLIENT_LOGGERS = ("httpx", "httpx2", "httpcore")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for client in _HTTP_CLIENT_LOGGERS:  # a Hub download would log every request at INFO
+        logging.getLogger(client).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return modules[args.command].run(args) or 0
     except UserError as e:

@@ -18,7 +18,7 @@ API_KEY_ENV = "PAGED_API_KEY"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_tag", nargs="?", metavar="MODEL",
-                        help="HF folder or .gguf file, as --model (default: SmolLM2-135M-Instruct)")
+                        help="as --model: a Hub id, HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces, as vLLM)")
     server.add_argument("--port", type=int, default=8000)
@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from paged.config import EngineConfig
     from paged.default_model import DEFAULT_MODEL_NAME
+    from paged.model_source import localized
     from paged.server.api_process import APIServerOptions
     from paged.server.launcher import Listen, Supervisor
     from paged.server.settings import ServerSettings
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     _check_tls(args)
     config = EngineConfig.from_kwargs(**{**engine_kwargs(args), "model": model,
                                          "generation_config": args.generation_config})
+    local = localized(config)  # a Hub model is fetched here once, before the processes that read it start
     settings = ServerSettings(
         served_model_names=args.served_model_name or [model or DEFAULT_MODEL_NAME],
         model_root=model or DEFAULT_MODEL_NAME,
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                                log_level=args.log_level, max_waiting_requests=args.max_waiting_requests,
                                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                                ssl_ca_certs=args.ssl_ca_certs, root_path=args.root_path)
-    return Supervisor(config, settings, Listen(args.host, args.port), args.api_server_count, options).run()
+    return Supervisor(local, settings, Listen(args.host, args.port), args.api_server_count, options).run()
 
 
 def _body_size(value: str) -> int:

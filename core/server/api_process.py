@@ -15,7 +15,7 @@ from types import FrameType
 import uvicorn
 
 from paged.config import EngineConfig
-from paged.model_source import resolve_model
+from paged.model_source import source_of
 from paged.processing import InputProcessor
 from paged.server.processes import CoreAddresses, become_child
 from paged.server.reasoning import ReasoningParser
@@ -76,7 +76,7 @@ def run_api_server(index: int, config: EngineConfig, settings: ServerSettings, a
     from paged.server.app import build_app
     from paged.server.engine_client import EngineClient
 
-    inputs = InputProcessor(config, resolve_model(config.model, config.tokenizer))
+    inputs = InputProcessor(config, source_of(config))
     if settings.reasoning_parser:
         ReasoningParser.load(settings.reasoning_parser, inputs.tokenizer)  # the tokenizer has its tokens
     client = EngineClient(inputs, addresses, index, core_pid, log_requests=options.log_requests,

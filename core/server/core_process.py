@@ -32,7 +32,7 @@ from paged.core_protocol import (
 from paged.backends.registry import load_backend
 from paged.engine_core import EngineCore
 from paged.errors import UserError
-from paged.model_source import resolve_model
+from paged.model_source import source_of
 from paged.request import RequestStatus
 from paged.server.processes import CoreAddresses, become_child
 
@@ -171,7 +171,7 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, supervisor: 
     signal.signal(signal.SIGTERM, _exit_on_signal)
     server = None
     try:
-        source = resolve_model(config.model, config.tokenizer)
+        source = source_of(config)
         backend = load_backend(config.device)
         supervisor.send(("backend", {"api_servers": backend.api_server_count(os.cpu_count() or 1)}))
         server = CoreServer(addresses, supervisor.recv())
