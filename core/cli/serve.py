@@ -39,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse new requests with 429 (and Retry-After) while this many wait for the engine "
                              "(default: no limit)")
     server.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput / queue / cache line")
-    server.add_argument("--enable-log-requests", action="store_true", help="log each request's arrival and end")
+    server.add_argument("--enable-log-requests", action="store_true",
+                        help="log each request's arrival (with its prompt) and end")
+    server.add_argument("--max-log-len", type=int,
+                        help="prompt tokens (and their text) a logged request shows (default: all)")
     server.add_argument("--enable-auto-tool-choice", action="store_true",
                         help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
     server.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
@@ -73,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"two models named: {args.model_tag} and --model {args.model}", param="model")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise UserError("--enable-auto-tool-choice needs --tool-call-parser", param="tool_call_parser")
+    if args.max_log_len is not None and args.max_log_len < 0:
+        raise UserError("--max-log-len must be at least 0", param="max_log_len")
     for name in ("api_server_count", "max_waiting_requests"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1", param=name)
@@ -99,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     )
     options = APIServerOptions(uvicorn_log_level=args.uvicorn_log_level, shutdown_timeout=args.shutdown_timeout,
                                log_stats=not args.disable_log_stats, log_requests=args.enable_log_requests,
+                               max_log_len=args.max_log_len,
                                log_level=args.log_level, max_waiting_requests=args.max_waiting_requests,
                                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                                ssl_ca_certs=args.ssl_ca_certs, root_path=args.root_path)

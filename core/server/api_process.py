@@ -28,6 +28,7 @@ class APIServerOptions:
     shutdown_timeout: float = 30.0  # seconds in-flight requests get on SIGTERM before they are aborted
     log_stats: bool = True  # the periodic stats line (API server 0 only)
     log_requests: bool = False
+    max_log_len: int | None = None  # prompt tokens a request's log line shows; None: all
     log_level: str = "INFO"
     max_waiting_requests: int | None = None  # beyond this many waiting in the core, 429 with Retry-After
     ssl_keyfile: str | None = None  # with ssl_certfile: HTTPS
@@ -80,6 +81,7 @@ def run_api_server(index: int, config: EngineConfig, settings: ServerSettings, a
     if settings.reasoning_parser:
         ReasoningParser.load(settings.reasoning_parser, inputs.tokenizer)  # the tokenizer has its tokens
     client = EngineClient(inputs, addresses, index, core_pid, log_requests=options.log_requests,
+                          max_log_len=options.max_log_len,
                           max_waiting_requests=options.max_waiting_requests)
     settings = replace(settings, generation_defaults=inputs.sampling_defaults)
     app = build_app(client, settings, log_stats=options.log_stats and index == 0)

@@ -126,7 +126,7 @@ class EngineClient:
 
     def __init__(self, inputs: InputProcessor, addresses: CoreAddresses, index: int, core_pid: int,
                  observer: EngineObserver | None = None, log_requests: bool = False,
-                 max_waiting_requests: int | None = None) -> None:
+                 max_waiting_requests: int | None = None, max_log_len: int | None = None) -> None:
         self.inputs = inputs
         self.outputs = OutputProcessor(inputs.tokenizer)
         self.observer = observer
@@ -141,6 +141,7 @@ class EngineClient:
         self._index = index
         self.core_pid = core_pid
         self._log_requests = log_requests
+        self._max_log_len = max_log_len
         self._max_waiting = max_waiting_requests
         self._added_since_stats = 0
         self._last_heard = time.monotonic()
@@ -231,9 +232,15 @@ class EngineClient:
             self._streams[request.request_id] = stream
             self._send(InputKind.ADD, request)
             if self._log_requests:
-                logger.info("received request %s: %d prompt tokens, %s", request.request_id,
-                            len(request.prompt_token_ids), request.params)
+                self._log_received(request)
         return stream
+
+    def _log_received(self, request: CoreRequest) -> None:
+        """The prompt's first --max-log-len tokens, as ids and as text (all of them without the flag)."""
+        shown = request.prompt_token_ids[:self._max_log_len]
+        logger.info("received request %s: %d prompt tokens, prompt: %r, prompt_token_ids: %s, %s",
+                    request.request_id, len(request.prompt_token_ids),
+                    self.tokenizer.decode(shown) if self.tokenizer is not None else None, shown, request.params)
 
     def abort(self, request_ids: Sequence[str]) -> None:
         ids = [i for i in request_ids if self._streams.pop(i, None) is not None]

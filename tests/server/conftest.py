@@ -139,13 +139,14 @@ def stop_server(server: Server, timeout: float = 30) -> int:
 @pytest.fixture(scope="session")
 def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The shared server, with two API servers in front of the core (any test may reach either): API key from
-    the environment, a small context and body limit for the error tests, request ids from X-Request-Id."""
+    the environment, a small context and body limit for the error tests, request ids from X-Request-Id, each
+    request logged with its first three prompt tokens."""
     log = tmp_path_factory.mktemp("server") / "serve.log"
     srv = start_server(
         str(tiny_chat_model), log, "--api-server-count", "2", "--served-model-name", "tiny", "tiny-alias",
         "--max-model-len",
         str(MAX_MODEL_LEN), "--kv-cache-memory", "64MiB", "--max-body-size", str(MAX_BODY),
-        "--enable-request-id-headers", env={"PAGED_API_KEY": API_KEY},
+        "--enable-request-id-headers", "--enable-log-requests", "--max-log-len", "3", env={"PAGED_API_KEY": API_KEY},
     )
     yield srv
     stop_server(srv)

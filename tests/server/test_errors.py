@@ -138,9 +138,12 @@ def test_api_key(server, http: httpx.Client) -> None:
 
 
 def test_a_request_is_named_after_its_x_request_id(client: openai.OpenAI, server) -> None:
-    raw = client.completions.with_raw_response.create(model="tiny", prompt="trace me", max_tokens=2,
-                                                      extra_headers={"X-Request-Id": "trace-7f3"})
+    raw = client.completions.with_raw_response.create(model="tiny", prompt=[1023, 1234, 2000, 3001, 42],
+                                                      max_tokens=2, extra_headers={"X-Request-Id": "trace-7f3"})
     assert raw.headers["x-request-id"] == "trace-7f3" and raw.parse().id == "cmpl-trace-7f3"
+    # The log names it too, with its prompt cut to --max-log-len 3 tokens.
+    logged = next(line for line in server.log_text().splitlines() if "received request cmpl-trace-7f3-0:" in line)
+    assert "5 prompt tokens, prompt: '" in logged and "prompt_token_ids: [1023, 1234, 2000]," in logged
     chat = client.chat.completions.with_raw_response.create(model="tiny", max_tokens=2,
                                                             messages=[{"role": "user", "content": "hi"}])
     assert raw.parse().id != chat.parse().id == f"chatcmpl-{chat.headers['x-request-id']}"
