@@ -7,12 +7,17 @@ structs, sent as msgpack over ZeroMQ between processes (no pickling), and used a
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from enum import Enum
 
 import msgspec
 
 from paged.sampling_params import SamplingParams
+
+
+# vLLM's bounds for vllm:iteration_tokens_total.
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @dataclass
@@ -28,6 +33,14 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     finished_reasons: dict[str, int] = field(default_factory=dict)
+    # Tokens per engine step, as a histogram over ITERATION_TOKEN_BUCKETS: per bucket (not cumulative), the
+    # last one above the largest bound. Kept by the core, so every API server exports the same totals.
+    iteration_token_counts: list[int] = field(default_factory=lambda: [0] * (len(ITERATION_TOKEN_BUCKETS) + 1))
+    iteration_tokens_sum: int = 0
+
+    def count_iteration(self, tokens: int) -> None:
+        self.iteration_token_counts[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, tokens)] += 1
+        self.iteration_tokens_sum += tokens
 
 
 class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):

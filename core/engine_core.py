@@ -325,6 +325,8 @@ class EngineCore:
 
     def _schedule(self, max_rows: int | None = None) -> SchedulerOutput:
         sched = self.scheduler.schedule(max_rows)
+        if not sched.is_empty:
+            self.stats.count_iteration(sum(s.num_new_tokens for s in sched.scheduled))
         for request in sched.preempted:
             self.runner.release(request.request_id)
         return sched

@@ -289,6 +289,8 @@ class OutputProcessor:
         first = group.sequences[0].times
         metrics = {"arrival_time": first[0], "first_scheduled_time": first[1], "first_token_time": first[2],
                    "last_token_time": max(s.times[3] for s in group.sequences)}
+        if group.params.max_tokens is not None:
+            metrics["max_tokens"] = group.params.max_tokens
         return RequestOutput(request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
                              outputs=completions, finished=group.finished,
                              prompt_logprobs=list(group.prompt_logprobs) if group.prompt_logprobs is not None else None,

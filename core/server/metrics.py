@@ -24,10 +24,10 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from paged.core_protocol import EngineStats
+from paged.core_protocol import ITERATION_TOKEN_BUCKETS, EngineStats
 from paged.outputs import RequestOutput
 
 router = APIRouter()
@@ -39,6 +39,7 @@ _ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 80.0]
 _REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                     480.0, 960.0, 1920.0, 7680.0]
+_N_BUCKETS = [1, 2, 5, 10, 20]
 
 
 def _token_buckets(max_model_len: int) -> list[float]:
@@ -83,6 +84,14 @@ class _StatsCollector(Collector):
         for reason in ("stop", "length", "abort"):
             success.add_metric([*labels, reason], stats.finished_reasons.get(reason, 0))
         yield success
+        iterations = HistogramMetricFamily("vllm:iteration_tokens_total", "Tokens computed per engine step.",
+                                           labels=["model_name"])
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, ITERATION_TOKEN_BUCKETS), "+Inf"], stats.iteration_token_counts):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        iterations.add_metric(labels, buckets, stats.iteration_tokens_sum)
+        yield iterations
         facts = self._metrics.facts()
         if facts is not None:  # the KV cache as reserved at start-up: its size never changes after
             info = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's configuration.",
@@ -119,14 +128,27 @@ class EngineMetrics:
 
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
         self.itl = histogram("vllm:inter_token_latency_seconds", "Time between generated tokens.", _ITL_BUCKETS)
+        # vLLM's older name for the same observations, which its example dashboards still query.
+        self.tpot = histogram("vllm:time_per_output_token_seconds", "Time between generated tokens (the older "
+                              "name of vllm:inter_token_latency_seconds).", _ITL_BUCKETS)
+        self.request_tpot = histogram("vllm:request_time_per_output_token_seconds",
+                                      "Decode time over the tokens after the first, per request.", _ITL_BUCKETS)
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to last token.", _REQUEST_BUCKETS)
         self.queue = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.", _REQUEST_BUCKETS)
         self.prefill = histogram("vllm:request_prefill_time_seconds", "First scheduled to first token.",
                                  _REQUEST_BUCKETS)
         self.decode = histogram("vllm:request_decode_time_seconds", "First to last token.", _REQUEST_BUCKETS)
+        self.inference = histogram("vllm:request_inference_time_seconds", "First scheduled to last token.",
+                                   _REQUEST_BUCKETS)
         tokens = _token_buckets(max_model_len)
+        self.max_model_len = max_model_len
         self.prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", tokens)
         self.generation_tokens = histogram("vllm:request_generation_tokens", "Tokens generated per request.", tokens)
+        self.max_generation_tokens = histogram("vllm:request_max_num_generation_tokens",
+                                               "The longest completion of a request, in tokens.", tokens)
+        self.params_n = histogram("vllm:request_params_n", "The n parameter of requests.", _N_BUCKETS)
+        self.params_max_tokens = histogram("vllm:request_params_max_tokens", "The max_tokens parameter of requests "
+                                           "(unset: what the context leaves after the prompt).", tokens)
         self.refused = Counter("paged:requests_refused", "Requests refused: reason queue_full (429), loading or "
                                "draining (503).", ["model_name", "reason"], registry=None if shared else self.registry)
 
@@ -149,6 +171,7 @@ class EngineMetrics:
             self.ttft.observe(times["first_token_time"] - times["arrival_time"])
         elif times["last_token_time"] > previous:
             self.itl.observe(times["last_token_time"] - previous)
+            self.tpot.observe(times["last_token_time"] - previous)
         if not out.finished:
             self._last_token_time[out.request_id] = times["last_token_time"]
             return
@@ -157,8 +180,15 @@ class EngineMetrics:
         self.queue.observe(times["first_scheduled_time"] - times["arrival_time"])
         self.prefill.observe(times["first_token_time"] - times["first_scheduled_time"])
         self.decode.observe(times["last_token_time"] - times["first_token_time"])
+        self.inference.observe(times["last_token_time"] - times["first_scheduled_time"])
+        longest = max(len(c.token_ids) for c in out.outputs)
+        if longest > 1:
+            self.request_tpot.observe((times["last_token_time"] - times["first_token_time"]) / (longest - 1))
         self.prompt_tokens.observe(len(out.prompt_token_ids))
         self.generation_tokens.observe(sum(len(c.token_ids) for c in out.outputs))
+        self.max_generation_tokens.observe(longest)
+        self.params_n.observe(len(out.outputs))
+        self.params_max_tokens.observe(times.get("max_tokens", self.max_model_len - len(out.prompt_token_ids)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
