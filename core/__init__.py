@@ -1,8 +1,9 @@
 """paged: LLM inference and serving over a paged KV cache with continuous batching."""
 
+from importlib.metadata import version
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = version("paged")  # setuptools-scm's, from the git tag the package was built at
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
 
 

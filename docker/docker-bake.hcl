@@ -7,7 +7,8 @@
 # x86-64 only; CUDA and CPU build for the builder's own platform.
 
 variable "VERSION" {
-  # The project's version (pyproject.toml); a test keeps the two equal.
+  # The project's version: setuptools-scm's fallback_version in pyproject.toml (a test keeps the two equal), or
+  # the release's tag. The images' builds get it as PAGED_VERSION, since their context holds no git history.
   default = "0.1.0"
 }
 
@@ -22,6 +23,9 @@ group "conformance" {
 
 target "_common" {
   context = "."
+  args = {
+    PAGED_VERSION = "${VERSION}"
+  }
   labels = {
     "org.opencontainers.image.title"    = "paged"
     "org.opencontainers.image.version"  = "${VERSION}"

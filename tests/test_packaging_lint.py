@@ -172,8 +172,13 @@ def test_bake_version_is_the_project_version() -> None:
     blocks = _hcl_blocks((DOCKER / "docker-bake.hcl").read_text())
     assert ("variable", "VERSION") in blocks, "docker-bake.hcl has no VERSION variable"
     default = re.search(r'default\s*=\s*"([^"]*)"', blocks[("variable", "VERSION")])
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools_scm"]["fallback_version"]
     assert default and default.group(1) == project, "docker-bake.hcl's VERSION default is not pyproject's version"
+    assert re.search(r'PAGED_VERSION\s*=\s*"\$\{VERSION\}"', blocks[("target", "_common")]), "bake passes no version"
+    for vendor in VENDORS:  # the build context has no .git, so setuptools-scm is told the version
+        text = (DOCKER / f"Dockerfile.{vendor}").read_text()
+        assert f"ARG PAGED_VERSION={project}" in text, vendor
+        assert 'SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PAGED="${PAGED_VERSION}"' in text, vendor
 
 
 # --- the compatibility-matrix workflow -----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import importlib
 import logging
 import sys
 
+from paged import __version__
 from paged.errors import UserError
 
 SUBCOMMANDS = {
@@ -18,6 +19,7 @@ SUBCOMMANDS = {
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="paged", description="LLM inference and serving")
+    parser.add_argument("--version", action="version", version=f"paged {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}

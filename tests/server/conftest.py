@@ -68,19 +68,22 @@ class Server:
 
 
 def start_server(model: str | None, log: Path, *flags: str, env: dict[str, str] | None = None,
-                 timeout: float = 180, as_a_user_would: bool = False, scheme: str = "http") -> Server:
+                 timeout: float = 180, as_a_user_would: bool = False, scheme: str = "http",
+                 python: str = sys.executable, cwd: Path | None = None) -> Server:
     """Start `paged serve` (on the default model when `model` is None) and wait until every API server is
     ready (/health answers 200, and each logged the core's READY: an API server still starting would answer 503).
 
-    The tests' defaults pin the device and float32; `as_a_user_would` passes nothing but the port.
+    The tests' defaults pin the device and float32; `as_a_user_would` passes nothing but the port. `python`
+    is the interpreter that runs it (a venv's, to serve an installed wheel), in `cwd`.
     """
     port = free_port()
     ours = [] if as_a_user_would else ["--host", "127.0.0.1", "--device", "cpu", "--dtype", "float32",
                                        "--uvicorn-log-level", "warning"]
-    command = [sys.executable, "-m", "paged.cli.main", "serve", *([model] if model else []), "--port", str(port),
+    command = [python, "-m", "paged.cli.main", "serve", *([model] if model else []), "--port", str(port),
                *ours, *flags]
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                   cwd=cwd)
     server = Server(f"{scheme}://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
