@@ -1,4 +1,5 @@
-"""The wheel `python -m build` makes (from its sdist) installs into a fresh venv and serves, with its version from the git tag.
+"""The wheel `python -m build` makes (from its sdist) installs into a fresh venv and serves, with its version
+from the git tag.
 
 The source tree (tracked and untracked files that git does not ignore) is copied into a new git repository
 tagged v7.7.7, so the test builds exactly what is checked out and setuptools-scm has a tag to read. The build
@@ -61,7 +62,8 @@ def test_the_wheel_holds_every_package_and_its_metadata(wheel: Path) -> None:
         for module in [*(ROOT / folder).rglob("*.py"), *(ROOT / folder).rglob("*.c"), *(ROOT / folder).rglob("*.json")]:
             assert f"{package}/{module.relative_to(ROOT / folder)}" in names, module
     assert "Project-URL: Source" in metadata and "Classifier: Programming Language :: Python :: 3" in metadata
-    assert "paged = paged.cli.main:main" in entry_points and "cpu = paged.backends.cpu.backend:CPUBackend" in entry_points
+    assert "paged = paged.cli.main:main" in entry_points
+    assert "cpu = paged.backends.cpu.backend:CPUBackend" in entry_points
 
 
 def test_the_wheel_serves_from_a_fresh_venv(wheel: Path, tiny_chat_model: Path, tmp_path: Path) -> None:
