@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=(pydantic pydantic_core annotated-types typing-inspection typing_extensions fastapi starlette anyio sniffio
   idna uvicorn h11 click stevedore prometheus_client gguf pyzmq msgspec xgrammar apache-tvm-ffi llguidance psutil
-  annotated-doc compressed-tensors loguru openai httpx2 httpcore2 truststore httpx httpcore jiter certifi distro)
+  annotated-doc compressed-tensors loguru openai httpx2 httpcore2 truststore httpx httpcore jiter certifi distro
+  setuptools-scm vcs-versioning)
 specs=()
 for package in "${packages[@]}"; do
   pinned=$(grep -i "^${package//[-_]/[-_]}==" ci/test-constraints.txt | head -1 || true)

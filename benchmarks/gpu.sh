@@ -7,7 +7,8 @@
 # profile, serve (paged serve against the offline engine on the same model, for each API_SERVERS count),
 # serve-hf (`transformers serve` with continuous batching, and paged on the same chat workload),
 # quant-kernels, fp8-w1-8b, fp8-single-8b, awq-single-8b, awq-w1-8b, gptq-single-8b, long-8b, long-8b-fp8kv,
-# awq-single-70b, awq-w1-70b (quantized weights and the FP8 KV cache), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
+# awq-single-70b, awq-w1-70b (quantized weights and the FP8 KV cache), moe-kernel, w1-mixtral, single-mixtral,
+# w1-qwen3-moe, single-qwen3-moe (mixture of experts), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
 # .bench/smollm2-tokenizer: a shape has no tokenizer).
 # Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
 # summary.md (the table for RESULTS.md), and a log per part group.
@@ -63,6 +64,19 @@ want w2 && bench w2-1b --shape 1b --num-prompts 256 --ranged 100,1024
 want w1-8b && bench w1-8b --shape 8b --num-prompts 256 --input-len 512 --output-len 256
 want single-8b && bench single-8b --shape 8b --num-prompts 1 --input-len 512 --output-len 512
 want w2-8b && bench w2-8b --shape 8b --num-prompts 256 --ranged 100,1024
+# Mixture of experts (issue 16): the fused kernel at the layer shapes, then the two model shapes end to end.
+if want moe-kernel; then
+  python3 benchmarks/moe_kernel.py --out "$OUT" >"$OUT/moe-kernel.log" 2>&1; echo "moe kernel exit $?"
+  tail -12 "$OUT/moe-kernel.log"
+fi
+want w1-mixtral && bench w1-mixtral --shape mixtral-8x7b --num-prompts 256 --input-len 512 --output-len 256 \
+  --max-model-len 4096
+want single-mixtral && bench single-mixtral --shape mixtral-8x7b --num-prompts 1 --input-len 512 --output-len 512 \
+  --max-model-len 4096
+want w1-qwen3-moe && bench w1-qwen3-moe --shape qwen3-30b-a3b --num-prompts 256 --input-len 512 --output-len 256 \
+  --max-model-len 4096
+want single-qwen3-moe && bench single-qwen3-moe --shape qwen3-30b-a3b --num-prompts 1 --input-len 512 \
+  --output-len 512 --max-model-len 4096
 # Quantization (issue 12): the 8B shape in FP8 (quantized at load) and int4 (AWQ / GPTQ layout, group 128),
 # the FP8 KV cache on the long workload against a bf16 one, and the 70B shape in int4 on one GPU.
 if want quant-kernels; then

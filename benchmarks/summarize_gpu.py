@@ -68,7 +68,7 @@ def main(path: str) -> None:
             continue
         p, w = r["paged"], r["workload"]
         fraction = "n/a"
-        if copy and rate and w.get("shape"):
+        if copy and rate and w.get("shape") in SHAPES:
             prompts, outputs = workload_lengths(w)
             fraction = f"{floor_seconds(w['shape'], prompts, outputs, copy, rate) / p['elapsed_s']:.2f}"
         peer = PEERS.get(r["name"])

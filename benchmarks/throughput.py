@@ -38,6 +38,19 @@ SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B, as the peers' scripts build them
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192),
 }
+# Mixture-of-experts shapes, as their configs on the Hub have them: Mixtral-8x7B (46.7B parameters, 12.9B active
+# per token) and Qwen3-30B-A3B (30.5B, 3.3B active).
+MOE_SHAPES = {
+    "mixtral-8x7b": ("MixtralConfig", "MixtralForCausalLM", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=32768,
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+        tie_word_embeddings=False, use_sliding_window=False)),
+}
 # Checkpoint quantization configs a shape can carry, as AutoAWQ and AutoGPTQ write them (random weights in
 # their layout come from --load-format dummy); "fp8" needs none: --quantization fp8 quantizes at load.
 CHECKPOINT_QUANTIZATION = {
@@ -47,13 +60,15 @@ CHECKPOINT_QUANTIZATION = {
 
 
 def shape_folder(shape: str, quantization: str | None = None) -> str:
-    """A folder with only the config.json of a Llama shape (weights come from --load-format dummy)."""
-    from transformers import LlamaConfig
+    """A folder with only the config.json of a shape (weights come from --load-format dummy)."""
+    import transformers
 
     stored = quantization if quantization in CHECKPOINT_QUANTIZATION else None
     folder = os.path.join(tempfile.gettempdir(), f"paged-shape-{shape}" + (f"-{stored}" if stored else ""))
-    config = LlamaConfig(**SHAPES[shape], rope_theta=500000.0, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
-    config.architectures = ["LlamaForCausalLM"]
+    config_class, architecture, fields = MOE_SHAPES.get(shape) or (
+        "LlamaConfig", "LlamaForCausalLM", dict(SHAPES[shape], rope_theta=500000.0))
+    config = getattr(transformers, config_class)(**fields, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+    config.architectures = [architecture]
     if stored:
         config.quantization_config = CHECKPOINT_QUANTIZATION[stored]
     config.save_pretrained(folder)
@@ -195,7 +210,8 @@ def rates(wall: float, generated: int, prompt_tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="HF folder or .gguf (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--shape", choices=sorted(SHAPES), help="a Llama shape with random weights instead of --model")
+    ap.add_argument("--shape", choices=sorted({**SHAPES, **MOE_SHAPES}),
+                    help="a model shape with random weights instead of --model")
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--device")
     ap.add_argument("--quantization", help="fp8 (at load), or awq / gptq (a --shape's checkpoint config)")

@@ -246,10 +246,11 @@ class RMSNorm(nn.Module):
         return self._add_norm(x, residual, self.weight, self.eps)
 
 
-def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
-    """Inverse frequencies of rotary embedding, with Llama 3's long-context scaling when configured."""
+def rope_inv_freq(rot_dim: int, rope: dict) -> torch.Tensor:
+    """Inverse frequencies of rotary embedding over the first rot_dim values of a head, with Llama 3's
+    long-context scaling when configured."""
     theta = float(rope.get("rope_theta", 10000.0))
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -265,17 +266,50 @@ def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3 are)")
+    raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3, longrope are)")
+
+
+def rope_angles(rot_dim: int, max_positions: int, rope: dict) -> tuple[torch.Tensor, float]:
+    """[max_positions, rot_dim / 2] rotation angles, and the factor cos and sin are scaled by.
+
+    LongRoPE (Phi-3/4) divides the frequencies by per-dimension factors: the short ones within the context the
+    model was trained on, the long ones beyond it, and scales cos and sin to keep attention's temperature.
+    Here a position's angles are fixed by the position alone (short below original_max_position_embeddings,
+    long from it on), so a cached key never needs rotating again; transformers instead switches a whole
+    sequence to the long factors once it outgrows that context, which gives the same angles for every
+    sequence that stays within it."""
+    positions = torch.arange(max_positions, dtype=torch.float32)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "longrope":
+        return torch.outer(positions, rope_inv_freq(rot_dim, rope)), 1.0
+    base = rope_inv_freq(rot_dim, {"rope_theta": rope.get("rope_theta", 10000.0)})
+    original = int(rope["original_max_position_embeddings"])
+    factor = rope.get("factor") or rope["max_position_embeddings"] / original
+    scale = rope.get("attention_factor") or (
+        math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0)
+    short = torch.outer(positions, base / torch.tensor(rope["short_factor"], dtype=torch.float32))
+    long = torch.outer(positions, base / torch.tensor(rope["long_factor"], dtype=torch.float32))
+    return torch.where(positions[:, None] < original, short, long), float(scale)
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin for every position up to the context length, applied by the rotary op."""
+    """Precomputed cos/sin for every position up to the context length, applied by the rotary op to the first
+    `partial_rotary_factor` of each head (all of it but for Phi-4-mini and the like)."""
 
     def __init__(self, head_dim: int, max_positions: int, rope: dict, ops: dict) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(head_dim, rope))
-        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+        self.head_dim = head_dim
+        self.rot_dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+        angles, scale = rope_angles(self.rot_dim, max_positions, rope)
+        self.register_buffer("cos_sin", torch.cat((angles.cos(), angles.sin()), dim=-1) * scale, persistent=False)
         self._rotary = ops["rotary"]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return self._rotary(positions, q, k, self.cos_sin)
+        if self.rot_dim == self.head_dim:
+            return self._rotary(positions, q, k, self.cos_sin)
+        tokens = q.shape[0]
+        q, k = q.reshape(tokens, -1, self.head_dim), k.reshape(tokens, -1, self.head_dim)
+        q_rot, k_rot = self._rotary(positions, q[..., : self.rot_dim].reshape(tokens, -1),
+                                    k[..., : self.rot_dim].reshape(tokens, -1), self.cos_sin)
+        return (torch.cat((q_rot.reshape(tokens, -1, self.rot_dim), q[..., self.rot_dim :]), -1).reshape(tokens, -1),
+                torch.cat((k_rot.reshape(tokens, -1, self.rot_dim), k[..., self.rot_dim :]), -1).reshape(tokens, -1))

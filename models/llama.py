@@ -1,11 +1,14 @@
-"""The Llama family: Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5.
+"""The Llama family: Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Phi-3/4, and the
+mixture-of-experts members Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 They differ only in facts the config carries (grouped-query heads, tied embeddings, q/k/v bias, rope
-scaling), so one module serves all three architectures.
+scaling) and a few class facts (per-head q/k norms, fused checkpoint projections, which layers route to
+experts), so one module serves them all.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import torch
@@ -14,6 +17,7 @@ from torch import nn
 from paged.backends.interface import Attention, AttentionMetadata, Communicator
 from paged.parallel import ParallelLayout
 from paged.models.loader import GGUFTensor, LazyTensor, whole
+from paged.models.moe import FusedExperts, SparseMoeBlock
 from paged.quant.gguf import GGUFBlocks
 from paged.models.layers import (
     BlockLoading,
@@ -36,12 +40,16 @@ def rope_parameters(config) -> dict:
     if not params:
         params = dict(getattr(config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    for name in ("partial_rotary_factor", "original_max_position_embeddings", "max_position_embeddings"):
+        if getattr(config, name, None) is not None:
+            params.setdefault(name, getattr(config, name))
     return params
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, config, comm: Communicator, attention: Attention, ops: dict, rotary: RotaryEmbedding,
-                 qkv_bias: bool):
+                 qkv_bias: bool, qk_norm: bool):
+        """`qk_norm`: an RMSNorm over each head of q and k before the rotation (Qwen3)."""
         super().__init__()
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -54,6 +62,8 @@ class LlamaAttention(nn.Module):
                                              comm, ops, [comm.world_size, kv_splits, kv_splits])
         self.o_proj = RowParallelLinear(heads * d, config.hidden_size, getattr(config, "attention_bias", False), comm,
                                         ops)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
         self.rotary = rotary  # one table shared by every layer
         self.attn = attention
         # (K, V) scales of an fp8 KV cache: the checkpoint's where it has them, else 1.
@@ -61,8 +71,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary(positions, q, k)
         tokens = hidden.shape[0]
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(tokens, self.q_size)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(tokens, self.kv_size)
+        q, k = self.rotary(positions, q, k)
         out = self.attn.forward(
             q.reshape(tokens, self.num_heads, self.head_dim),
             k.reshape(tokens, self.num_kv_heads, self.head_dim),
@@ -76,10 +89,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, comm: Communicator, ops: dict):
+    def __init__(self, config, comm: Communicator, ops: dict, intermediate: int | None = None):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        inter = config.intermediate_size
+        inter = intermediate or config.intermediate_size
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"activation {config.hidden_act!r} is not supported (silu is)")
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter], bias, comm, ops)
@@ -91,10 +104,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, comm, attention, ops, rotary, qkv_bias):
+    def __init__(self, config, comm, attention, ops, rotary, family: LlamaForCausalLM, index: int):
         super().__init__()
-        self.self_attn = LlamaAttention(config, comm, attention, ops, rotary, qkv_bias)
-        self.mlp = LlamaMLP(config, comm, ops)
+        qkv_bias = family.qkv_bias or getattr(config, "attention_bias", False)
+        self.self_attn = LlamaAttention(config, comm, attention, ops, rotary, qkv_bias, family.qk_norm)
+        self.mlp = family.make_mlp(config, comm, ops, index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
@@ -113,7 +127,8 @@ class LlamaModel(nn.Module):
     """This pipeline stage's layers (all of them with one stage): the first stage embeds, the last normalises;
     between stages the hidden state and the residual travel stacked in one tensor."""
 
-    def __init__(self, config, comm, attention, ops, max_positions, qkv_bias, layout: ParallelLayout):
+    def __init__(self, config, comm, attention, ops, max_positions, family: LlamaForCausalLM,
+                 layout: ParallelLayout):
         super().__init__()
         self.layout = layout
         self.stage_layers = layout.stage_layers(config.num_hidden_layers)
@@ -122,7 +137,7 @@ class LlamaModel(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(config), ops)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, comm, attention, ops, rotary, qkv_bias) if i in self.stage_layers
+            LlamaDecoderLayer(config, comm, attention, ops, rotary, family, i) if i in self.stage_layers
             else HeldElsewhere() for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops) if layout.is_last_stage else HeldElsewhere()
@@ -142,8 +157,15 @@ class LlamaModel(nn.Module):
         return hidden
 
 
+# A checkpoint's expert matrix: "<layer>.experts.<index>.<projection>.weight".
+_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
+    qk_norm = False
+    # checkpoint name fragment -> ours, where a checkpoint names a module otherwise
+    renamed: dict[str, str] = {}
     # checkpoint name fragment -> (our packed parameter fragment, shard index)
     packed = {
         ".q_proj.": (".qkv_proj.", 0),
@@ -166,10 +188,9 @@ class LlamaForCausalLM(nn.Module):
         """`layout`: which pipeline stage this is (the LM head sits with the embedding, on stage 0)."""
         super().__init__()
         layout = layout or ParallelLayout()
-        qkv_bias = self.qkv_bias or getattr(config, "attention_bias", False)
         self.config = config
         self.attention = attention
-        self.model = LlamaModel(config, comm, attention, ops, max_positions, qkv_bias, layout)
+        self.model = LlamaModel(config, comm, attention, ops, max_positions, self, layout)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm, ops) \
             if layout.is_first_stage else HeldElsewhere()
@@ -178,6 +199,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.owns_weight = False
         # Checkpoint name prefixes of what other pipeline stages hold.
         self._elsewhere = tuple(f"{name}." for name, m in self.named_modules() if isinstance(m, HeldElsewhere))
+
+    def make_mlp(self, config, comm: Communicator, ops: dict, index: int) -> nn.Module:
+        """Layer `index`'s feed-forward block: a dense MLP here, experts in the mixture-of-experts members."""
+        return LlamaMLP(config, comm, ops)
 
     def forward(self, input_ids, positions, kv_caches, meta, carried: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta, carried)
@@ -200,6 +225,15 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self._load_kv_scale(name, tensor, modules):
                 continue
+            for fragment, ours in self.renamed.items():
+                name = name.replace(fragment, ours)
+            expert = _EXPERT.match(name)
+            if expert and isinstance(modules.get(expert[1]), FusedExperts):
+                experts = modules[expert[1]]
+                if isinstance(tensor, GGUFBlocks):
+                    tensor = tensor.dequantize(experts.w13_weight.dtype)
+                loaded.add(f"{expert[1]}.{experts.load_expert(int(expert[2]), expert[3], tensor)}")
+                continue
             target, shard = name, None
             for fragment, (packed, index) in self.packed.items():
                 if fragment in name:
@@ -214,16 +248,21 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target]
+            # The parts a linear layer packs, fused in the checkpoint already (Phi-3's qkv_proj and gate_up_proj).
+            fused = isinstance(module, LinearBase) and shard is None and module.num_parts > 1
             if isinstance(tensor, (GGUFBlocks, GGUFTensor)):
                 if self.tied and module is self.model.embed_tokens and self.lm_head.takes_blocks(tensor):
                     self.lm_head.load_blocks(tensor, None)  # logits from the blocks; lookups from dense rows
-                if isinstance(module, BlockLoading) and module.takes_blocks(tensor):
+                if isinstance(module, BlockLoading) and module.takes_blocks(tensor) and not fused:
                     module.load_blocks(tensor, shard)
                     loaded.add(target)
                     continue
                 if isinstance(tensor, GGUFBlocks):
                     tensor = tensor.dequantize(param.dtype)
-            if isinstance(module, WeightLoading):
+            if fused:
+                for part, piece in enumerate(whole(tensor).split(module.out_sizes)):
+                    module.load_shard(param, piece, part)
+            elif isinstance(module, WeightLoading):
                 module.load_shard(param, tensor, shard)  # reads only its slice of a lazy tensor
             else:
                 param.data.copy_(whole(tensor))
@@ -259,3 +298,47 @@ class MistralForCausalLM(LlamaForCausalLM):
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3 and Phi-4: the checkpoint stores qkv_proj and gate_up_proj fused, as this module packs them;
+    LongRoPE and partial rotary come from the config."""
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    """Every layer routes each token to its top-k of num_local_experts, their weights renormalised to sum to 1."""
+
+    renamed = {".block_sparse_moe.": ".mlp."}
+
+    def make_mlp(self, config, comm: Communicator, ops: dict, index: int) -> nn.Module:
+        return SparseMoeBlock(config, comm, ops, config.num_local_experts, config.intermediate_size,
+                              renormalize=True)
+
+
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    """Layers route to experts except those in mlp_only_layers and those decoder_sparse_step skips; the top-k
+    weights are renormalised only with norm_topk_prob."""
+
+    def make_mlp(self, config, comm: Communicator, ops: dict, index: int) -> nn.Module:
+        sparse = config.num_experts > 0 and (index + 1) % config.decoder_sparse_step == 0
+        if index in config.mlp_only_layers or not sparse:
+            return LlamaMLP(config, comm, ops)
+        return SparseMoeBlock(config, comm, ops, config.num_experts, config.moe_intermediate_size,
+                              renormalize=config.norm_topk_prob, shared_expert=self.shared_expert(config, comm, ops))
+
+    def shared_expert(self, config, comm: Communicator, ops: dict) -> nn.Module | None:
+        return None
+
+
+class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
+    """Qwen3-MoE's routing with Qwen2's q/k/v bias and no q/k norms, plus an always-on shared expert."""
+
+    qkv_bias = True
+    qk_norm = False
+
+    def shared_expert(self, config, comm: Communicator, ops: dict) -> nn.Module | None:
+        return LlamaMLP(config, comm, ops, config.shared_expert_intermediate_size)

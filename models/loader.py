@@ -26,7 +26,7 @@ _SINGLE_FILE = "model.safetensors"
 
 # GGUF architectures we read, and whether llama.cpp's converter permuted their Q and K rows
 # (Mistral and other Llama-likes are written as "llama").
-_GGUF_PERMUTES_QK = {"llama": True, "qwen2": False}
+_GGUF_PERMUTES_QK = {"llama": True, "qwen2": False, "qwen3": False, "phi3": False}
 
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -44,7 +44,11 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
+# Where an architecture's GGUF parts name other modules: Phi-3 keeps its fused projections.
+_GGUF_ARCH_LAYER_NAMES = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
 
 _GGUF_LAYER_TENSOR = re.compile(r"blk\.(?P<layer>\d+)\.(?P<part>\w+)\.(?P<kind>weight|bias)")
 
@@ -204,7 +208,7 @@ def iter_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: frozenset[str] 
     for tensor in reader.tensors:
         if tensor.name in _GGUF_IGNORED:
             continue
-        name, part = _hf_name(tensor.name)
+        name, part = _hf_name(tensor.name, arch)
         if not wanted(name):
             continue
         if len(tensor.shape) != 2:  # a norm or a bias
@@ -241,7 +245,7 @@ def gguf_matrix_type(path: str | Path) -> str:
     return counts.most_common(1)[0][0] if counts else "F32"
 
 
-def _hf_name(gguf_name: str) -> tuple[str, str | None]:
+def _hf_name(gguf_name: str, arch: str) -> tuple[str, str | None]:
     """(Hugging Face name, GGUF layer part such as "attn_q" or None) of a GGUF tensor.
 
     An unknown tensor is an error rather than silently dropped, so a half-loaded model cannot run.
@@ -249,9 +253,10 @@ def _hf_name(gguf_name: str) -> tuple[str, str | None]:
     if gguf_name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[gguf_name], None
     match = _GGUF_LAYER_TENSOR.fullmatch(gguf_name)
-    if match is None or match["part"] not in _GGUF_LAYER_NAMES:
+    names = {**_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES.get(arch, {})}
+    if match is None or match["part"] not in names:
         raise UserError(f"GGUF tensor '{gguf_name}' has no Hugging Face counterpart in the supported architectures")
-    return f"model.layers.{match['layer']}.{_GGUF_LAYER_NAMES[match['part']]}.{match['kind']}", match["part"]
+    return f"model.layers.{match['layer']}.{names[match['part']]}.{match['kind']}", match["part"]
 
 
 def _permuted_heads(reader: GGUFReader, arch: str, path: str | Path) -> dict[str, int]:

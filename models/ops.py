@@ -54,6 +54,26 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """[tokens, hidden] through each token's top-k experts, weighted by topk_weights [tokens, k]: for every
+    expert that got tokens, its gate/up rows w13[e] [2 * inter, hidden], silu_and_mul, and w2[e] [hidden, inter].
+    The experts run in ascending order, one GEMM each over the tokens routed to it."""
+    out = torch.zeros_like(x)
+    k = topk_ids.shape[1]
+    order = topk_ids.flatten().argsort(stable=True)
+    counts = torch.bincount(topk_ids.flatten(), minlength=w13.shape[0]).tolist()
+    tokens, weights = order // k, topk_weights.flatten()[order]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            rows = tokens[start : start + count]
+            hidden = F.linear(silu_and_mul(F.linear(x[rows], w13[expert])), w2[expert])
+            out.index_add_(0, rows, (hidden * weights[start : start + count, None]).to(x.dtype))
+            start += count
+    return out
+
+
 class LinearMethod:
     """How a linear layer computes y = x W^T + b. A backend may repack W into its own layout once the
     checkpoint is loaded (process_weights), then compute from that layout (apply). A method that computes
@@ -91,6 +111,7 @@ NATIVE: dict[str, Any] = {
     "add_rms_norm": add_rms_norm,
     "rotary": rotary,
     "silu_and_mul": silu_and_mul,
+    "fused_moe": fused_moe,
 }
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from paged.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from paged.models import llama
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": MistralForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    cls.__name__: cls
+    for cls in (llama.LlamaForCausalLM, llama.MistralForCausalLM, llama.Qwen2ForCausalLM, llama.Qwen3ForCausalLM,
+                llama.Phi3ForCausalLM, llama.MixtralForCausalLM, llama.Qwen2MoeForCausalLM,
+                llama.Qwen3MoeForCausalLM)
 }
 
 

@@ -12,9 +12,19 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 VOCAB = 512
@@ -30,6 +40,24 @@ ARCHS = {
         original_max_position_embeddings=64), rope_theta=500000.0)),
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None, num_key_value_heads=1)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True, use_sliding_window=False)),
+    # head_dim beside hidden_size / heads, as Qwen3's own shapes have it
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=True, use_sliding_window=False)),
+    # Fused qkv and gate_up in the checkpoint. LongRoPE with distinct short and long factors, trained on 128
+    # positions (prompts and outputs stay within them: see layers.rope_angles), and Phi-4-mini's partial rotary.
+    "phi3": (Phi3Config, Phi3ForCausalLM, dict(pad_token_id=0, tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+        short_factor=[1.0 + 0.1 * i for i in range(6)], long_factor=[2.0 + 0.5 * i for i in range(6)]),
+        original_max_position_embeddings=128)),
+    # Mixture of experts: with 8 or 16 experts and top-2 routing, a decode step of a few sequences leaves most
+    # experts without tokens. Qwen3-MoE's middle layer is dense (mlp_only_layers); Qwen2-MoE adds a shared expert.
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=8, num_experts_per_tok=2,
+                                                        sliding_window=None)),
+    "qwen3-moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(num_experts=16, num_experts_per_tok=2,
+                                                            moe_intermediate_size=48, mlp_only_layers=[1],
+                                                            norm_topk_prob=False, use_sliding_window=False)),
+    "qwen2-moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM, dict(num_experts=8, num_experts_per_tok=2,
+                                                            moe_intermediate_size=48, shared_expert_intermediate_size=96,
+                                                            norm_topk_prob=True, use_sliding_window=False)),
 }
 
 

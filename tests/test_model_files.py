@@ -119,7 +119,7 @@ def write_arch_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray]) -> No
     writer.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3"])
 def test_gguf_names_and_qk_layout(tmp_path: Path, arch: str) -> None:
     rng = np.random.default_rng(0)
     hf = {  # 4 heads and 2 kv heads of dim 8, hidden 32
@@ -134,6 +134,13 @@ def test_gguf_names_and_qk_layout(tmp_path: Path, arch: str) -> None:
     permute = {"q_proj": 4, "k_proj": 2} if arch == "llama" else {}
     gguf_names = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_k.bias"]
     gguf_names += ["blk.0.ffn_down.weight", "blk.0.ffn_norm.weight", "output.weight"]
+    if arch == "qwen3":  # per-head q/k norms
+        hf["model.layers.0.self_attn.q_norm.weight"] = rng.standard_normal(8, dtype=np.float32)
+        gguf_names.append("blk.0.attn_q_norm.weight")
+    if arch == "phi3":  # fused projections, under the names the model packs them as
+        hf["model.layers.0.self_attn.qkv_proj.weight"] = rng.standard_normal((64, 32), dtype=np.float32)
+        hf["model.layers.0.mlp.gate_up_proj.weight"] = rng.standard_normal((128, 32), dtype=np.float32)
+        gguf_names += ["blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"]
     stored = {}
     for gguf_name, (name, weight) in zip(gguf_names, hf.items()):
         heads = permute.get(name.split(".")[-2])

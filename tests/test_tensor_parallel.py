@@ -19,9 +19,15 @@ from paged.errors import UserError
 from tests.models_factory import VOCAB, save_tiny_model, split_workload
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_split_models_give_one_rank_tokens(arch, tp, pp, tmp_path):
+SPLITS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
+# Every split of the dense families; the experts' own split (their intermediate slices) once per MoE family.
+SPLIT_CASES = [(arch, split) for arch in ("llama", "mistral", "qwen2") for split in SPLITS] + [
+    ("qwen3", "tp2"), ("phi3", "tp2"), ("mixtral", "tp2"), ("qwen3-moe", "tp2xpp2"), ("qwen2-moe", "tp2")]
+
+
+@pytest.mark.parametrize("arch, split", SPLIT_CASES, ids=[f"{arch}-{split}" for arch, split in SPLIT_CASES])
+def test_split_models_give_one_rank_tokens(arch, split, tmp_path):
+    tp, pp = SPLITS[split]
     kwargs, prompts, params = split_workload(arch, tmp_path)
     one = [o.outputs[0].token_ids for o in LLM(**kwargs).generate(prompts, params, use_tqdm=False)]
     two_ranks = LLM(**kwargs, tensor_parallel_size=tp, pipeline_parallel_size=pp)

@@ -109,7 +109,7 @@ class CUDABackend(Backend):
         return TritonPagedAttention(max_model_len)
 
     def ops(self, precision: Precision) -> dict[str, Callable[..., Any]]:
-        from paged.backends.cuda.kernels import activation, norm, rotary
+        from paged.backends.cuda.kernels import activation, fused_moe, norm, rotary
         from paged.backends.cuda.linear import GGUFLinear
 
         return {
@@ -117,6 +117,7 @@ class CUDABackend(Backend):
             "add_rms_norm": norm.add_rms_norm,
             "rotary": rotary.rotary,
             "silu_and_mul": activation.silu_and_mul,
+            "fused_moe": fused_moe.fused_moe,
             "linear": GGUFLinear(),
         }
 
