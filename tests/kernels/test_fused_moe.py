@@ -2,8 +2,8 @@
 float64 loop over experts written here.
 
 Shapes are small but cover the kernel's edges: H and I that are not multiples of any block (partial N and
-K tiles), several K steps and column blocks, decode (T = 1) and prefill-sized T with both block-size
-choices, experts that get no tokens, and one expert that gets every token (runs of several tiles). Inputs
+K tiles), several K steps and column blocks, decode (T = 1) and prefill-sized T at each of the three
+tile heights, experts that get no tokens, and one expert that gets every token (runs of several tiles). Inputs
 are fresh random draws; the seed is printed, so a failure can be replayed.
 
 Under the interpreter: see tests/kernels/interpreter.py, imported first.
@@ -52,8 +52,9 @@ def _skip_reason() -> str | None:
 SKIP_REASON = _skip_reason()
 interpreted = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 # Relative error (norm of the difference over norm of the reference). bfloat16 is rounded where the
-# plain-torch op rounds (gate, up, silu, the intermediate, the per-slot outputs); float64 never is.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# plain-torch op rounds (gate, up, silu, the intermediate, the per-slot outputs), and the interpreter rounds
+# float32 to bfloat16 by truncation, all towards zero: 1.5e-2 on average here, 4e-3 compiled on a GPU.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 @compiled_process
@@ -89,8 +90,10 @@ CASES = [
     Case(7, 16, 4, 48, 40, bf16),
     Case(150, 16, 4, 48, 40, bf16),
     Case(150, 16, 4, 48, 40, f32),
-    Case(7, 8, 2, 200, 136, f32),  # K steps and column blocks of both GEMMs, at both block sizes
+    Case(300, 8, 2, 48, 40, f32),  # 64 pairs an expert or more: the tallest tiles
+    Case(7, 8, 2, 200, 136, f32),  # K steps and column blocks of both GEMMs, at each tile height
     Case(150, 8, 2, 200, 136, bf16),
+    Case(300, 8, 2, 200, 136, bf16),
     Case(7, 16, 4, 48, 40, f32, routing="subset"),
     Case(150, 8, 2, 48, 40, bf16, routing="subset"),
     Case(150, 16, 4, 48, 40, f32, routing="shared"),
@@ -153,7 +156,7 @@ def test_sorted_tiles_skip_unused_experts(tokens: int):
     """Every pair in exactly one row, each tile of one expert's pairs, no tile for an expert without pairs,
     and every tile past the used ones marked past the last expert."""
     experts, top_k = 16, 4
-    block_m = _tiles(tokens * top_k, experts).block_m
+    block_m = _tiles(tokens * top_k, experts, torch.bfloat16).block_m
     pool = torch.tensor([2, 5, 6, 11, 13])
     topk_ids = torch.stack([pool[torch.randperm(len(pool))[:top_k]] for _ in range(tokens)])
     sorted_pairs, tile_experts = _sort_pairs(topk_ids, experts, block_m)
