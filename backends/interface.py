@@ -97,8 +97,15 @@ class Attention(ABC):
         meta: AttentionMetadata,
         scale: float,
         kv_scale: torch.Tensor | None = None,  # [2] float32 (K, V) for a cache in a narrower type (fp8)
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write key/value at meta.slot_mapping, then return the attention output for every query token.
+
+        `window`: a sliding-window layer's (Mistral's, Gemma's local layers): the query at position p sees
+        only keys at p - window < j <= p, so a kernel need not read older blocks (the block manager may even
+        have handed them on, where every layer slides). `softcap`: Gemma 2's logit soft-capping, every scaled
+        score s becoming softcap * tanh(s / softcap) before the mask and the softmax.
 
         A cache whose dtype is fp8 stores key / kv_scale[0] and value / kv_scale[1] (saturated to the type's
         range) and multiplies them back when reading; the scales are the layer's own (the checkpoint's, else 1)."""

@@ -16,6 +16,10 @@ and unmasked over its cached prefix, so nothing above the diagonal is computed a
 to another's length; in a step that also decodes, the decode tokens go their own way. Index tensors and
 masks are computed once per step (prepare() and the first layer).
 
+Layers with a sliding window or Gemma 2's soft cap take explicit score matmuls instead (the flash kernel
+has neither): a prefill chunk in slices of queries over only the keys its window reaches, decode tokens
+through the batched matmuls under a window mask built once per step and window.
+
 A cache of an fp8 dtype holds clamp(key / k_scale) and clamp(value / v_scale) in that dtype; the gathered
 context is converted to float32 and multiplied back by its scales before any matmul, so every path
 attends over exactly the values the cache represents (the compiled kernel, float32 caches only, never
@@ -61,6 +65,7 @@ class PaddedBatch:
     into prefill chunks and single decode tokens."""
 
     mask: torch.Tensor  # [num_seqs, 1, 1, context] bool: a decode token's keys (its whole context)
+    seq_lens: torch.Tensor  # [num_seqs] int64
     write_slots: torch.Tensor  # slot_mapping without padding
     write_rows: torch.Tensor | None  # token rows that write (None: all)
     block_ids: torch.Tensor  # [num_seqs, blocks_per_seq] int64: the block tables cut to the step's context
@@ -71,6 +76,7 @@ class PaddedBatch:
     # this length replaces the mask (which the flash kernel would first convert, in every layer).
     whole_context: int | None = None
     indexes: dict[tuple, CacheIndex] = field(default_factory=dict)
+    windowed: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _decode_meta: AttentionMetadata | None = None
 
     @cached_property
@@ -79,6 +85,16 @@ class PaddedBatch:
         a padding row that may attend to nothing stays finite)."""
         return torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(
             ~self.mask, torch.finfo(torch.float32).min)
+
+    def window_bias(self, window: int | None) -> torch.Tensor:
+        """`bias` for a decode token that sees only the last `window` keys of its context."""
+        if window is None:
+            return self.bias
+        if window not in self.windowed:
+            key_pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
+            recent = (key_pos >= (self.seq_lens - window)[:, None]).view(self.mask.shape)
+            self.windowed[window] = self.bias.masked_fill(~recent, torch.finfo(torch.float32).min)
+        return self.windowed[window]
 
     @cached_property
     def decode_mask(self) -> torch.Tensor:
@@ -149,7 +165,7 @@ def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
         write_slots = slots[write_rows]
     block_ids = meta.block_tables[:, :blocks_per_seq].long()
     single_decode = len(seq_lens) == 1 and meta.max_query_len == 1 and int(seq_lens[0]) == meta.max_seq_len
-    return PaddedBatch(mask, write_slots, write_rows, block_ids, prefills, decode_seqs, decode_tokens,
+    return PaddedBatch(mask, seq_lens, write_slots, write_rows, block_ids, prefills, decode_seqs, decode_tokens,
                        meta.max_seq_len if single_decode else None)
 
 
@@ -200,13 +216,21 @@ def gather_context(kv_cache: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
 MATMUL_DECODE_FROM_SEQS = 8
 
 
-def decode_attention(query: torch.Tensor, context: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's logit soft-capping, in place: softcap * tanh(scores / softcap)."""
+    if softcap is None:
+        return scores
+    return scores.div_(softcap).tanh_().mul_(softcap)
+
+
+def decode_attention(query: torch.Tensor, context: torch.Tensor, bias: torch.Tensor, scale: float,
+                     softcap: float | None = None) -> torch.Tensor:
     """One query per sequence: [seqs, heads, head_dim] over context [2, seqs, kv_heads, length, head_dim]."""
     _, seqs, kv_heads, length, head_dim = context.shape
     group = query.shape[1] // kv_heads  # query heads sharing one KV head, adjacent as in repeat_kv
     keys, values = context.view(2, seqs * kv_heads, length, head_dim)
     scores = torch.bmm(query.reshape(seqs * kv_heads, group, head_dim).to(context.dtype), keys.transpose(1, 2))
-    scores = scores.float().mul_(scale).view(seqs, kv_heads, group, length).add_(bias)
+    scores = soft_cap(scores.float().mul_(scale), softcap).view(seqs, kv_heads, group, length).add_(bias)
     probs = torch.softmax(scores, dim=-1).to(context.dtype).view(seqs * kv_heads, group, length)
     return torch.bmm(probs, values).view(query.shape).to(query.dtype)
 
@@ -241,6 +265,36 @@ def prefill_attention(query: torch.Tensor, context: torch.Tensor, prefix: int, l
     return out[0].transpose(0, 1).to(query.dtype)
 
 
+# Query rows per slice of a windowed or capped prefill: bounds its [heads, rows, keys] float32 scores.
+_EXPLICIT_QUERY_ROWS = 256
+
+
+def explicit_prefill_attention(query: torch.Tensor, context: torch.Tensor, prefix: int, length: int, scale: float,
+                               window: int | None, softcap: float | None) -> torch.Tensor:
+    """prefill_attention's contract for a layer with a sliding window and/or a soft cap: scores as matmuls,
+    capped, masked (causal, and to the window) and softmaxed in float32, a slice of queries at a time; each
+    slice reads only the keys its window reaches."""
+    tokens, heads, head_dim = query.shape
+    kv_heads = context.shape[2]
+    group = heads // kv_heads
+    out = torch.empty_like(query)
+    for first in range(0, tokens, _EXPLICIT_QUERY_ROWS):
+        rows = min(_EXPLICIT_QUERY_ROWS, tokens - first)
+        query_pos = torch.arange(prefix + first, prefix + first + rows)
+        lowest = 0 if window is None else max(0, prefix + first - window + 1)
+        keys, values = context[:, 0, :, lowest : prefix + first + rows].float()  # [kv_heads, span, head_dim]
+        q = query[first : first + rows].float().permute(1, 0, 2).reshape(kv_heads, group * rows, head_dim)
+        scores = soft_cap(torch.bmm(q, keys.transpose(1, 2)).mul_(scale), softcap)
+        key_pos = torch.arange(lowest, prefix + first + rows)
+        seen = key_pos[None, :] <= query_pos[:, None]
+        if window is not None:
+            seen &= key_pos[None, :] > query_pos[:, None] - window
+        scores.view(kv_heads, group, rows, -1).masked_fill_(~seen, float("-inf"))
+        attended = torch.bmm(torch.softmax(scores, dim=-1), values)  # [kv_heads, group * rows, head_dim]
+        out[first : first + rows] = attended.view(heads, rows, head_dim).transpose(0, 1).to(query.dtype)
+    return out
+
+
 class TorchPagedAttention(Attention):
     """With `kernels` (AVX2Kernels), float32 decode steps over a float32 cache run the compiled kernel,
     which reads the paged cache directly; every other step (an fp8 cache's among them) takes the torch
@@ -263,8 +317,11 @@ class TorchPagedAttention(Attention):
         meta: AttentionMetadata,
         scale: float,
         kv_scale: torch.Tensor | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
-        if meta.is_decode_only and self._compiled(query, kv_cache):
+        plain = window is None and softcap is None
+        if meta.is_decode_only and plain and self._compiled(query, kv_cache):
             return self.kernels.decode_attention(query, key, value, kv_cache, meta, scale)
         if meta.prepared is None:
             meta.prepared = build_padded_batch(meta)
@@ -280,6 +337,8 @@ class TorchPagedAttention(Attention):
         context = gather_context(kv_cache, batch)
         if fp8:
             context = dequantize(context, kv_scale)
+        if not plain:
+            return self._explicit(query, context, batch, scale, window, softcap)
         if not batch.prefills:
             return self._decode(query, context, batch.mask, batch.bias, batch.whole_context, scale)
         out = torch.empty_like(query)
@@ -294,6 +353,21 @@ class TorchPagedAttention(Attention):
             else:
                 out[rows] = self._decode(query[rows], context[:, batch.decode_seqs], batch.decode_mask,
                                          batch.decode_bias, None, scale)
+        return out
+
+    @staticmethod
+    def _explicit(query, context, batch: PaddedBatch, scale, window, softcap) -> torch.Tensor:
+        """A step of a layer with a sliding window or a soft cap."""
+        if not batch.prefills:
+            return decode_attention(query, context, batch.window_bias(window), scale, softcap)
+        out = torch.empty_like(query)
+        for p in batch.prefills:
+            out[p.start : p.end] = explicit_prefill_attention(query[p.start : p.end], context[:, p.seq : p.seq + 1],
+                                                              p.prefix, p.length, scale, window, softcap)
+        if batch.decode_seqs is not None:
+            bias = batch.window_bias(window)[batch.decode_seqs]
+            out[batch.decode_tokens] = decode_attention(query[batch.decode_tokens], context[:, batch.decode_seqs],
+                                                        bias, scale, softcap)
         return out
 
     def _compiled(self, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:

@@ -8,12 +8,14 @@ It runs unchanged on the CPU, which is how it is tested.
 
 Each step is laid out on a [sequences, query bucket] grid; keys and values of every sequence are
 gathered through its (padded) block-table row with index_select, and one scaled_dot_product_attention
-call attends under a causal mask over cached prefix + new tokens.
+call attends under a causal mask over cached prefix + new tokens. A sliding-window layer narrows that
+mask (built once per step and window); Gemma 2's soft cap, which the fused call has no place for, takes
+explicit score matmuls of the same static shapes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,23 @@ class StaticBatch:
     mask: torch.Tensor  # [seqs_bucket, 1, query_bucket, context] True where a grid row may attend
     seqs: int  # sequences bucket
     query_len: int  # query bucket
+    query_pos: torch.Tensor  # [seqs, query_len, 1] each grid row's position in its sequence
+    key_pos: torch.Tensor  # [context] positions of the gathered keys
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """The mask of a layer that sees only the last `window` keys up to each row's own position."""
+        if window is None:
+            return self.mask
+        if window not in self.windowed:
+            recent = self.key_pos[None, None, :] > self.query_pos - window
+            self.windowed[window] = _seeing_something(self.mask & recent.unsqueeze(1))
+        return self.windowed[window]
+
+
+def _seeing_something(mask: torch.Tensor) -> torch.Tensor:
+    """Rows that see nothing (padding) see everything instead: their output is finite, then dropped."""
+    return mask | ~mask.any(-1, keepdim=True)
 
 
 def build_static_batch(meta: AttentionMetadata) -> StaticBatch:
@@ -53,8 +72,8 @@ def build_static_batch(meta: AttentionMetadata) -> StaticBatch:
     query_pos = seq_lens[:, None] - query_lens[:, None] + row[None, :]  # [seqs, query_len]
     key_pos = torch.arange(blocks * meta.block_size, device=device)
     mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
-    mask |= ~mask.any(-1, keepdim=True)  # rows that see nothing (padding) see everything: finite, then dropped
-    return StaticBatch(token_to_grid, tables.flatten(), mask.unsqueeze(1), seqs, query_len)
+    return StaticBatch(token_to_grid, tables.flatten(), _seeing_something(mask).unsqueeze(1), seqs, query_len,
+                       query_pos[:, :, None], key_pos)
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -95,6 +114,8 @@ class GaudiPagedAttention(Attention):
         meta: AttentionMetadata,
         scale: float,
         kv_scale: torch.Tensor | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """kv_scale scales only an fp8 cache, which this backend does not keep: it is accepted and unused."""
         batch: StaticBatch = meta.prepared
@@ -105,6 +126,19 @@ class GaudiPagedAttention(Attention):
         grid = grid[:-1].view(batch.seqs, batch.query_len, num_heads, head_dim).transpose(1, 2)
         keys = _gather(kv_cache[0], batch).to(query.dtype)
         values = _gather(kv_cache[1], batch).to(query.dtype)
-        out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=batch.mask, scale=scale, enable_gqa=True)
+        mask = batch.mask_for(window)
+        if softcap is None:
+            out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        else:
+            out = _capped_attention(grid, keys, values, mask, scale, softcap)
         out = out.transpose(1, 2).reshape(-1, num_heads, head_dim)
         return torch.cat([out, out.new_zeros(1, num_heads, head_dim)]).index_select(0, batch.token_to_grid)
+
+
+def _capped_attention(query, keys, values, mask, scale: float, softcap: float) -> torch.Tensor:
+    """scaled_dot_product_attention's result with every score s replaced by softcap * tanh(s / softcap)."""
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = torch.tanh(query.float() @ keys.float().transpose(-1, -2) * (scale / softcap)) * softcap
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs @ values.float()).to(query.dtype)

@@ -43,8 +43,11 @@ def reference_attention(
     seq_lens: jax.Array,
     block_tables: jax.Array,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """Causal attention of every query token over its sequence's cached context, in float32.
+    """Causal attention of every query token over its sequence's cached context, in float32 (the last
+    `window` keys only, scores soft-capped, where the layer says so).
 
     Tokens past query_start_loc[-1] and sequences of no context (padding) get zero rows.
     """
@@ -60,7 +63,12 @@ def reference_attention(
     keys, values = pages[..., 0, :].astype(jnp.float32), pages[..., 1, :].astype(jnp.float32)
     grouped = query.reshape(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim).astype(jnp.float32)
     scores = jnp.einsum("tkgd,tlkd->tkgl", grouped, keys, precision=jax.lax.Precision.HIGHEST) * scale
-    visible = (jnp.arange(context)[None, :] <= position[:, None]) & (token < query_start_loc[-1])[:, None]
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    key_pos = jnp.arange(context)[None, :]
+    visible = (key_pos <= position[:, None]) & (token < query_start_loc[-1])[:, None]
+    if window is not None:
+        visible &= key_pos > position[:, None] - window
     scores = jnp.where(visible[:, None, None, :], scores, _MASKED)
     out = jnp.einsum("tkgl,tlkd->tkgd", jax.nn.softmax(scores, axis=-1), values,
                      precision=jax.lax.Precision.HIGHEST)
@@ -75,6 +83,8 @@ def pallas_attention(
     seq_lens: jax.Array,
     block_tables: jax.Array,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """The same contract on TPU, through the Pallas ragged paged attention kernel (imported when used)."""
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
@@ -82,10 +92,11 @@ def pallas_attention(
     # Padding sequences (no context) sit at the end of the batch, so the real ones are a prefix.
     num_seqs = jnp.sum(seq_lens > 0, dtype=jnp.int32).reshape(1)
     return ragged_paged_attention(query, kv_pages, seq_lens, block_tables, query_start_loc, num_seqs,
-                                  sm_scale=scale)
+                                  sm_scale=scale, sliding_window=window, soft_cap=softcap)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "use_pallas"), donate_argnames=("kv_pages",))
+@functools.partial(jax.jit, static_argnames=("scale", "use_pallas", "window", "softcap"),
+                   donate_argnames=("kv_pages",))
 def attention_step(
     query: jax.Array,
     key: jax.Array,
@@ -97,11 +108,13 @@ def attention_step(
     block_tables: jax.Array,
     scale: float,
     use_pallas: bool,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One layer's step: (attention output, the cache with this step's K/V written)."""
     kv_pages = write_kv(kv_pages, key, value, slot_mapping)
     attend = pallas_attention if use_pallas else reference_attention
-    return attend(query, kv_pages, query_start_loc, seq_lens, block_tables, scale), kv_pages
+    return attend(query, kv_pages, query_start_loc, seq_lens, block_tables, scale, window, softcap), kv_pages
 
 
 def _pad(x: jax.Array, size: int, value: int | float = 0) -> jax.Array:
@@ -110,7 +123,8 @@ def _pad(x: jax.Array, size: int, value: int | float = 0) -> jax.Array:
 
 
 def bucketed_step(query, key, value, kv_pages, slot_mapping, query_start_loc, seq_lens, block_tables, scale,
-                  use_pallas: bool) -> tuple[jax.Array, jax.Array]:
+                  use_pallas: bool, window: int | None = None, softcap: float | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
     """attention_step on inputs padded to shape buckets (tokens, sequences, blocks per sequence).
 
     Padding tokens write nothing (slot -1) and belong to no sequence; padding sequences have no tokens
@@ -123,7 +137,7 @@ def bucketed_step(query, key, value, kv_pages, slot_mapping, query_start_loc, se
         _pad(query, tokens), _pad(key, tokens), _pad(value, tokens), kv_pages, _pad(slot_mapping, tokens, -1),
         _pad(query_start_loc, seqs + 1, query_start_loc[-1]), _pad(seq_lens, seqs),
         jnp.pad(block_tables, [(0, seqs - num_seqs), (0, width - block_tables.shape[1])]),
-        scale=scale, use_pallas=use_pallas,
+        scale=scale, use_pallas=use_pallas, window=window, softcap=softcap,
     )  # fmt: skip
     return out[:num_tokens], kv_pages
 
@@ -146,12 +160,15 @@ class JaxPagedAttention(Attention):
         meta: AttentionMetadata,
         scale: float,
         kv_scale: torch.Tensor | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """kv_scale scales only an fp8 cache, which this backend does not keep: it is accepted and unused."""
         from torchax.interop import jax_view, torch_view
 
         arrays: list[Any] = jax_view([query, key, value, kv_cache, meta.slot_mapping, meta.query_start_loc,
                                       meta.seq_lens, meta.block_tables])
-        out, written = bucketed_step(*arrays, scale=scale, use_pallas=self.use_pallas)
+        out, written = bucketed_step(*arrays, scale=scale, use_pallas=self.use_pallas, window=window,
+                                     softcap=softcap)
         kv_cache.apply_jax_(lambda _: written)
         return torch_view(out)

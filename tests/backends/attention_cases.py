@@ -15,14 +15,20 @@ import torch
 from paged.backends.interface import AttentionMetadata, Backend
 
 
-def dense_reference(q, k, v, scale):
-    """Causal attention of q (the last len(q) positions) over the full k/v, in float64."""
+def dense_reference(q, k, v, scale, window: int | None = None, softcap: float | None = None):
+    """Causal attention of q (the last len(q) positions) over the full k/v, in float64; with a `window`, the
+    query at position p sees keys p - window < j <= p; with a `softcap`, scores are softcap * tanh(s / softcap)."""
     q, k, v = q.double(), k.double(), v.double()
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     offset = k.shape[0] - q.shape[0]
-    allowed = torch.arange(k.shape[0])[None, :] <= (torch.arange(q.shape[0])[:, None] + offset)
+    key_pos, query_pos = torch.arange(k.shape[0])[None, :], torch.arange(q.shape[0])[:, None] + offset
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed &= key_pos > query_pos - window
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
@@ -37,10 +43,12 @@ class Case:
     full_kv: list[tuple[torch.Tensor, torch.Tensor]]  # every sequence's whole context
     tables: list[list[int]]
     scale: float
+    window: int | None = None  # the layer's sliding window and soft cap (Attention.forward's)
+    softcap: float | None = None
 
     def reference(self) -> torch.Tensor:
         starts = self.meta.query_start_loc.tolist()
-        return torch.cat([dense_reference(self.query[a:b], k, v, self.scale)
+        return torch.cat([dense_reference(self.query[a:b], k, v, self.scale, self.window, self.softcap)
                           for (k, v), a, b in zip(self.full_kv, starts, starts[1:])])
 
 
@@ -124,7 +132,7 @@ def run_attention(case: Case, backend: Backend, cache_dtype: torch.dtype | None 
     attention = backend.attention(max_model_len=case.meta.max_seq_len)
     meta.prepared = attention.prepare(meta)
     out = attention.forward(case.query.to(device), case.key.to(device), case.value.to(device), cache, meta,
-                            case.scale)
+                            case.scale, window=case.window, softcap=case.softcap)
     return out.to("cpu"), from_backend_layout(cache.to("cpu"), case.cache.shape, backend)
 
 

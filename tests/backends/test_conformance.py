@@ -39,6 +39,17 @@ def test_attention_and_kv_write(backend: Backend, backend_name: str, kind: str, 
     check(case, *run_attention(case, backend), tolerance(torch.float32))
 
 
+@feature("attention")
+@pytest.mark.parametrize("kind", CASES)
+@pytest.mark.parametrize("window,softcap", [(7, None), (1, None), (12, 3.0), (None, 2.0)])
+def test_sliding_window_and_softcap(backend: Backend, backend_name: str, kind: str, window, softcap):
+    """A window shorter than most contexts (one token: each query sees itself only), with and without
+    Gemma 2's soft cap, on every kind of step."""
+    case = build_case(*CASES[kind], 8, 2)
+    case.window, case.softcap = window, softcap
+    check(case, *run_attention(case, backend), tolerance(torch.float32))
+
+
 @feature("dtypes")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_attention_dtype(backend: Backend, backend_name: str, dtype: torch.dtype):

@@ -47,6 +47,13 @@ def test_attention_matches_reference(context_lens, query_lens, dtype):
     check(case, *run_attention(case, GaudiAttentionOnCPU()), tolerance(dtype))
 
 
+@pytest.mark.parametrize("window,softcap", [(6, None), (1, 4.0), (None, 2.5)])
+def test_sliding_window_and_softcap(window, softcap):
+    case = build_case([30, 9, 17, 3], [4, 9, 1, 1], 8, 2)
+    case.window, case.softcap = window, softcap
+    check(case, *run_attention(case, GaudiAttentionOnCPU()), tolerance(torch.float32))
+
+
 def test_padded_decode_rows_write_nothing_and_stay_finite():
     """The runner pads decode steps to a captured batch size: the extra rows have slot -1 and no context."""
     case = build_case([7, 19, 4], [1, 1, 1], 8, 2)

@@ -2,6 +2,8 @@
 
 Every kernel is checked against a float64 reference and its plain-torch counterpart on small random
 shapes; the checks themselves live in benchmarks/kernel_check.py, which runs them at full size on a GPU.
+Sliding windows and soft caps are checked against tests/backends/attention_cases.py's reference instead,
+the one the conformance suite holds every backend to, blocks before the windows full of NaN among them.
 Inputs are fresh random draws; the seed is printed, so a failure can be replayed.
 
 Under the interpreter: see tests/kernels/interpreter.py, imported first.
@@ -20,6 +22,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from paged.backends.cpu.attention import TorchPagedAttention  # noqa: E402
+from paged.backends.cuda.backend import CUDABackend  # noqa: E402
 from paged.backends.cuda.kernels.attention import (  # noqa: E402
     TileConfig,
     TritonPagedAttention,
@@ -28,6 +31,7 @@ from paged.backends.cuda.kernels.attention import (  # noqa: E402
     prefill_attention,
     write_kv,
 )
+from tests.backends.attention_cases import Case, build_case, check, run_attention, tolerance  # noqa: E402
 
 
 @compiled_process
@@ -221,3 +225,136 @@ def test_layer_ops_accept_strided_rows():
         inputs, x=wide[:, :64], residual=wide[:, 64:128], gate_up=wide[:, 100:196], weight=inputs.weight.float()
     )
     kc.check_ops(strided)
+
+
+# --- sliding windows and soft caps, against attention_cases' float64 reference ----------------------------
+
+
+class HostCUDABackend(CUDABackend):
+    """The CUDA backend as attention_cases.run_attention drives it, its kernels interpreted on the host, with
+    SMALL_TILES: several query tiles (8 tokens of GQA 2) and key tiles per sequence, so that windows cut
+    through the lower band, the unmasked keys and the causal band of the prefill kernel."""
+
+    def device(self, index: int | None = None) -> torch.device:
+        return torch.device("cpu")
+
+    def attention(self, max_model_len: int) -> TritonPagedAttention:
+        return TritonPagedAttention(max_model_len, lambda _: SMALL_TILES, lambda _: SMALL_TILES)
+
+
+# (context lengths, query lengths) with pages of 8: prefill chunks over cached prefixes (60 with 25 new
+# tokens spans four query tiles), a whole prompt and decode tokens in one step; then a decode-only step.
+WINDOW_STEPS = {
+    "mixed": ([30, 9, 17, 60, 3, 45], [4, 9, 1, 25, 1, 1]),
+    "decode": ([1, 40, 7, 100, 9, 33], [1] * 6),
+}
+# (window, softcap, scale; None: head_dim**-0.5): a window of one key (each query sees itself), one
+# shorter than a page, one longer than most contexts; a cap on its own (at scale 4, scores up to ~50 that
+# the cap saturates) and with a window.
+WINDOW_CASES = {
+    "window1": (1, None, None),
+    "window5": (5, None, None),
+    "window40": (40, None, None),
+    "cap1": (None, 1.0, None),
+    "cap2-saturated": (None, 2.0, 4.0),
+    "window12-cap1": (12, 1.0, None),
+}
+
+
+def window_case(kind: str, window: int | None, softcap: float | None) -> Case:
+    case = build_case(*WINDOW_STEPS[kind], 4, 2, block_size=8)
+    case.window, case.softcap = window, softcap
+    return case
+
+
+@interpreted
+@data_dependent_loops
+@pytest.mark.parametrize("window,softcap,scale", WINDOW_CASES.values(), ids=WINDOW_CASES.keys())
+@pytest.mark.parametrize("kind", WINDOW_STEPS)
+def test_window_and_softcap_match_dense_reference(kind, window, softcap, scale):
+    """Through TritonPagedAttention.forward: the prefill kernel for the mixed step, the decode kernel (one
+    split: max_model_len is the longest context) for the other."""
+    case = window_case(kind, window, softcap)
+    case.scale = scale or case.scale
+    check(case, *run_attention(case, HostCUDABackend()), tolerance(torch.float32))
+
+
+def poison_blocks_before_windows(case: Case) -> int:
+    """NaN in every block that lies wholly before the window of its sequence's first new token: blocks the
+    block manager may have handed to another sequence. Returns how many."""
+    poisoned = 0
+    block_size = case.meta.block_size
+    for table, (k, _), query_len in zip(case.tables, case.full_kv, case.meta.query_start_loc.diff().tolist()):
+        first_seen = k.shape[0] - query_len - case.window + 1
+        for index, block in enumerate(table):
+            if (index + 1) * block_size <= first_seen:
+                case.cache[:, block] = float("nan")
+                poisoned += 1
+    return poisoned
+
+
+# (step, window, softcap, tiles): small tiles and the defaults (64-key tiles: 8 pages each), GQA 3.
+POISON_STEPS = {
+    "mixed": ([70, 30, 100, 12, 50], [20, 1, 1, 12, 7]),
+    "decode": ([70, 30, 100, 12, 1], [1] * 5),
+}
+POISON_CASES = [("mixed", 9, None, SMALL_TILES), ("mixed", 20, 1.0, None),
+                ("decode", 9, 1.0, SMALL_TILES), ("decode", 20, None, None)]
+
+
+@interpreted
+@data_dependent_loops
+@pytest.mark.parametrize("kind,window,softcap,tiles", POISON_CASES)
+def test_blocks_before_the_window_are_never_read(kind, window, softcap, tiles):
+    """Blocks before every window full of NaN, which any read would carry into the output (a NaN value
+    times a zero weight is NaN): the output must still be the reference's. Decode takes 4 splits of
+    16-token shares, so a window of 20 spans two and the shares start at the window, not at 0."""
+    case = build_case(*POISON_STEPS[kind], 6, 2, block_size=8)
+    case.window, case.softcap = window, softcap
+    assert poison_blocks_before_windows(case) >= 10
+    cache = case.cache.clone()
+    write_kv(case.key, case.value, cache, case.meta.slot_mapping)
+    if kind == "decode":
+        out = decode_attention(case.query, cache, case.meta, case.scale, 4, tiles, split_tokens=16,
+                               window=window, softcap=softcap)
+    else:
+        out = prefill_attention(case.query, cache, case.meta, case.scale, tiles, window=window, softcap=softcap)
+    ref = case.reference()
+    assert torch.isfinite(out).all()
+    kc.verify_close(f"{kind} over poisoned blocks", out, ref, tolerance(torch.float32))
+
+
+FP8 = torch.float8_e4m3fn
+
+
+@interpreted
+@data_dependent_loops
+@pytest.mark.parametrize("softcap", [None, 1.0])
+@pytest.mark.parametrize("kind", WINDOW_STEPS)
+def test_window_over_fp8_cache(kind, softcap):
+    """An e4m3 cache with k_scale 0.05 (it stores keys 20 times the true ones) and v_scale 3, a window of 7:
+    the cap must apply to the true scores, k_scale inside the tanh. The reference attends over what the
+    cache represents (its values times the scales), the check compares the written cache as such too."""
+    case = window_case(kind, 7, softcap)
+    kv_scale = torch.tensor([0.05, 3.0])
+    cache = torch.stack([kc.quantize_fp8(case.cache[part], kv_scale[part], FP8) for part in range(2)])
+    case.full_kv = [tuple(kc.quantize_fp8(x, kv_scale[part], FP8).float() * kv_scale[part]
+                          for part, x in enumerate(kv)) for kv in case.full_kv]
+    attention = HostCUDABackend().attention(case.meta.max_seq_len)
+    case.meta.prepared = attention.prepare(case.meta)
+    out = attention.forward(case.query, case.key, case.value, cache, case.meta, case.scale, kv_scale,
+                            window=case.window, softcap=case.softcap)
+    represented = torch.stack([cache[part].float() * kv_scale[part] for part in range(2)])
+    check(case, out, represented, tolerance(torch.float32))
+
+
+def test_window_and_softcap_are_checked():
+    """Before any launch: a window is a positive integer, a cap positive and finite."""
+    b = batch([(1, 5)], group=1, head_dim=16, dtype=torch.float32)
+    bad_args = [({"window": 0}, "window"), ({"window": 2.5}, "window"), ({"window": True}, "window"),
+                ({"softcap": 0.0}, "softcap"), ({"softcap": -1.0}, "softcap"), ({"softcap": float("inf")}, "softcap")]
+    for bad, name in bad_args:
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            decode_attention(b.query, b.kv_cache, b.meta, SCALE, 1, **bad)
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            prefill_attention(b.query, b.kv_cache, b.meta, SCALE, **bad)

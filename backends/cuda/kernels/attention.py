@@ -26,12 +26,29 @@ softmax scale and v_scale multiplies the output once. The inner loop then pays f
 and the dots see the cached values themselves rather than their scaled copies rounded to bf16. The
 scales are read from a device tensor inside the kernels, so a captured CUDA graph follows them; a
 constexpr flag (KV_FP8) keeps the code of 16- and 32-bit caches exactly as it was.
+
+A sliding window (query at p sees keys p - window < j <= p) bounds which keys are read, not only which
+are masked: once every layer slides, the block manager may hand blocks before the window to another
+sequence, whose values (NaN among them: a zero weight times NaN is NaN) must never reach the output.
+- Prefill/mixed: a query tile's key loop starts at its first token's first key. Keys from its last
+  token's first key up to its first token are seen by every row and go unmasked; the band below (the
+  window's lower edge) pays for the window mask, the diagonal band above for both masks.
+- Decode: the splits share out only the window's span [seq_len - window, seq_len), all of which the token
+  sees, so no mask is needed beyond the context's end, and a windowed layer needs no more splits than
+  its window fills.
+Gemma 2's soft cap (softcap * tanh(s / softcap)) bends the scores in the natural domain: with it the
+kernels scale the dot by scale / softcap (times k_scale, so that the cap sees the true score) and the
+tanh by softcap * log2(e). tanh is 1 - 2 / (e^2x + 1), exact in the limits where e^2x is inf or 0 (not
+every Triton has tl.tanh). Window and cap are per-layer constants, launch arguments fixed in a captured
+graph; constexpr flags (WINDOW, SOFTCAP), with None passed for what a layer does not use, keep the code of
+layers without them exactly as it was.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +62,7 @@ _LOG2E = 1.4426950408889634
 # Start of the running max. Finite, so a row that has seen no key yet rescales by exp2(0) = 1 instead of
 # exp2(-inf - -inf) = NaN; masked scores are -inf and still contribute exp2(-inf) = 0.
 _M_INIT = tl.constexpr(-1.0e30)
+_TWO_LOG2E = tl.constexpr(2 * _LOG2E)
 # Decode splits: enough to fill the GPU for a handful of long sequences; each share of a context is a
 # multiple of _SPLIT_TOKENS so that the partial results stay small next to the K/V they summarise.
 _MAX_DECODE_SPLITS = 16
@@ -127,6 +145,13 @@ def _write_kv_kernel(
 
 
 @triton.jit
+def _tanh(x):
+    """tanh as 1 - 2 / (e^2x + 1) (not every Triton has tl.tanh): e^2x overflowing to inf gives 1 and
+    underflowing to 0 gives -1, so no |x| makes a NaN; near 0 the error is float32's, absolute."""
+    return 1.0 - 2.0 / (tl.exp2(x * _TWO_LOG2E) + 1.0)
+
+
+@triton.jit
 def _attend_keys(
     q,
     m_i,
@@ -139,21 +164,28 @@ def _attend_keys(
     end,
     row_pos,
     qk_scale,
+    window,
+    softcap,
     stride_cache_block,
     stride_cache_slot,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Fold context positions [start, end) into the online-softmax state (m_i, l_i, acc).
 
     k_cache_ptr/v_cache_ptr point at the KV head's column of the cache, block_table_ptr at the sequence's
-    row of the block table. With CAUSAL, row r only sees positions <= row_pos[r]; without it the caller
-    guarantees that every row sees every position of the range. Positions at or past `end` are never
-    read, so a partly filled last block (or a stale block id past the context) is never touched.
+    row of the block table. With CAUSAL, row r only sees positions <= row_pos[r], and with WINDOW as well
+    only positions > row_pos[r] - window; without CAUSAL the caller guarantees that every row sees every
+    position of the range. Positions outside [start, end) are never read, so a partly filled last block
+    (or a stale block id past the context) and the blocks before a window are never touched.
+    With SOFTCAP, qk_scale is the natural-domain scale over the cap and softcap the cap times log2(e):
+    scores become softcap * tanh(q.k * scale / softcap) in the log2 domain, before any mask.
     An fp8 cache's tiles convert exactly to q's dtype; their scales are the caller's (see the module).
     """
     dims = tl.arange(0, HEAD_DIM)
@@ -166,8 +198,13 @@ def _attend_keys(
         v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=in_range[:, None], other=0.0)
         k = k.to(q.dtype).to(DOT_DTYPE)
         s = tl.dot(q.to(DOT_DTYPE), tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP:
+            s = _tanh(s) * softcap
         if CAUSAL:
-            s = tl.where((pos[None, :] <= row_pos[:, None]) & in_range[None, :], s, float("-inf"))
+            seen = (pos[None, :] <= row_pos[:, None]) & in_range[None, :]
+            if WINDOW:
+                seen = seen & (pos[None, :] > row_pos[:, None] - window)
+            s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -187,10 +224,13 @@ def _attend_context(
     seq,
     kv_head,
     start,
+    unmasked_start,
     unmasked_end,
     end,
     row_pos,
     qk_scale,
+    window,
+    softcap,
     stride_bt,
     stride_cache_block,
     stride_cache_slot,
@@ -199,24 +239,35 @@ def _attend_context(
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """The online-softmax state (m_i, l_i, acc) of q's ROWS rows over context [start, end) of one sequence
-    and KV head: [start, unmasked_end) is seen by every row, the rest causally."""
+    and KV head: [unmasked_start, unmasked_end) is seen by every row, the rest causally and, with WINDOW,
+    within the window; without WINDOW, start must equal unmasked_start (the caller needs no lower band)."""
     m_i = tl.full([ROWS], _M_INIT, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     k_head_ptr = k_cache_ptr + kv_head * stride_cache_head
     v_head_ptr = v_cache_ptr + kv_head * stride_cache_head
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    if WINDOW:  # the band at the window's lower edge
+        m_i, l_i, acc = _attend_keys(
+            q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, start, unmasked_start, row_pos, qk_scale,
+            window, softcap, stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, True, True,
+            SOFTCAP, DOT_DTYPE, DOT_PRECISION,
+        )  # fmt: skip
     m_i, l_i, acc = _attend_keys(
-        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, start, unmasked_end, row_pos, qk_scale,
-        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, False, DOT_DTYPE, DOT_PRECISION,
+        q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, unmasked_start, unmasked_end, row_pos, qk_scale,
+        window, softcap, stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, False, False,
+        SOFTCAP, DOT_DTYPE, DOT_PRECISION,
     )  # fmt: skip
     return _attend_keys(
         q, m_i, l_i, acc, k_head_ptr, v_head_ptr, table_ptr, unmasked_end, end, row_pos, qk_scale,
-        stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, True, DOT_DTYPE, DOT_PRECISION,
+        window, softcap, stride_cache_block, stride_cache_slot, PAGE_SIZE, HEAD_DIM, BLOCK_N, True, WINDOW,
+        SOFTCAP, DOT_DTYPE, DOT_PRECISION,
     )  # fmt: skip
 
 
@@ -231,6 +282,8 @@ def _prefill_kernel(
     seq_lens_ptr,
     kv_scale_ptr,
     qk_scale,
+    window,
+    softcap,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -248,6 +301,8 @@ def _prefill_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Grid (seq, query tile, kv head): BLOCK_T new tokens x GROUP query heads of one sequence.
 
@@ -276,10 +331,22 @@ def _prefill_kernel(
     # Positions up to the tile's first token are visible to every row; the rest form the causal band.
     unmasked_end = tl.maximum(context + first + 1, 0) // BLOCK_N * BLOCK_N
     kv_end = context + tl.minimum(first + BLOCK_T, query_len)
+    start = 0
+    unmasked_start = 0
+    if WINDOW:
+        # Key tiles from the first key the tile's first token sees, each either seen by every row (from the
+        # last token's first key up to the first token) or masked: the window's lower band below, the
+        # causal band above. Differences are clamped to >= 0 before they are divided, so that whether
+        # integer division truncates or floors never matters.
+        start = tl.maximum(context + first - window + 1, 0)
+        all_from = tl.maximum(kv_end - window, start)  # the last token's first key
+        unmasked_start = tl.minimum(start + tl.cdiv(all_from - start, BLOCK_N) * BLOCK_N, kv_end)
+        unmasked_end = start + tl.maximum(context + first + 1 - start, 0) // BLOCK_N * BLOCK_N
+        unmasked_end = tl.maximum(unmasked_end, unmasked_start)
     m_i, l_i, acc = _attend_context(
-        q, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, 0, unmasked_end, kv_end, row_pos, qk_scale,
-        stride_bt, stride_cache_block, stride_cache_slot, stride_cache_head,
-        BLOCK_M, PAGE_SIZE, HEAD_DIM, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
+        q, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, start, unmasked_start, unmasked_end, kv_end,
+        row_pos, qk_scale, window, softcap, stride_bt, stride_cache_block, stride_cache_slot, stride_cache_head,
+        BLOCK_M, PAGE_SIZE, HEAD_DIM, BLOCK_N, WINDOW, SOFTCAP, DOT_DTYPE, DOT_PRECISION,
     )  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only for rows with no context (padding)
@@ -290,10 +357,15 @@ def _prefill_kernel(
 
 
 @triton.jit
-def _split_bounds(seq_len, split, NUM_SPLITS: tl.constexpr, SPLIT_TOKENS: tl.constexpr):
-    """Context positions [start, end) of one decode split: equal shares, each a multiple of SPLIT_TOKENS."""
-    share = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), SPLIT_TOKENS) * SPLIT_TOKENS
-    start = split * share
+def _split_bounds(seq_len, split, window, NUM_SPLITS: tl.constexpr, SPLIT_TOKENS: tl.constexpr, WINDOW: tl.constexpr):
+    """Context positions [start, end) of one decode split: equal shares, each a multiple of SPLIT_TOKENS, of
+    the keys the token sees: its whole context, or with WINDOW the last `window` positions of it."""
+    if WINDOW:
+        first = tl.maximum(seq_len - window, 0)
+    else:
+        first = 0
+    share = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), SPLIT_TOKENS) * SPLIT_TOKENS
+    start = first + split * share
     return start, tl.minimum(start + share, seq_len)
 
 
@@ -310,6 +382,8 @@ def _decode_split_kernel(
     seq_lens_ptr,
     kv_scale_ptr,
     qk_scale,
+    window,
+    softcap,
     num_heads,
     stride_qt,
     stride_qh,
@@ -327,11 +401,15 @@ def _decode_split_kernel(
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Grid (seq, kv head, split): the GROUP query heads of one decode token over one share of its context.
 
     Writes the split's running max and sum [seq, head, split] and its unnormalised output
     [seq, head, split, :]. An empty split (short context, padding) writes nothing: the reduce skips it.
+    With WINDOW the shares cover only the window, all of which the token sees: no mask beyond the context's
+    end, and the blocks before the window are never read.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -339,7 +417,7 @@ def _decode_split_kernel(
     token = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - token
     seq_len = tl.load(seq_lens_ptr + seq)
-    start, end = _split_bounds(seq_len, split, NUM_SPLITS, SPLIT_TOKENS)
+    start, end = _split_bounds(seq_len, split, window, NUM_SPLITS, SPLIT_TOKENS, WINDOW)
     if (query_len == 0) | (start >= end):
         return
     unmasked_end = start + (end - start) // BLOCK_N * BLOCK_N
@@ -355,9 +433,9 @@ def _decode_split_kernel(
         qk_scale = qk_scale * tl.load(kv_scale_ptr)
 
     m_i, l_i, acc = _attend_context(
-        q, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, start, unmasked_end, end, row_pos, qk_scale,
-        stride_bt, stride_cache_block, stride_cache_slot, stride_cache_head,
-        BLOCK_H, PAGE_SIZE, HEAD_DIM, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
+        q, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, kv_head, start, start, unmasked_end, end, row_pos,
+        qk_scale, window, softcap, stride_bt, stride_cache_block, stride_cache_slot, stride_cache_head,
+        BLOCK_H, PAGE_SIZE, HEAD_DIM, BLOCK_N, False, SOFTCAP, DOT_DTYPE, DOT_PRECISION,
     )  # fmt: skip
     if KV_FP8:
         acc = acc * tl.load(kv_scale_ptr + 1)  # the reduce is linear in the partial outputs
@@ -376,12 +454,14 @@ def _decode_reduce_kernel(
     partial_acc_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
+    window,
     num_heads,
     stride_ot,
     stride_oh,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLIT_TOKENS: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Grid (seq, head): rescale the non-empty splits' partials to their common max and normalise.
 
@@ -393,7 +473,7 @@ def _decode_reduce_kernel(
     if tl.load(query_start_loc_ptr + seq + 1) <= token:
         return
     split = tl.arange(0, NUM_SPLITS)
-    start, end = _split_bounds(tl.load(seq_lens_ptr + seq), split, NUM_SPLITS, SPLIT_TOKENS)
+    start, end = _split_bounds(tl.load(seq_lens_ptr + seq), split, window, NUM_SPLITS, SPLIT_TOKENS, WINDOW)
     used = start < end
     splits = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
     dims = tl.arange(0, HEAD_DIM)
@@ -503,6 +583,29 @@ def _fp8_grid(dtype: torch.dtype) -> dict[str, object]:
     }
 
 
+def _score_args(scale: float, window: int | None, softcap: float | None) -> dict[str, object]:
+    """The attention kernels' score scale, window and cap, and their WINDOW / SOFTCAP flags.
+
+    Scores are in the log2 domain: qk_scale is scale * log2(e), or with a cap scale / softcap (tanh's
+    argument, in the natural domain) and softcap * log2(e) multiplies tanh's value. What a layer does not
+    use is passed as None, a constexpr the kernel never reads, so layers without a window or cap compile
+    to the code they had before either existed. Both are per-layer constants, fixed in a captured graph.
+    """
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+            raise ValueError(f"window must be a positive integer, got {window!r}")
+        window = int(window)
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be positive and finite, got {softcap!r}")
+    return {
+        "qk_scale": scale * _LOG2E if softcap is None else scale / softcap,
+        "window": window,
+        "softcap": None if softcap is None else softcap * _LOG2E,
+        "WINDOW": window is not None,
+        "SOFTCAP": softcap is not None,
+    }
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -556,12 +659,15 @@ def prefill_attention(
     config: TileConfig | None = None,
     out: torch.Tensor | None = None,
     kv_scale: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of every new token over its cached prefix and the new tokens (K/V already written).
 
     Writes every row of `out` (allocated when None) that belongs to a sequence; every token must belong to
     one, as in the reference. A sequence of no context and one padding token gets a zero row. An fp8
-    cache is read as its values times kv_scale (1 when None).
+    cache is read as its values times kv_scale (1 when None). `window` and `softcap` as in
+    Attention.forward: no block wholly before a tile's first token's window is read.
     """
     query = _last_dim_contiguous(query)
     _, num_heads, head_dim = query.shape
@@ -575,10 +681,11 @@ def prefill_attention(
     grid = (meta.num_seqs, max(1, triton.cdiv(meta.max_query_len, block_t)), num_heads // group)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale_ptr,
-        scale * _LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        meta.block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        stride_qt=query.stride(0), stride_qh=query.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_bt=meta.block_tables.stride(0), stride_cache_block=k_cache.stride(0),
+        stride_cache_slot=k_cache.stride(1), stride_cache_head=k_cache.stride(2),
         GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_T=block_t,
-        BLOCK_N=config.block_n, KV_FP8=fp8, **_dot_args(query.dtype),
+        BLOCK_N=config.block_n, KV_FP8=fp8, **_score_args(scale, window, softcap), **_dot_args(query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
@@ -594,9 +701,12 @@ def decode_attention(
     out: torch.Tensor | None = None,
     split_tokens: int = _SPLIT_TOKENS,
     kv_scale: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """At most one new token per sequence, over num_splits shares of each context (a power of two), each
-    a multiple of split_tokens long.
+    a multiple of split_tokens long; with a `window`, shares of the window's span only (and `softcap` as
+    in Attention.forward).
 
     Launch shapes depend only on tensor shapes and num_splits, never on tensor contents (kv_scale
     included: the kernel reads it from the device), so the call can be captured in a CUDA graph. Sequences
@@ -616,17 +726,20 @@ def decode_attention(
     out = torch.zeros_like(query) if out is None else _check_out(out, query)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     scale_ptr, fp8 = _kv_scale_arg(kv_cache, kv_scale)
+    score_args = _score_args(scale, window, softcap)
     _decode_split_kernel[(num_seqs, num_heads // group, num_splits)](
         stats[0], stats[1], partial_acc, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
-        meta.seq_lens, scale_ptr, scale * _LOG2E, num_heads, query.stride(0), query.stride(1),
-        meta.block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.seq_lens, scale_ptr, num_heads=num_heads, stride_qt=query.stride(0), stride_qh=query.stride(1),
+        stride_bt=meta.block_tables.stride(0), stride_cache_block=k_cache.stride(0),
+        stride_cache_slot=k_cache.stride(1), stride_cache_head=k_cache.stride(2),
         GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=config.block_n,
-        NUM_SPLITS=num_splits, SPLIT_TOKENS=split_tokens, KV_FP8=fp8, **_dot_args(query.dtype),
+        NUM_SPLITS=num_splits, SPLIT_TOKENS=split_tokens, KV_FP8=fp8, **score_args, **_dot_args(query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     _decode_reduce_kernel[(num_seqs, num_heads)](
-        out, stats[0], stats[1], partial_acc, meta.query_start_loc, meta.seq_lens, num_heads,
+        out, stats[0], stats[1], partial_acc, meta.query_start_loc, meta.seq_lens, score_args["window"], num_heads,
         out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLIT_TOKENS=split_tokens,
+        WINDOW=score_args["WINDOW"],
     )  # fmt: skip
     return out
 
@@ -656,6 +769,8 @@ class TritonPagedAttention(Attention):
         meta: AttentionMetadata,
         scale: float,
         kv_scale: torch.Tensor | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         write_kv(key, value, kv_cache, meta.slot_mapping, kv_scale)
         if meta.max_query_len <= 1:
@@ -665,7 +780,10 @@ class TritonPagedAttention(Attention):
             programs = meta.num_seqs * kv_cache.shape[3]
             # A batch too small to fill the GPU cuts contexts into finer shares, so more programs run.
             split_tokens = _SMALL_BATCH_SPLIT_TOKENS if programs < self.num_sms else _SPLIT_TOKENS
-            splits = decode_splits(self.max_model_len, programs, self.num_sms, split_tokens)
+            # A sliding window bounds the keys a token sees, hence the splits they need.
+            span = self.max_model_len if window is None else min(self.max_model_len, window)
+            splits = decode_splits(span, programs, self.num_sms, split_tokens)
             return decode_attention(query, kv_cache, meta, scale, splits, self.decode_tiles(query.shape[-1]),
-                                    split_tokens=split_tokens, kv_scale=kv_scale)
-        return prefill_attention(query, kv_cache, meta, scale, self.prefill_tiles(query.shape[-1]), kv_scale=kv_scale)
+                                    split_tokens=split_tokens, kv_scale=kv_scale, window=window, softcap=softcap)
+        return prefill_attention(query, kv_cache, meta, scale, self.prefill_tiles(query.shape[-1]),
+                                 kv_scale=kv_scale, window=window, softcap=softcap)
