@@ -4,6 +4,11 @@ Blocks are ref-counted. A full block gets a content hash chained to its parent's
 share a prompt prefix map it to the same blocks. A block whose last owner leaves goes to the back of the
 free queue but keeps its hash: it is evicted from the prefix cache only when the queue hands it out
 again, so the least recently freed cached blocks go first.
+
+Where every layer of the model slides over a window, a running sequence's blocks that fall entirely
+behind it are released as it advances: no query will read them again. The sequence's block table keeps
+their ids (positions stay where they are); the attention kernels never read keys outside the window, so
+another sequence may meanwhile own and write them.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ def chain_hash(parent: int | None, tokens: list[int]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: int | None = None) -> None:
+        """`window`: the sliding window of every layer, where all of them slide."""
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.window = window
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -96,6 +104,8 @@ class BlockManager:
         registered in the prefix cache at once: the step writes their K/V before any layer reads them.
         """
         total = request.num_computed_tokens + num_new_tokens
+        if self.window is not None:
+            self._release_behind_window(request)
         if not cached and total <= len(request.block_ids) * self.block_size:
             # The common decode case: the tokens fit in blocks the request already holds.
             if self.enable_prefix_caching and total // self.block_size > request.num_registered_blocks:
@@ -110,6 +120,8 @@ class BlockManager:
             block.ref_count += 1
             request.block_ids.append(block_id)
         request.num_computed_tokens += len(cached) * self.block_size
+        if self.window is not None:
+            self._release_behind_window(request)
         total = request.num_computed_tokens + num_new_tokens
         for _ in range(self.blocks_needed(total) - len(request.block_ids)):
             request.block_ids.append(self._pop_free())
@@ -137,21 +149,30 @@ class BlockManager:
                 self.cached[block_hash] = block.block_id
         request.num_registered_blocks = max(request.num_registered_blocks, hashed)
 
+    def _release_behind_window(self, request: Request) -> None:
+        """Hand back the blocks wholly before the window of the first token this step computes: every query
+        from there on sees only keys from num_computed_tokens - window + 1."""
+        behind = max(0, request.num_computed_tokens - self.window + 1) // self.block_size
+        for block_id in request.block_ids[request.num_released_blocks : behind]:
+            self._unref(block_id)
+        request.num_released_blocks = max(request.num_released_blocks, behind)
+
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
+            if block.block_hash is None:  # nothing to reuse: hand it out before any cached block
+                self.free_queue.move_to_end(block_id, last=False)
+
     def free(self, request: Request) -> None:
         """Release the request's blocks, last first, so a prefix's tail is evicted before its head."""
-        for block_id in reversed(request.block_ids):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.block_hash is None:
-                    # Nothing to reuse: hand it out before any cached block.
-                    self.free_queue[block_id] = None
-                    self.free_queue.move_to_end(block_id, last=False)
-                else:
-                    self.free_queue[block_id] = None
+        for block_id in reversed(request.block_ids[request.num_released_blocks :]):
+            self._unref(block_id)
         request.block_ids.clear()
         request.num_computed_tokens = 0
         request.num_registered_blocks = 0
+        request.num_released_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         for block_hash, block_id in list(self.cached.items()):

@@ -25,7 +25,7 @@ from paged.config import EngineConfig
 from paged.core_protocol import CoreOutput, CoreRequest, EngineStats, PromptLogprobs, TokenLogprobs
 from paged.errors import UserError
 from paged.model_loading import build_model
-from paged.models.layers import kv_head_splits
+from paged.models.layers import kv_head_splits, uniform_window
 from paged.executor import Executor, check_parallelism, create_executor, remote_ranks
 from paged.model_runner import PENDING_TOKEN, InFlightStep, StepResult, SubmittedStep
 from paged.model_source import ModelSource
@@ -80,7 +80,10 @@ class EngineCore:
         self.num_blocks = self._size_kv_cache(hf_config)
         self.kv_cache_bytes = self.num_blocks * self._bytes_per_block(hf_config)
         self.runner.kv_caches = self._allocate_kv_cache(hf_config, self.num_blocks)
-        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        window = uniform_window(hf_config, self.max_model_len)
+        if window is not None:
+            logger.info("every layer slides over %d tokens: blocks behind the window are freed", window)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching, window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
         self._in_flight: InFlightStep | None = None

@@ -29,14 +29,8 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_max_model_len(source: ModelSource, asked: int | None) -> int:
-    """The context length: the model's (capped at a sliding window, which is not implemented), or what was
-    asked for when that fits."""
-    hf_config = source.hf_config
-    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True) and window < limit:
-        logger.warning("sliding-window attention is not implemented: context capped at the window, %d", window)
-        limit = window
+    """The context length: the model's, or what was asked for when that fits."""
+    limit = getattr(source.hf_config, "max_position_embeddings", None) or 2048
     if asked is not None and asked > limit:
         raise UserError(f"max_model_len {asked} exceeds the model's context of {limit} tokens", param="max_model_len")
     return asked or limit

@@ -44,6 +44,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks of token_ids
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
+    num_released_blocks: int = 0  # leading blocks handed back once out of every layer's sliding window
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     stop_reason: int | None = None

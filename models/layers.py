@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from paged.backends.interface import Communicator
@@ -244,6 +245,48 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self._norm(x, self.weight, self.eps)
         return self._add_norm(x, residual, self.weight, self.eps)
+
+
+class GemmaRMSNorm(RMSNorm, WeightLoading):
+    """Gemma's RMSNorm scales by (1 + weight): the checkpoint's weight plus one is kept, so the same norm
+    ops (and their fused kernels) compute it."""
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | None) -> None:
+        param.data.copy_(loaded[:].float() + 1.0)
+
+
+class XIELU(nn.Module):
+    """Apertus' xIELU activation (arxiv 2411.13010), with its four learned scalars named as the checkpoint
+    names them: quadratic for x > 0, an exponential-linear blend below."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("alpha_p", "alpha_n", "beta", "eps"):
+            self.register_parameter(name, nn.Parameter(torch.zeros(1), requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha_p = F.softplus(self.alpha_p)
+        alpha_n = self.beta + F.softplus(self.alpha_n)
+        return torch.where(x > 0, alpha_p * x * x + self.beta * x,
+                           (torch.expm1(torch.minimum(x, self.eps)) - x) * alpha_n + self.beta * x)
+
+
+def layer_windows(config, max_positions: int) -> list[int | None]:
+    """Each layer's sliding window (None: it attends to the whole context). Configs that name layer kinds
+    (Gemma, Qwen2/3 with use_sliding_window) slide where a layer is "sliding_attention"; others (Mistral,
+    Phi-3) slide every layer where sliding_window is set. A window no shorter than the context slides nothing."""
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    if not window or window >= max_positions:
+        return [None] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in kinds]
+
+
+def uniform_window(config, max_positions: int) -> int | None:
+    """The window every layer slides over, where all of them do (Mistral 7B v0.1, Phi-3-mini): then a
+    sequence's blocks that fall out of it are never read again and can be handed on."""
+    windows = set(layer_windows(config, max_positions))
+    return windows.pop() if len(windows) == 1 else None
 
 
 def rope_inv_freq(rot_dim: int, rope: dict) -> torch.Tensor:

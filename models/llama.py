@@ -1,9 +1,10 @@
-"""The Llama family: Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Phi-3/4, and the
-mixture-of-experts members Mixtral, Qwen2-MoE and Qwen3-MoE.
+"""The Llama family: Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Phi-3/4, Gemma 2/3, Apertus,
+and the mixture-of-experts members Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 They differ only in facts the config carries (grouped-query heads, tied embeddings, q/k/v bias, rope
-scaling) and a few class facts (per-head q/k norms, fused checkpoint projections, which layers route to
-experts), so one module serves them all.
+scaling, sliding windows, soft caps, the activation) and a few class facts (per-head q/k norms, Gemma's
+norms around both blocks, fused checkpoint projections, which layers route to experts), so one module
+serves them all.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from paged.models.moe import FusedExperts, SparseMoeBlock
 from paged.quant.gguf import GGUFBlocks
 from paged.models.layers import (
     BlockLoading,
+    GemmaRMSNorm,
+    layer_windows,
+    XIELU,
     HeldElsewhere,
     LinearBase,
     ColumnParallelLinear,
@@ -46,24 +50,46 @@ def rope_parameters(config) -> dict:
     return params
 
 
+def layer_rope_parameters(config) -> list[dict]:
+    """Each layer's rope settings: one set for all, or (Gemma 3) one per layer kind, keyed by it."""
+    params = rope_parameters(config)
+    kinds = getattr(config, "layer_types", None) or []
+    if kinds and all(isinstance(params.get(kind), dict) for kind in set(kinds)):
+        shared = {k: v for k, v in params.items() if not isinstance(v, dict)}
+        return [{**shared, **params[kind]} for kind in kinds]
+    return [params] * config.num_hidden_layers
+
+
+# config activation name -> the gated op computing act(gate) * up
+_GATED_ACTIVATIONS = {"silu": "silu_and_mul", "gelu_pytorch_tanh": "gelu_tanh_and_mul"}
+
+
+def activation_name(config) -> str:
+    """Gemma names its activation hidden_activation, the others hidden_act."""
+    return getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config, comm: Communicator, attention: Attention, ops: dict, rotary: RotaryEmbedding,
-                 qkv_bias: bool, qk_norm: bool):
-        """`qk_norm`: an RMSNorm over each head of q and k before the rotation (Qwen3)."""
+                 qkv_bias: bool, qk_norm: type[RMSNorm] | None, window: int | None):
+        """`qk_norm`: the norm over each head of q and k before the rotation (Qwen3, Gemma 3, Apertus);
+        `window`: this layer's sliding window."""
         super().__init__()
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_splits = kv_head_splits(heads, kv_heads, comm.world_size)
         self.num_heads, self.num_kv_heads = heads // comm.world_size, kv_heads // kv_splits
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        # Gemma scales by query_pre_attn_scalar, which is not always head_dim.
+        self.scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self.window, self.softcap = window, getattr(config, "attn_logit_softcapping", None)
         d = self.head_dim
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [heads * d, kv_heads * d, kv_heads * d], qkv_bias,
                                              comm, ops, [comm.world_size, kv_splits, kv_splits])
         self.o_proj = RowParallelLinear(heads * d, config.hidden_size, getattr(config, "attention_bias", False), comm,
                                         ops)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
+        self.q_norm = qk_norm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
+        self.k_norm = qk_norm(self.head_dim, config.rms_norm_eps, ops) if qk_norm else None
         self.rotary = rotary  # one table shared by every layer
         self.attn = attention
         # (K, V) scales of an fp8 KV cache: the checkpoint's where it has them, else 1.
@@ -84,33 +110,49 @@ class LlamaAttention(nn.Module):
             meta,
             self.scale,
             self.kv_scale,
+            window=self.window,
+            softcap=self.softcap,
         )
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
 class LlamaMLP(nn.Module):
+    """The gated feed-forward block: act(gate) * up, then down (SwiGLU, or Gemma's GeGLU)."""
+
     def __init__(self, config, comm: Communicator, ops: dict, intermediate: int | None = None):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         inter = intermediate or config.intermediate_size
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"activation {config.hidden_act!r} is not supported (silu is)")
+        act = activation_name(config)
+        if act not in _GATED_ACTIVATIONS:
+            raise ValueError(f"activation {act!r} is not supported (these are: {', '.join(_GATED_ACTIVATIONS)})")
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter], bias, comm, ops)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, comm, ops)
-        self._act = ops["silu_and_mul"]
+        self._act = ops[_GATED_ACTIVATIONS[act]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self._act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, comm, attention, ops, rotary, family: LlamaForCausalLM, index: int):
+    """Pre-norm attention and feed-forward blocks. With `family.sandwich_norms` (Gemma 2/3) each block's
+    output is normed again before the residual add: post_attention_layernorm is then that norm of the
+    attention's output, and pre_feedforward_layernorm the feed-forward block's input norm."""
+
+    def __init__(self, config, comm, attention, ops, rotary, family: LlamaForCausalLM, index: int,
+                 window: int | None):
         super().__init__()
         qkv_bias = family.qkv_bias or getattr(config, "attention_bias", False)
-        self.self_attn = LlamaAttention(config, comm, attention, ops, rotary, qkv_bias, family.qk_norm)
+        norm, hidden = family.norm, config.hidden_size
+        self.self_attn = LlamaAttention(config, comm, attention, ops, rotary, qkv_bias,
+                                        family.norm if family.qk_norm else None, window)
         self.mlp = family.make_mlp(config, comm, ops, index)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.input_layernorm = norm(hidden, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = norm(hidden, config.rms_norm_eps, ops)
+        self.sandwich = family.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm(hidden, config.rms_norm_eps, ops)
+            self.post_feedforward_layernorm = norm(hidden, config.rms_norm_eps, ops)
 
     def forward(self, positions, hidden, residual, kv_cache, meta):
         if residual is None:
@@ -119,8 +161,11 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        if not self.sandwich:
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            return self.mlp(hidden), residual
+        hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 
 class LlamaModel(nn.Module):
@@ -134,19 +179,31 @@ class LlamaModel(nn.Module):
         self.stage_layers = layout.stage_layers(config.num_hidden_layers)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm) \
             if layout.is_first_stage else HeldElsewhere()
+        # Gemma multiplies the embeddings by sqrt(hidden), rounded to the model's dtype (the default one while
+        # the model is built) as it does.
+        self.embed_scale = torch.tensor(config.hidden_size**0.5).to(torch.get_default_dtype()).item() \
+            if family.sandwich_norms else None
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rotary = RotaryEmbedding(head_dim, max_positions, rope_parameters(config), ops)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, comm, attention, ops, rotary, family, i) if i in self.stage_layers
-            else HeldElsewhere() for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops) if layout.is_last_stage else HeldElsewhere()
+        rotaries: dict[str, RotaryEmbedding] = {}  # one table per distinct rope setting, shared by its layers
+        windows = layer_windows(config, max_positions)
+        layers = []
+        for i, rope in enumerate(layer_rope_parameters(config)):
+            if i not in self.stage_layers:
+                layers.append(HeldElsewhere())
+                continue
+            rotary = rotaries.setdefault(repr(sorted(rope.items())), RotaryEmbedding(head_dim, max_positions, rope, ops))
+            layers.append(LlamaDecoderLayer(config, comm, attention, ops, rotary, family, i, windows[i]))
+        self.layers = nn.ModuleList(layers)
+        self.norm = family.norm(config.hidden_size, config.rms_norm_eps, ops) if layout.is_last_stage \
+            else HeldElsewhere()
 
     def forward(self, input_ids, positions, kv_caches, meta, carried: torch.Tensor | None = None) -> torch.Tensor:
         """`carried`: the previous stage's output. Returns the final hidden states on the last stage, else
         what the next stage takes."""
         if carried is None:
             hidden, residual = self.embed_tokens(input_ids), None
+            if self.embed_scale is not None:
+                hidden = hidden * self.embed_scale
         else:
             hidden, residual = carried.unbind(0)
         for layer, kv_cache in zip(self.layers[self.stage_layers.start : self.stage_layers.stop], kv_caches):
@@ -164,6 +221,8 @@ _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight$")
 class LlamaForCausalLM(nn.Module):
     qkv_bias = False
     qk_norm = False
+    norm: type[RMSNorm] = RMSNorm
+    sandwich_norms = False  # Gemma's norms after each block too, and its scaled embeddings
     # checkpoint name fragment -> ours, where a checkpoint names a module otherwise
     renamed: dict[str, str] = {}
     # checkpoint name fragment -> (our packed parameter fragment, shard index)
@@ -192,6 +251,7 @@ class LlamaForCausalLM(nn.Module):
         self.attention = attention
         self.model = LlamaModel(config, comm, attention, ops, max_positions, self, layout)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm, ops) \
             if layout.is_first_stage else HeldElsewhere()
         if self.tied and layout.is_first_stage:
@@ -208,7 +268,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta, carried)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.logits(hidden).float()
+        logits = self.lm_head.logits(hidden).float()
+        if self.final_softcap is not None:  # Gemma 2's soft cap on the logits
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFBlocks | LazyTensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into this rank's parameters; returns names loaded.
@@ -342,3 +405,45 @@ class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
 
     def shared_expert(self, config, comm: Communicator, ops: dict) -> nn.Module | None:
         return LlamaMLP(config, comm, ops, config.shared_expert_intermediate_size)
+
+
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    """Gemma 2: GeGLU, norms before and after each block with (1 + weight) scaling, scaled embeddings, soft
+    caps on attention scores and on the logits, sliding-window and global layers alternating."""
+
+    norm = GemmaRMSNorm
+    sandwich_norms = True
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Gemma 3 text: Gemma 2's layout with q/k norms instead of the attention soft cap, five sliding layers
+    to one global, and a rope base (and scaling) of its own for each kind of layer."""
+
+    qk_norm = True
+
+
+class ApertusMLP(nn.Module):
+    """Apertus' feed-forward block: no gate, up, xIELU, down."""
+
+    def __init__(self, config, comm: Communicator, ops: dict):
+        super().__init__()
+        if config.hidden_act != "xielu":
+            raise ValueError(f"activation {config.hidden_act!r} is not supported for Apertus (xielu is)")
+        self.up_proj = ColumnParallelLinear(config.hidden_size, [config.intermediate_size], False, comm, ops)
+        self.act_fn = XIELU()
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, False, comm, ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+class ApertusForCausalLM(LlamaForCausalLM):
+    """Apertus, the Swiss open model: Llama 3 rope scaling and q/k norms, with a single up projection
+    through xIELU in place of the gated MLP."""
+
+    qk_norm = True
+    renamed = {".attention_layernorm.": ".input_layernorm.", ".feedforward_layernorm.": ".post_attention_layernorm."}
+    packed = {k: v for k, v in LlamaForCausalLM.packed.items() if v[0] == ".qkv_proj."}
+
+    def make_mlp(self, config, comm: Communicator, ops: dict, index: int) -> nn.Module:
+        return ApertusMLP(config, comm, ops)

@@ -26,7 +26,8 @@ _SINGLE_FILE = "model.safetensors"
 
 # GGUF architectures we read, and whether llama.cpp's converter permuted their Q and K rows
 # (Mistral and other Llama-likes are written as "llama").
-_GGUF_PERMUTES_QK = {"llama": True, "qwen2": False, "qwen3": False, "phi3": False}
+_GGUF_PERMUTES_QK = {"llama": True, "qwen2": False, "qwen3": False, "phi3": False, "gemma2": False, "gemma3": False,
+                     "qwen2moe": False, "qwen3moe": False}
 
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -46,9 +47,24 @@ _GGUF_LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",  # a mixture of experts' router, and Qwen2-MoE's shared expert
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
-# Where an architecture's GGUF parts name other modules: Phi-3 keeps its fused projections.
-_GGUF_ARCH_LAYER_NAMES = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
+_GEMMA_LAYER_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                      "post_ffw_norm": "post_feedforward_layernorm"}
+# Where an architecture's GGUF parts name other modules: Phi-3 keeps its fused projections; Gemma has norms
+# around both blocks.
+_GGUF_ARCH_LAYER_NAMES = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+                          "gemma2": _GEMMA_LAYER_NAMES, "gemma3": _GEMMA_LAYER_NAMES}
+# Every expert's matrix of one projection, stacked [experts, out, in]: handed out one expert at a time, under
+# the per-expert names of a Hugging Face checkpoint.
+_GGUF_STACKED_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_GGUF_EXPERTS_TENSOR = re.compile(r"blk\.(?P<layer>\d+)\.(?P<part>ffn_(?:gate|up|down)_exps)\.weight")
+# llama.cpp's converter stores Gemma's norm weights plus one (its kernels scale by the weight alone).
+_GGUF_NORMS_PLUS_ONE = {"gemma2", "gemma3"}
 
 _GGUF_LAYER_TENSOR = re.compile(r"blk\.(?P<layer>\d+)\.(?P<part>\w+)\.(?P<kind>weight|bias)")
 
@@ -208,11 +224,21 @@ def iter_gguf(path: str | Path, dtype: torch.dtype, keep_blocks: frozenset[str] 
     for tensor in reader.tensors:
         if tensor.name in _GGUF_IGNORED:
             continue
+        experts = _GGUF_EXPERTS_TENSOR.fullmatch(tensor.name)
+        if experts:
+            prefix = f"model.layers.{experts['layer']}.mlp.experts"
+            if wanted(prefix):
+                stacked = dequantize_tensor(tensor, dtype)
+                projection = _GGUF_STACKED_EXPERTS[experts["part"]]
+                yield from ((f"{prefix}.{e}.{projection}.weight", matrix) for e, matrix in enumerate(stacked))
+            continue
         name, part = _hf_name(tensor.name, arch)
         if not wanted(name):
             continue
         if len(tensor.shape) != 2:  # a norm or a bias
             weight = dequantize_tensor(tensor, dtype)
+            if arch in _GGUF_NORMS_PLUS_ONE and name.endswith("norm.weight"):
+                weight = weight - 1
             yield name, _unpermute_rows(weight, permuted_heads[part]) if part in permuted_heads else weight
             continue
         unread = GGUFTensor(tensor, dtype, permuted_heads.get(part))

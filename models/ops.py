@@ -54,6 +54,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[tokens, 2 * inter] -> [tokens, inter]: GeGLU, gelu(gate) (tanh approximation, as Gemma's) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """[tokens, hidden] through each token's top-k experts, weighted by topk_weights [tokens, k]: for every
@@ -111,6 +117,7 @@ NATIVE: dict[str, Any] = {
     "add_rms_norm": add_rms_norm,
     "rotary": rotary,
     "silu_and_mul": silu_and_mul,
+    "gelu_tanh_and_mul": gelu_tanh_and_mul,
     "fused_moe": fused_moe,
 }
 

@@ -10,7 +10,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
     for cls in (llama.LlamaForCausalLM, llama.MistralForCausalLM, llama.Qwen2ForCausalLM, llama.Qwen3ForCausalLM,
                 llama.Phi3ForCausalLM, llama.MixtralForCausalLM, llama.Qwen2MoeForCausalLM,
-                llama.Qwen3MoeForCausalLM)
+                llama.Qwen3MoeForCausalLM, llama.Gemma2ForCausalLM, llama.Gemma3ForCausalLM,
+                llama.ApertusForCausalLM)
 }
 
 

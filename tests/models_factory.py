@@ -8,6 +8,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    ApertusConfig,
+    ApertusForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -39,6 +45,18 @@ ARCHS = {
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64), rope_theta=500000.0)),
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None, num_key_value_heads=1)),
+    # Every layer slides over 24 tokens, shorter than most prompts: blocks that leave the window are freed.
+    "mistral-sliding": (MistralConfig, MistralForCausalLM, dict(sliding_window=24)),
+    # Gemma: sliding windows shorter than the longer prompts, alternating with global layers. Gemma 2's
+    # attention soft cap is made small and its scores sharp, so that both change the tokens at this scale.
+    # Untied: with tied embeddings scaled by sqrt(hidden), a tiny model predicts from its input token alone
+    # and attention would hardly change the tokens.
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(head_dim=16, tie_word_embeddings=False, query_pre_attn_scalar=4, sliding_window=6,
+                                                     attn_logit_softcapping=5.0, final_logit_softcapping=30.0)),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        head_dim=32, tie_word_embeddings=False, query_pre_attn_scalar=8, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "apertus": (ApertusConfig, ApertusForCausalLM, dict(tie_word_embeddings=False)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True, use_sliding_window=False)),
     # head_dim beside hidden_size / heads, as Qwen3's own shapes have it
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=True, use_sliding_window=False)),

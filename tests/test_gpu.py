@@ -27,7 +27,7 @@ def gpu_device() -> str:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3-scaled", "qwen3", "phi3", "mixtral", "qwen3-moe",
-                                  "qwen2-moe"])
+                                  "qwen2-moe", "gemma2", "gemma3", "apertus", "mistral-sliding"])
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
 def test_greedy_matches_transformers_on_gpu(arch, eager, gpu_device, tmp_path):
     reference = save_tiny_model(arch, tmp_path, seed=random.randrange(1 << 30))

@@ -153,6 +153,34 @@ def test_gguf_names_and_qk_layout(tmp_path: Path, arch: str) -> None:
         assert torch.equal(ours[name], torch.from_numpy(weight)), name
 
 
+def test_gguf_gemma_norms_and_stacked_experts(tmp_path: Path) -> None:
+    """Gemma's norms come back without the one llama.cpp adds, under the names of its four norms; stacked
+    expert matrices come back one expert at a time, with the router and Qwen2-MoE's shared expert."""
+    rng = np.random.default_rng(0)
+    norms = {name: rng.standard_normal(32, dtype=np.float32) for name in (
+        "attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "attn_q_norm")}
+    write_arch_gguf(tmp_path / "gemma.gguf", "gemma3", {f"blk.0.{n}.weight": w + 1 for n, w in norms.items()})
+    ours = dict(iter_gguf(tmp_path / "gemma.gguf", torch.float32))
+    hf_names = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm", "self_attn.q_norm"]
+    for hf_name, weight in zip(hf_names, norms.values()):
+        assert torch.allclose(ours[f"model.layers.0.{hf_name}.weight"], torch.from_numpy(weight), atol=1e-6)
+
+    stacked = {part: rng.standard_normal((4, 16, 8) if part != "down" else (4, 8, 16), dtype=np.float32)
+               for part in ("gate", "up", "down")}
+    router, shared_gate = rng.standard_normal((4, 8), dtype=np.float32), rng.standard_normal((1, 8), dtype=np.float32)
+    write_arch_gguf(tmp_path / "moe.gguf", "qwen2moe", {
+        **{f"blk.1.ffn_{part}_exps.weight": w for part, w in stacked.items()},
+        "blk.1.ffn_gate_inp.weight": router, "blk.1.ffn_gate_inp_shexp.weight": shared_gate})
+    ours = dict(iter_gguf(tmp_path / "moe.gguf", torch.float32))
+    expected = {f"model.layers.1.mlp.experts.{e}.{part}_proj.weight": w[e] for part, w in stacked.items()
+                for e in range(4)}
+    expected |= {"model.layers.1.mlp.gate.weight": router, "model.layers.1.mlp.shared_expert_gate.weight": shared_gate}
+    assert ours.keys() == expected.keys()
+    for name, weight in expected.items():
+        assert torch.equal(ours[name], torch.from_numpy(weight)), name
+
+
 def test_gguf_unsupported_architecture_and_tensor(tmp_path: Path) -> None:
     write_arch_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.zeros((4, 32), np.float32)})
     with pytest.raises(UserError, match="architecture 'gpt2'"):

@@ -65,8 +65,8 @@ def test_broken_attention_is_caught(tiny, monkeypatch):
     from paged.backends.cpu.backend import CPUBackend
 
     class NewestOnly(TorchPagedAttention):
-        def forward(self, query, key, value, kv_cache, meta, scale, kv_scale=None):
-            super().forward(query, key, value, kv_cache, meta, scale, kv_scale)  # the cache is written as usual
+        def forward(self, query, key, value, kv_cache, meta, scale, kv_scale=None, **layer):
+            super().forward(query, key, value, kv_cache, meta, scale, kv_scale, **layer)  # the cache is written
             return value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)  # softmax over one key
 
     monkeypatch.setattr(CPUBackend, "attention", lambda self, max_model_len: NewestOnly(self._avx2_kernels[0]))
@@ -76,3 +76,15 @@ def test_broken_attention_is_caught(tiny, monkeypatch):
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=24,
                            min_tokens=24), use_tqdm=False)
     assert any(out.outputs[0].token_ids != hf_greedy(reference, p, 24) for p, out in zip(prompts, outputs))
+
+
+def test_sliding_window_blocks_handed_on_keep_greedy_exact(tmp_path):
+    """Every layer slides over 24 tokens: four 90-token prompts need 32 blocks of 16 without releasing any,
+    and run at once in 14 because blocks behind the window go back to the pool (and, with no prefix cache
+    keeping them, straight to other sequences while the old tables still name them)."""
+    reference = save_tiny_model("mistral-sliding", tmp_path, seed=random.randrange(1 << 30))
+    llm = LLM(model=str(tmp_path), dtype="float32", device="cpu", max_model_len=128, num_gpu_blocks_override=14,
+              enable_prefix_caching=False, max_num_batched_tokens=32)
+    assert llm.engine.block_manager.window == 24
+    check_greedy(llm, reference, lengths=(90, 90, 90, 90))
+    assert llm.engine.scheduler.num_preemptions == 0

@@ -18,8 +18,12 @@ BLOCK = 4
 def check_pool(bm: BlockManager, sched: Scheduler) -> None:
     owners = Counter()
     for request in sched.running:
-        assert len(set(request.block_ids)) == len(request.block_ids), "a request holds a block twice"
-        owners.update(request.block_ids)
+        held = request.block_ids[request.num_released_blocks :]  # the others: behind the sliding window
+        assert len(set(held)) == len(held), "a request holds a block twice"
+        owners.update(held)
+        if bm.window is not None:  # every key a query of the next step may see is still held
+            first_seen = max(0, request.num_computed_tokens - bm.window + 1)
+            assert request.num_released_blocks <= first_seen // BLOCK
     for request in sched.waiting:
         assert not request.block_ids, "a waiting request holds blocks"
     for block in bm.blocks:
@@ -59,9 +63,9 @@ ops = st.lists(
 
 @settings(max_examples=150, deadline=None)
 @given(ops=ops, num_blocks=st.integers(9, 24), budget=st.integers(1, 24), max_seqs=st.integers(1, 6),
-       caching=st.booleans())
-def test_any_sequence_keeps_invariants_and_finishes(ops, num_blocks, budget, max_seqs, caching):
-    bm = BlockManager(num_blocks, BLOCK, caching)
+       caching=st.booleans(), window=st.one_of(st.none(), st.integers(1, 10)))
+def test_any_sequence_keeps_invariants_and_finishes(ops, num_blocks, budget, max_seqs, caching, window):
+    bm = BlockManager(num_blocks, BLOCK, caching, window)
     sched = Scheduler(bm, max_seqs, budget)
     requests: list[Request] = []
     for op in ops:
@@ -131,3 +135,17 @@ def test_a_block_with_a_token_still_in_flight_is_not_cached():
     request.num_computed_tokens = 4
     request.token_ids.append(9)
     assert bm.allocate(request, 1) and len(request.block_hashes) == 1 and len(bm.cached) == 1
+
+
+def test_blocks_behind_a_sliding_window_are_released():
+    """A sequence far longer than its window holds only the blocks the window spans; the rest go back."""
+    bm = BlockManager(8, BLOCK, enable_prefix_caching=False, window=6)
+    sched = Scheduler(bm, 1, 4)
+    request = Request("long", [1] * 40, SamplingParams(max_tokens=20))  # 60 tokens: 15 blocks without release
+    sched.add(request)
+    while sched.has_unfinished():
+        fake_step(sched, 4, 1)
+        check_pool(bm, sched)
+        if not request.status.finished:
+            assert len(request.block_ids) - request.num_released_blocks <= -(-(6 + 4) // BLOCK) + 1
+    assert request.num_output_tokens == 20 and sched.num_preemptions == 0

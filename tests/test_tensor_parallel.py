@@ -22,7 +22,8 @@ from tests.models_factory import VOCAB, save_tiny_model, split_workload
 SPLITS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
 # Every split of the dense families; the experts' own split (their intermediate slices) once per MoE family.
 SPLIT_CASES = [(arch, split) for arch in ("llama", "mistral", "qwen2") for split in SPLITS] + [
-    ("qwen3", "tp2"), ("phi3", "tp2"), ("mixtral", "tp2"), ("qwen3-moe", "tp2xpp2"), ("qwen2-moe", "tp2")]
+    ("qwen3", "tp2"), ("phi3", "tp2"), ("mixtral", "tp2"), ("qwen3-moe", "tp2xpp2"), ("qwen2-moe", "tp2"),
+    ("gemma2", "tp2"), ("gemma3", "tp2xpp2"), ("apertus", "tp2")]
 
 
 @pytest.mark.parametrize("arch, split", SPLIT_CASES, ids=[f"{arch}-{split}" for arch, split in SPLIT_CASES])
