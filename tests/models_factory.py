@@ -93,7 +93,9 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 def save_tiny_model(arch: str, folder: Path, seed: int = 0, **overrides) -> torch.nn.Module:
     """`overrides`: config fields to change (a vocabulary larger than the tokenizer's, say)."""
     config_cls, model_cls, extra = ARCHS[arch]
-    config = config_cls(**{**SHAPE, **extra, **overrides})
+    # Eager attention: the one every transformers version computes soft caps in (Gemma 2's are dropped by
+    # sdpa, the default of some versions).
+    config = config_cls(**{**SHAPE, **extra, **overrides}, attn_implementation="eager")
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     model.save_pretrained(folder)

@@ -56,7 +56,8 @@ def test_auto_on_a_bfloat16_checkpoint(tiny, cpu_level, tmp_path):
     llm = LLM(model=str(tmp_path), device="cpu", max_num_batched_tokens=64, kv_cache_memory="64MiB")
     if llm.engine.precision.compute != torch.float32:
         pytest.skip(f"auto is {llm.engine.precision} at {cpu_level}")
-    check_greedy(llm, AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval())
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    check_greedy(llm, reference.eval())
 
 
 def test_broken_attention_is_caught(tiny, monkeypatch):
