@@ -8,6 +8,7 @@
 # serve-hf (`transformers serve` with continuous batching, and paged on the same chat workload),
 # quant-kernels, fp8-w1-8b, fp8-single-8b, awq-single-8b, awq-w1-8b, gptq-single-8b, long-8b, long-8b-fp8kv,
 # awq-single-70b, awq-w1-70b (quantized weights and the FP8 KV cache), moe-kernel, w1-mixtral, single-mixtral,
+# w1-mixtral-fp8, single-mixtral-fp8 (experts quantized to FP8 at load),
 # w1-qwen3-moe, single-qwen3-moe (mixture of experts), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
 # .bench/smollm2-tokenizer: a shape has no tokenizer).
 # Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
@@ -73,6 +74,10 @@ want w1-mixtral && bench w1-mixtral --shape mixtral-8x7b --num-prompts 256 --inp
   --max-model-len 4096
 want single-mixtral && bench single-mixtral --shape mixtral-8x7b --num-prompts 1 --input-len 512 --output-len 512 \
   --max-model-len 4096
+want w1-mixtral-fp8 && bench w1-mixtral-fp8 --shape mixtral-8x7b --quantization fp8 --num-prompts 256 \
+  --input-len 512 --output-len 256 --max-model-len 4096
+want single-mixtral-fp8 && bench single-mixtral-fp8 --shape mixtral-8x7b --quantization fp8 --num-prompts 1 \
+  --input-len 512 --output-len 512 --max-model-len 4096
 want w1-qwen3-moe && bench w1-qwen3-moe --shape qwen3-30b-a3b --num-prompts 256 --input-len 512 --output-len 256 \
   --max-model-len 4096
 want single-qwen3-moe && bench single-qwen3-moe --shape qwen3-30b-a3b --num-prompts 1 --input-len 512 \

@@ -6,6 +6,10 @@ nothing for the others) instead of looping over experts in Python. Tensor parall
 intermediate dimension over the ranks, as a dense MLP is split: each rank holds a slice of every expert,
 computes partial sums for all routed tokens, and one all-reduce adds them. (An expert-parallel layout, whole
 experts per rank with tokens sent to them, would suit many-expert models on many GPUs; it is not built.)
+
+Quantized experts go through the quantization method of the decoder's linears: one with a form for experts
+(`--quantization fp8`) has them rounded per expert and output channel once loaded, and the op computes from
+the 8-bit codes and their scales, reading half the bytes of bf16 experts.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from paged.backends.interface import Communicator
+from paged.quant.base import quantize_rows
 
 
 class FusedExperts(nn.Module):
@@ -30,6 +35,13 @@ class FusedExperts(nn.Module):
         if intermediate % comm.world_size:
             raise ValueError(f"expert size {intermediate} is not divisible by the tensor-parallel size "
                              f"{comm.world_size}")
+        method = getattr(ops["decoder_linear"], "method", None)  # the decoder linears' QuantMethod, if any
+        self.quantized_to = method.expert_dtype() if method is not None else None
+        if method is not None and self.quantized_to is None:
+            raise ValueError(f"mixture-of-experts layers cannot take {method.describe()} experts yet: load a dense "
+                             "checkpoint (with --quantization fp8 to quantize the experts too)")
+        for name in ("w13_scale", "w2_scale"):  # [experts, rows] float32 once quantized
+            self.register_buffer(name, None, persistent=False)
         self.comm = comm
         self.local = intermediate // comm.world_size
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.local, hidden), requires_grad=False)
@@ -49,8 +61,21 @@ class FusedExperts(nn.Module):
                 tensor.narrow(0, start, self.local))
         return name
 
+    def process_weights(self) -> None:
+        """Once loaded, round every expert's rows to the quantization's type, each with a scale of its own."""
+        if self.quantized_to is None:
+            return
+        for name in ("w13", "w2"):
+            dense = getattr(self, f"{name}_weight")
+            experts, rows, columns = dense.shape
+            matrix = quantize_rows(dense.data.reshape(experts * rows, columns), self.quantized_to)
+            codes = matrix.weight.view(experts, rows, columns)
+            setattr(self, f"{name}_weight", nn.Parameter(codes, requires_grad=False))
+            setattr(self, f"{name}_scale", matrix.scale.view(experts, rows))
+
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(self._fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids))
+        return self.comm.all_reduce(self._fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids,
+                                                    self.w13_scale, self.w2_scale))
 
 
 class SparseMoeBlock(nn.Module):

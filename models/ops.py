@@ -61,10 +61,12 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """[tokens, hidden] through each token's top-k experts, weighted by topk_weights [tokens, k]: for every
     expert that got tokens, its gate/up rows w13[e] [2 * inter, hidden], silu_and_mul, and w2[e] [hidden, inter].
-    The experts run in ascending order, one GEMM each over the tokens routed to it."""
+    The experts run in ascending order, one GEMM each over the tokens routed to it. With scales ([E, rows]
+    float32), w13 and w2 hold 8-bit codes, each expert's widened to x's dtype as it runs."""
     out = torch.zeros_like(x)
     k = topk_ids.shape[1]
     order = topk_ids.flatten().argsort(stable=True)
@@ -74,10 +76,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     for expert, count in enumerate(counts):
         if count:
             rows = tokens[start : start + count]
-            hidden = F.linear(silu_and_mul(F.linear(x[rows], w13[expert])), w2[expert])
+            hidden = F.linear(silu_and_mul(F.linear(x[rows], _widened(w13, w13_scale, expert, x.dtype))),
+                              _widened(w2, w2_scale, expert, x.dtype))
             out.index_add_(0, rows, (hidden * weights[start : start + count, None]).to(x.dtype))
             start += count
     return out
+
+
+def _widened(weight: torch.Tensor, scale: torch.Tensor | None, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    if scale is None:
+        return weight[expert]
+    return (weight[expert].float() * scale[expert][:, None]).to(dtype)
 
 
 class LinearMethod:

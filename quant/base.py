@@ -61,6 +61,11 @@ class QuantMethod(ABC):
     def describe(self) -> str:
         """For the start-up log, e.g. "awq 4-bit, groups of 128"."""
 
+    def expert_dtype(self) -> torch.dtype | None:
+        """The type a mixture of experts' stacked matrices are quantized to at load, per expert and output
+        channel, for the fused MoE op to compute from; None where this method has no form for experts."""
+        return None
+
     def check_modules(self, ignored: list[str]) -> None:
         """Refuse configs that leave decoder layers unquantized: every decoder linear shares one method here,
         and only the LM head (always computed densely) may be left out."""

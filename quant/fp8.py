@@ -64,6 +64,11 @@ class FP8(QuantMethod):
     def random(self, shape: tuple[int, int], device: torch.device, generator: torch.Generator) -> ScaledMatrix:
         return quantize_rows(random_dense(shape, device, generator), torch.float8_e4m3fn)
 
+    def expert_dtype(self) -> torch.dtype | None:
+        """Experts are quantized at load like the linears (FP8 checkpoints' expert scales are not read yet);
+        the fused MoE op widens them per tile, so their activations stay in the compute dtype (W8A16)."""
+        return None if self.serialized else torch.float8_e4m3fn
+
     def describe(self) -> str:
         if not self.serialized:
             return "fp8 W8A8 quantized at load (per-channel weights, per-token activations)"

@@ -176,3 +176,27 @@ def test_structured_output_on_gpu(eager, gpu_device, tmp_path):
     for tokens in runs[gpu_device][:2]:
         assert len(tokens) == 9 and all(re.fullmatch(r"w[1-9][0-9]?", words[t]) for t in tokens[:8])
     assert runs[gpu_device] == runs["cpu"]
+
+
+@pytest.mark.parametrize("tokens", [1, 40, 600])
+def test_fp8_experts_kernel_on_gpu(tokens, gpu_device):
+    """The fused MoE kernel over float8 experts (a scale per expert and row), compiled, against the plain-torch
+    op in float64 over the values the codes encode."""
+    from paged.backends.cuda.kernels.fused_moe import fused_moe
+    from paged.models.ops import fused_moe as reference
+
+    experts, top_k, hidden, inter = 16, 4, 256, 192
+    x = torch.randn(tokens, hidden).bfloat16()
+    codes, scales = [], []
+    for shape in ((experts, 2 * inter, hidden), (experts, hidden, inter)):
+        dense = torch.randn(*shape) / shape[-1] ** 0.5
+        scale = dense.abs().amax(-1) / torch.finfo(torch.float8_e4m3fn).max
+        codes.append((dense / scale[..., None]).to(torch.float8_e4m3fn))
+        scales.append(scale)
+    ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k).softmax(-1)
+    on_gpu = [t.to(gpu_device) for t in (x, codes[0], codes[1], weights, ids, scales[0], scales[1])]
+    y = fused_moe(*on_gpu).cpu().double()
+    decoded = [c.double() * s.double()[..., None] for c, s in zip(codes, scales)]
+    expected = reference(x.double(), decoded[0], decoded[1], weights.double(), ids)
+    assert float((y - expected).norm() / expected.norm()) < 1e-2

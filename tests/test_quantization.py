@@ -131,6 +131,33 @@ def test_fp8_on_the_fly_equals_rounded_weights(tmp_path):
     assert greedy(dense_dir, prompts, quantization="fp8") == greedy(rounded_dir, prompts)
 
 
+def test_fp8_experts_equal_rounded_experts(tmp_path):
+    """--quantization fp8 on a mixture of experts rounds the experts too, per expert and output channel: the
+    tokens are those of the dense model whose linears and experts hold the rounded values."""
+    from tests.models_factory import save_tiny_model, word_tokenizer
+
+    dense_dir, rounded_dir = tmp_path / "dense", tmp_path / "rounded"
+    twin = save_tiny_model("qwen3-moe", dense_dir, seed=random.randrange(1 << 30))
+    for name, module in twin.named_modules():
+        if name.endswith("_proj") and "layers" in name and isinstance(module, torch.nn.Linear):
+            module.weight.data = quantize_rows(module.weight.data, torch.float8_e4m3fn).dequantize()
+        if name.endswith("mlp.experts") and hasattr(module, "gate_up_proj"):
+            for stacked in (module.gate_up_proj, module.down_proj):  # [experts, outputs, inputs]
+                rows = stacked.data.reshape(-1, stacked.shape[-1])
+                stacked.data = quantize_rows(rows, torch.float8_e4m3fn).dequantize().view(stacked.shape)
+    twin.save_pretrained(rounded_dir)
+    word_tokenizer().save_pretrained(rounded_dir)
+    prompts = random_prompts()
+    fp8 = LLM(model=str(dense_dir), dtype="float32", device="cpu", kv_cache_memory="64MiB", quantization="fp8")
+    experts = fp8.engine.core.model.model.layers[0].mlp.experts
+    assert experts.w13_weight.dtype == torch.float8_e4m3fn and experts.w2_scale is not None
+    params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+    ours = [o.outputs[0].token_ids for o in fp8.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                         use_tqdm=False)]
+    assert ours == greedy(rounded_dir, prompts)
+    assert ours != greedy(dense_dir, prompts)  # the rounding is large enough to change the tokens here
+
+
 def test_kv_cache_scales_are_loaded(tmp_path):
     quantized, _ = write_quantized(tmp_path, "fp8", seed=1, kv_scales=True)
     llm = LLM(model=str(quantized), dtype="float32", device="cpu", kv_cache_memory="64MiB", kv_cache_dtype="fp8")

@@ -145,6 +145,28 @@ def test_matches_reference(case: Case):
     assert err < TOLERANCE[case.dtype], f"{case}: relative error {err:.3g}"
 
 
+@interpreted
+@pytest.mark.parametrize("case", [Case(7, 8, 2, 48, 40, f32), Case(150, 16, 4, 200, 136, bf16, routing="subset"),
+                                  Case(300, 8, 2, 48, 40, bf16)], ids=str)
+def test_fp8_experts_match_reference(case: Case):
+    """Experts as float8 codes with a scale per (expert, row): against float64 over the values they encode."""
+    x = torch.randn(case.tokens, case.hidden).to(case.dtype)
+    dense13 = torch.randn(case.experts, 2 * case.inter, case.hidden) / case.hidden**0.5
+    dense2 = torch.randn(case.experts, case.hidden, case.inter) / case.inter**0.5
+    (w13, s13), (w2, s2) = (quantized(w) for w in (dense13, dense2))
+    topk_weights, topk_ids = route(case)
+    y = fused_moe(x, w13, w2, topk_weights, topk_ids, s13, s2)
+    decoded13, decoded2 = (w.double() * s.double()[..., None] for w, s in ((w13, s13), (w2, s2)))
+    err = relative_error(y, reference(x, decoded13, decoded2, topk_weights, topk_ids))
+    assert err < TOLERANCE[case.dtype], f"{case}: relative error {err:.3g}"
+
+
+def quantized(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8_e4m3fn codes and float32 scales of each row of each expert."""
+    scale = dense.abs().amax(-1) / torch.finfo(torch.float8_e4m3fn).max
+    return (dense / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
 def test_no_tokens():
     x = torch.randn(0, 48)
     y = fused_moe(x, torch.randn(8, 80, 48), torch.randn(8, 48, 40), torch.ones(0, 2), torch.zeros(0, 2).long())

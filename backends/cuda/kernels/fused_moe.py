@@ -27,9 +27,9 @@ import triton.language as tl
 
 @triton.jit
 def _expert_gemm_kernel(
-    out_ptr, a_ptr, w_ptr, sorted_pairs_ptr, tile_experts_ptr, routing_ptr,
-    num_pairs, num_experts, N, K, stride_am, stride_we, stride_wn, stride_om,
-    PAIRS_PER_A_ROW: tl.constexpr, GATED: tl.constexpr, ROUTED: tl.constexpr,
+    out_ptr, a_ptr, w_ptr, scale_ptr, sorted_pairs_ptr, tile_experts_ptr, routing_ptr,
+    num_pairs, num_experts, N, K, stride_am, stride_we, stride_wn, stride_se, stride_om,
+    PAIRS_PER_A_ROW: tl.constexpr, GATED: tl.constexpr, ROUTED: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -37,6 +37,8 @@ def _expert_gemm_kernel(
 
     Row p of a is pair p's input, a[p // PAIRS_PER_A_ROW]; the expert's weight w[e] is [N, K] (with GATED,
     [2N, K]: gate rows, then up rows, and out = silu(gate) * up). ROUTED multiplies row p by routing[p].
+    SCALED: w holds 8-bit codes, widened exactly to the dot's type per tile, and scale[e, n] multiplies output
+    column n of the fp32 sums (gate and up columns each by their own) before anything is rounded.
     """
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -61,6 +63,11 @@ def _expert_gemm_kernel(
         if GATED:
             up = tl.load(w_tile + N * stride_wn + k0, mask=w_mask, other=0.0)
             acc_up = tl.dot(a, up.to(DOT_DTYPE), acc_up, input_precision=DOT_PRECISION)
+    if SCALED:
+        scale_row = scale_ptr + expert.to(tl.int64) * stride_se
+        acc *= tl.load(scale_row + offs_n, mask=n_mask, other=0.0)[None, :]
+        if GATED:
+            acc_up *= tl.load(scale_row + N + offs_n, mask=n_mask, other=0.0)[None, :]
     if GATED:
         # Rounded to x's dtype where the plain-torch op stores: gate and up (F.linear), then silu(gate).
         gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -141,10 +148,12 @@ def _sort_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
 
 
 def fused_moe(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same values as paged.models.ops.fused_moe: x [T, H] through each token's top-k experts, w13 [E, 2I, H]
-    (gate rows, then up rows) and w2 [E, H, I], weighted by topk_weights [T, k]; [T, H] in x's dtype."""
+    (gate rows, then up rows) and w2 [E, H, I], weighted by topk_weights [T, k]; [T, H] in x's dtype. With
+    w13_scale [E, 2I] and w2_scale [E, H] (float32), the weights are 8-bit codes (float8_e4m3fn)."""
     if x.dtype not in _TL_DTYPES:
         raise TypeError(f"fused_moe takes bfloat16, float16 or float32 inputs, not {x.dtype}")
     tokens, hidden = x.shape
@@ -153,6 +162,8 @@ def fused_moe(
     if tokens == 0:
         return torch.zeros_like(x)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    scaled = w13_scale is not None
+    w13_scale, w2_scale = (s.float().contiguous() if scaled else w for s, w in ((w13_scale, w13), (w2_scale, w2)))
     num_pairs = tokens * top_k
     tiles = _tiles(num_pairs, num_experts, x.dtype)
     sorted_pairs, tile_experts = _sort_pairs(topk_ids, num_experts, tiles.block_m)
@@ -164,13 +175,13 @@ def fused_moe(
         num_stages=tiles.num_stages, **_dot_args(x.dtype),
     )  # fmt: skip
     _expert_gemm_kernel[(tile_experts.numel(), triton.cdiv(inter, tiles.block_n))](
-        activated, x, w13, sorted_pairs, tile_experts, routing, num_pairs, num_experts, inter, hidden,
-        x.stride(0), w13.stride(0), w13.stride(1), activated.stride(0),
-        PAIRS_PER_A_ROW=top_k, GATED=True, ROUTED=False, **common,
+        activated, x, w13, w13_scale, sorted_pairs, tile_experts, routing, num_pairs, num_experts, inter, hidden,
+        x.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), activated.stride(0),
+        PAIRS_PER_A_ROW=top_k, GATED=True, ROUTED=False, SCALED=scaled, **common,
     )  # fmt: skip
     _expert_gemm_kernel[(tile_experts.numel(), triton.cdiv(hidden, tiles.block_n))](
-        per_pair, activated, w2, sorted_pairs, tile_experts, routing, num_pairs, num_experts, hidden, inter,
-        activated.stride(0), w2.stride(0), w2.stride(1), per_pair.stride(0),
-        PAIRS_PER_A_ROW=1, GATED=False, ROUTED=True, **common,
+        per_pair, activated, w2, w2_scale, sorted_pairs, tile_experts, routing, num_pairs, num_experts, hidden, inter,
+        activated.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), per_pair.stride(0),
+        PAIRS_PER_A_ROW=1, GATED=False, ROUTED=True, SCALED=scaled, **common,
     )  # fmt: skip
     return per_pair.view(tokens, top_k, hidden).sum(1)
