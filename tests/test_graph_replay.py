@@ -21,9 +21,9 @@ class ValueFreeAttention(TorchPagedAttention):
     def prepare(self, meta):
         return None
 
-    def forward(self, query, key, value, kv_cache, meta, scale, kv_scale=None):
+    def forward(self, query, key, value, kv_cache, meta, scale, kv_scale=None, **layer):
         meta.prepared = build_padded_batch(meta)
-        return super().forward(query, key, value, kv_cache, meta, scale)
+        return super().forward(query, key, value, kv_cache, meta, scale, kv_scale, **layer)
 
 
 class ReplayingCPUBackend(CPUBackend):
