@@ -25,7 +25,7 @@ from paged.config import EngineConfig
 from paged.default_model import DEFAULT_MODEL_SAMPLING, default_model_path
 from paged.errors import UserError
 from paged.hub import HubModel, fetch, hub_model
-from paged.models.loader import LazyTensor, gguf_matrix_type, iter_gguf, iter_safetensors
+from paged.models.loader import LazyTensor, gguf_gemma_facts, gguf_matrix_type, iter_gguf, iter_safetensors
 from paged.quant.gguf import GGUFBlocks
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,8 @@ def _converted_gguf(path: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     logger.info("reading the config and tokenizer of %s once, into %s (the next start skips this)", path.name, folder)
-    config = _with_architectures(_from_pretrained(AutoConfig, "config", path.parent, path.name))
+    config = _with_gemma_facts(_with_architectures(_from_pretrained(AutoConfig, "config", path.parent, path.name)),
+                               path)
     tokenizer = _from_pretrained(AutoTokenizer, "tokenizer", path.parent, path.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
@@ -233,6 +234,18 @@ def _with_architectures(config: PretrainedConfig) -> PretrainedConfig:
     """Name the causal-LM class a GGUF config leaves out, so model lookup by `architectures` works for both formats."""
     if not config.architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config
+
+
+def _with_gemma_facts(config: PretrainedConfig, path: Path) -> PretrainedConfig:
+    """Fill in what transformers' GGUF reader leaves at the defaults of a Gemma config (models.loader says which)."""
+    facts = gguf_gemma_facts(path)
+    factor = facts.pop("global_rope_factor", None)
+    for key, value in facts.items():
+        setattr(config, key, value)
+    if factor is not None and "full_attention" in (config.rope_parameters or {}):
+        config.rope_parameters = {**config.rope_parameters, "full_attention": {
+            **config.rope_parameters["full_attention"], "rope_type": "linear", "factor": factor}}
     return config
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from typing import Any
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -260,6 +261,29 @@ def gguf_reader(path: str | Path) -> GGUFReader:
 @functools.lru_cache(maxsize=2)
 def _reader(path: str, size: int, mtime_ns: int) -> GGUFReader:
     return GGUFReader(path)
+
+
+def gguf_gemma_facts(path: str | Path) -> dict[str, Any]:
+    """Config fields of a Gemma GGUF that llama.cpp stores (or implies) and transformers' GGUF reader leaves
+    at its defaults: the soft caps, the query scale (Gemma 2 27B's is hidden / heads, as llama.cpp knows it
+    by its 46 layers; the others' is the head size) and Gemma 3's rope scaling factor of its global layers."""
+    reader = gguf_reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in _GGUF_NORMS_PLUS_ONE:
+        return {}
+    facts: dict[str, Any] = {}
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if (value := _field(reader, f"{arch}.{key}")) is not None:
+            facts[key] = float(value)
+    hidden, heads = _field(reader, f"{arch}.embedding_length"), _field(reader, f"{arch}.attention.head_count")
+    head_dim = _field(reader, f"{arch}.attention.key_length")
+    if arch == "gemma2" and _field(reader, "gemma2.block_count") == 46 and hidden and heads:
+        facts["query_pre_attn_scalar"] = hidden // heads
+    elif head_dim:
+        facts["query_pre_attn_scalar"] = head_dim
+    if arch == "gemma3" and (factor := _field(reader, "gemma3.rope.scaling.factor")):
+        facts["global_rope_factor"] = float(factor)
+    return facts
 
 
 def gguf_matrix_type(path: str | Path) -> str:

@@ -181,6 +181,43 @@ def test_gguf_gemma_norms_and_stacked_experts(tmp_path: Path) -> None:
         assert torch.equal(ours[name], torch.from_numpy(weight)), name
 
 
+@pytest.mark.parametrize("arch, layers, expected", [
+    ("gemma2", 46, {"query_pre_attn_scalar": 144, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    ("gemma2", 42, {"query_pre_attn_scalar": 128, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+    ("gemma3", 34, {"query_pre_attn_scalar": 128, "global_rope_factor": 8.0}),
+])
+def test_gguf_gemma_config_facts(tmp_path: Path, arch: str, layers: int, expected: dict) -> None:
+    """What llama.cpp's Gemma GGUFs carry beyond transformers' GGUF config: soft caps, the query scale (27B's
+    hidden / heads), Gemma 3's global rope scaling; and the config takes them."""
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    from paged.model_source import _with_gemma_facts
+    from paged.models.loader import gguf_gemma_facts
+
+    writer = gguf.GGUFWriter(tmp_path / "m.gguf", arch=arch)
+    writer.add_block_count(layers)
+    writer.add_embedding_length(4608)
+    writer.add_head_count(32)
+    writer.add_key_length(128)
+    if arch == "gemma2":
+        writer.add_float32("gemma2.attn_logit_softcapping", 50.0)
+        writer.add_float32("gemma2.final_logit_softcapping", 30.0)
+    else:
+        writer.add_rope_scaling_factor(8.0)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_gemma_facts(tmp_path / "m.gguf") == expected
+    config = _with_gemma_facts((Gemma2Config if arch == "gemma2" else Gemma3TextConfig)(), tmp_path / "m.gguf")
+    assert config.query_pre_attn_scalar == expected["query_pre_attn_scalar"]
+    if arch == "gemma3":
+        assert config.rope_parameters["full_attention"]["factor"] == 8.0
+        assert config.rope_parameters["full_attention"]["rope_type"] == "linear"
+        assert config.rope_parameters["sliding_attention"]["rope_type"] == "default"
+
+
 def test_gguf_unsupported_architecture_and_tensor(tmp_path: Path) -> None:
     write_arch_gguf(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": np.zeros((4, 32), np.float32)})
     with pytest.raises(UserError, match="architecture 'gpt2'"):
