@@ -83,6 +83,11 @@ def choose(registered: list[Registered], device: str | None = None) -> Registere
     raise UserError("no backend is available: " + "; ".join(f"{r.name}: {r.facts().reason}" for r in registered))
 
 
+def require_device(device: str | None) -> None:
+    """Fail in one line now where the named device is unknown or unavailable: before a model is fetched for it."""
+    choose(discover(), device)
+
+
 def load_backend(device: str | None = None) -> Backend:
     """Instantiate the chosen backend, logging which one and why."""
     chosen = choose(discover(), device)

@@ -12,6 +12,7 @@ from paged.config import EngineConfig
 from paged.engine_core import EngineCore
 from paged.errors import UserError
 from paged.model_source import source_of
+from paged.backends.registry import require_device
 from paged.outputs import RequestOutput
 from paged.processing import InputProcessor, OutputProcessor
 from paged.request import RequestStatus
@@ -20,6 +21,7 @@ from paged.sampling_params import SamplingParams
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        require_device(config.device)
         self.source = source_of(config)
         self.inputs = InputProcessor(config, self.source)
         self.core = EngineCore(config, self.source)

@@ -7,6 +7,7 @@ import json
 import os
 import ssl
 
+from paged.backends.registry import require_device
 from paged.cli.engine_args import add_engine_args, engine_kwargs
 from paged.config import parse_bytes
 from paged.errors import UserError
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     _check_tls(args)
     config = EngineConfig.from_kwargs(**{**engine_kwargs(args), "model": model,
                                          "generation_config": args.generation_config})
+    require_device(config.device)  # before any model is fetched for it
     local = localized(config)  # a Hub model is fetched here once, before the processes that read it start
     settings = ServerSettings(
         served_model_names=args.served_model_name or [model or DEFAULT_MODEL_NAME],
