@@ -237,7 +237,9 @@ def test_running_ahead_gives_the_synchronous_tokens(llm, smollm2_gguf, monkeypat
                         lambda sched, previous, mask: masked.append(mask) or launch(sched, previous, mask))
     outs = ahead.generate(chat(ahead, texts), params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
-    assert sum(masked) > 10 and not all(masked)  # most steps ran ahead with masks; the last ones without
+    # Many steps ran ahead with masks, the last ones without. How many had masks depends on when each grammar
+    # finished compiling (in a thread), so on the machine's load: 10 to 20 of about 30 on two cores.
+    assert sum(masked) >= 5 and not all(masked)
 
 
 def test_bad_constraints_are_user_errors(llm):
