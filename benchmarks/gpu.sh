@@ -9,7 +9,10 @@
 # quant-kernels, fp8-w1-8b, fp8-single-8b, awq-single-8b, awq-w1-8b, gptq-single-8b, long-8b, long-8b-fp8kv,
 # awq-single-70b, awq-w1-70b (quantized weights and the FP8 KV cache), moe-kernel, w1-mixtral, single-mixtral,
 # w1-mixtral-fp8, single-mixtral-fp8 (experts quantized to FP8 at load),
-# w1-qwen3-moe, single-qwen3-moe (mixture of experts), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
+# w1-qwen3-moe, single-qwen3-moe (mixture of experts), long (1B, 64 x 7,680 in / 512 out),
+# attention-sweep (decode/prefill attention by tiles, launch order and splits against the ceilings),
+# profile-long, profile-single-8b (where the steps' milliseconds go), startup (a cProfile of process start
+# to the first token, warm Triton cache), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
 # .bench/smollm2-tokenizer: a shape has no tokenizer).
 # Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
 # summary.md (the table for RESULTS.md), and a log per part group.
@@ -65,6 +68,11 @@ want w2 && bench w2-1b --shape 1b --num-prompts 256 --ranged 100,1024
 want w1-8b && bench w1-8b --shape 8b --num-prompts 256 --input-len 512 --output-len 256
 want single-8b && bench single-8b --shape 8b --num-prompts 1 --input-len 512 --output-len 512
 want w2-8b && bench w2-8b --shape 8b --num-prompts 256 --ranged 100,1024
+want long && bench long-1b --shape 1b --num-prompts 64 --input-len 7680 --output-len 512 --max-model-len 8192
+if want attention-sweep; then
+  (cd benchmarks && python3 attention_sweep.py --out "$OUT" ${SWEEP_ARGS---quick}) >"$OUT/attention-sweep.log" 2>&1
+  echo "attention sweep exit $?"; tail -12 "$OUT/attention-sweep.log"
+fi
 # Mixture of experts (issue 16): the fused kernel at the layer shapes, then the two model shapes end to end.
 if want moe-kernel; then
   python3 benchmarks/moe_kernel.py --out "$OUT" >"$OUT/moe-kernel.log" 2>&1; echo "moe kernel exit $?"
@@ -160,11 +168,24 @@ if want serve-hf; then
   else echo "transformers serve did not start"; tail -5 "$OUT/transformers-serve.log"; fi
   kill -TERM $hf_pid; wait $hf_pid
 fi
+profile() {  # file name, then throughput.py arguments
+  local name=$1; shift
+  python3 benchmarks/throughput.py "$@" --no-compare-hf --profile "$OUT/$name" >>"$OUT/bench.log" 2>&1
+}
 if want profile; then
-  python3 benchmarks/throughput.py --shape 1b --num-prompts 256 --input-len 512 --output-len 256 --no-compare-hf \
-    --profile "$OUT/profile.txt" >>"$OUT/bench.log" 2>&1
-  python3 benchmarks/throughput.py --shape 1b --num-prompts 1 --input-len 512 --output-len 512 --no-compare-hf \
-    --profile "$OUT/profile-single.txt" >>"$OUT/bench.log" 2>&1
+  profile profile.txt --shape 1b --num-prompts 256 --input-len 512 --output-len 256
+  profile profile-single.txt --shape 1b --num-prompts 1 --input-len 512 --output-len 512
+fi
+want profile-long && profile profile-long.txt --shape 1b --num-prompts 64 --input-len 7680 --output-len 512 \
+  --max-model-len 8192
+want profile-single-8b && profile profile-single-8b.txt --shape 8b --num-prompts 1 --input-len 512 --output-len 512
+if want startup; then  # twice: the first run fills the Triton cache where it was empty
+  for run in 1 2; do
+    python3 -m cProfile -o "$OUT/startup-$run.prof" benchmarks/throughput.py --shape 1b --num-prompts 1 \
+      --input-len 16 --output-len 1 --rounds 1 --no-compare-hf 2>>"$OUT/bench.log" | tail -1 >"$OUT/startup-$run.json"
+  done
+  python3 -c "import pstats; pstats.Stats('$OUT/startup-2.prof').sort_stats('cumulative').print_stats(60)" \
+    >"$OUT/startup.txt"; cat "$OUT/startup-2.json"
 fi
 [ -f "$RESULTS" ] && python3 benchmarks/summarize_gpu.py "$RESULTS" | tee "$OUT/summary.md"
 if want structured-1b; then

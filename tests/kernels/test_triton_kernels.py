@@ -157,16 +157,16 @@ DECODE_CASES = [
 @pytest.mark.parametrize("group,head_dim,dtype,splits,tiles", DECODE_CASES)
 def test_decode_matches_dense_reference(group, head_dim, dtype, splits, tiles):
     """Default tiles through TritonPagedAttention (splits from max_model_len, shares of 256 tokens: only the
-    300-token context spans two); small tiles with shares of 16 tokens, straight into a NaN-filled output,
-    where the token owned by no sequence must stay untouched."""
-    b = batch(DECODE, group, head_dim, dtype, trailing_tokens=1)
+    300-token context spans two), every token owned by a sequence as the engine's are; small tiles with
+    shares of 16 tokens, straight into a NaN-filled output, where a token owned by no sequence must stay
+    untouched."""
+    b = batch(DECODE, group, head_dim, dtype, trailing_tokens=0 if tiles is None else 1)
     cache = b.kv_cache.clone()
     if tiles is None:
         attn = TritonPagedAttention(max_model_len=256 * splits)
         attn.num_sms = 1 << 20  # as if the batch were far too small to fill the GPU: splits follow the length
         b.meta.prepared = attn.prepare(b.meta)
         out = attn.forward(b.query, b.key, b.value, cache, b.meta, SCALE)
-        assert (out[-1] == 0).all(), "the token owned by no sequence must come out zero"
     else:
         write_kv(b.key, b.value, cache, b.meta.slot_mapping)
         out = decode_attention(b.query, cache, b.meta, SCALE, splits, tiles, poisoned_like(b.query), split_tokens=16)

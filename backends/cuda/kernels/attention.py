@@ -272,6 +272,17 @@ def _attend_context(
 
 
 @triton.jit
+def _grid_seq_and_head(seq_axis: tl.constexpr, head_axis: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    """(sequence, KV head) of this program. Programs are launched in the order of grid axis 0 first, so
+    with HEADS_FIRST the programs running side by side read the KV heads of the same cache blocks: one
+    position's heads lie next to each other, and the reads of neighbouring programs meet in DRAM rows
+    and L2 lines instead of striding through the cache one head apart."""
+    if HEADS_FIRST:
+        return tl.program_id(head_axis), tl.program_id(seq_axis)
+    return tl.program_id(seq_axis), tl.program_id(head_axis)
+
+
+@triton.jit
 def _prefill_kernel(
     out_ptr,
     q_ptr,
@@ -303,14 +314,15 @@ def _prefill_kernel(
     KV_FP8: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    """Grid (seq, query tile, kv head): BLOCK_T new tokens x GROUP query heads of one sequence.
+    """Grid (seq, query tile, kv head), or (kv head, query tile, seq) with HEADS_FIRST: BLOCK_T new tokens x
+    GROUP query heads of one sequence.
 
     Row r of the tile is token tile * BLOCK_T + r // GROUP, query head kv_head * GROUP + r % GROUP.
     """
-    seq = tl.program_id(0)
+    seq, kv_head = _grid_seq_and_head(0, 2, HEADS_FIRST)
     first = tl.program_id(1) * BLOCK_T
-    kv_head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     if first >= query_len:
@@ -371,6 +383,7 @@ def _split_bounds(seq_len, split, window, NUM_SPLITS: tl.constexpr, SPLIT_TOKENS
 
 @triton.jit
 def _decode_split_kernel(
+    out_ptr,
     partial_m_ptr,
     partial_l_ptr,
     partial_acc_ptr,
@@ -387,6 +400,8 @@ def _decode_split_kernel(
     num_heads,
     stride_qt,
     stride_qh,
+    stride_ot,
+    stride_oh,
     stride_bt,
     stride_cache_block,
     stride_cache_slot,
@@ -403,22 +418,25 @@ def _decode_split_kernel(
     KV_FP8: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    """Grid (seq, kv head, split): the GROUP query heads of one decode token over one share of its context.
+    """Grid (seq, kv head, split), or (kv head, seq, split) with HEADS_FIRST: the GROUP query heads of one
+    decode token over one share of its context.
 
     Writes the split's running max and sum [seq, head, split] and its unnormalised output
     [seq, head, split, :]. An empty split (short context, padding) writes nothing: the reduce skips it.
+    With one split there is nothing to combine: the program normalises and writes the output rows itself
+    (zero rows for a sequence of no context) and no reduce kernel runs.
     With WINDOW the shares cover only the window, all of which the token sees: no mask beyond the context's
     end, and the blocks before the window are never read.
     """
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    seq, kv_head = _grid_seq_and_head(0, 1, HEADS_FIRST)
     split = tl.program_id(2)
     token = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - token
     seq_len = tl.load(seq_lens_ptr + seq)
     start, end = _split_bounds(seq_len, split, window, NUM_SPLITS, SPLIT_TOKENS, WINDOW)
-    if (query_len == 0) | (start >= end):
+    if (query_len == 0) | ((start >= end) & (NUM_SPLITS > 1)):
         return
     unmasked_end = start + (end - start) // BLOCK_N * BLOCK_N
 
@@ -439,6 +457,11 @@ def _decode_split_kernel(
     )  # fmt: skip
     if KV_FP8:
         acc = acc * tl.load(kv_scale_ptr + 1)  # the reduce is linear in the partial outputs
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_rows = token.to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(out_ptr + o_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        return
 
     stat_offsets = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
     tl.store(partial_m_ptr + stat_offsets, m_i, mask=row_ok)
@@ -493,6 +516,7 @@ class TileConfig:
     block_n: int  # keys per inner-loop step
     num_warps: int
     num_stages: int
+    heads_first: bool = True  # launch order: the KV heads of a sequence side by side (_grid_seq_and_head)
 
 
 def prefill_config(head_dim: int) -> TileConfig:
@@ -678,7 +702,9 @@ def prefill_attention(
     out = torch.empty_like(query) if out is None else _check_out(out, query)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     scale_ptr, fp8 = _kv_scale_arg(kv_cache, kv_scale)
-    grid = (meta.num_seqs, max(1, triton.cdiv(meta.max_query_len, block_t)), num_heads // group)
+    seqs_and_heads = (meta.num_seqs, num_heads // group)
+    first, last = seqs_and_heads[::-1] if config.heads_first else seqs_and_heads
+    grid = (first, max(1, triton.cdiv(meta.max_query_len, block_t)), last)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale_ptr,
         stride_qt=query.stride(0), stride_qh=query.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
@@ -686,7 +712,7 @@ def prefill_attention(
         stride_cache_slot=k_cache.stride(1), stride_cache_head=k_cache.stride(2),
         GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_T=block_t,
         BLOCK_N=config.block_n, KV_FP8=fp8, **_score_args(scale, window, softcap), **_dot_args(query.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        HEADS_FIRST=config.heads_first, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
 
@@ -710,8 +736,10 @@ def decode_attention(
 
     Launch shapes depend only on tensor shapes and num_splits, never on tensor contents (kv_scale
     included: the kernel reads it from the device), so the call can be captured in a CUDA graph. Sequences
-    of no context (padding) get zero rows; rows of tokens that belong to no sequence are left as they are
-    in `out`, zero when it is allocated here. An fp8 cache is read as its values times kv_scale.
+    of no context (padding) get zero rows. Rows of tokens that belong to no sequence are left as they are
+    in `out`; when `out` is None (allocated here, not zeroed: that would cost a kernel a layer) every token
+    must belong to a sequence, as the model runner's padding sequences of one token each do. An fp8 cache
+    is read as its values times kv_scale.
     """
     query = _last_dim_contiguous(query)
     _, num_heads, head_dim = query.shape
@@ -721,26 +749,29 @@ def decode_attention(
     config = config or decode_config(head_dim)
     block_h = max(config.block_m, triton.next_power_of_2(group))
     num_seqs = meta.num_seqs
+    out = torch.empty_like(query) if out is None else _check_out(out, query)
     stats = torch.empty(2, num_seqs, num_heads, num_splits, device=query.device, dtype=torch.float32)
     partial_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, device=query.device, dtype=torch.float32)
-    out = torch.zeros_like(query) if out is None else _check_out(out, query)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     scale_ptr, fp8 = _kv_scale_arg(kv_cache, kv_scale)
     score_args = _score_args(scale, window, softcap)
-    _decode_split_kernel[(num_seqs, num_heads // group, num_splits)](
-        stats[0], stats[1], partial_acc, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
+    seqs_and_heads = (num_seqs, num_heads // group)
+    _decode_split_kernel[(*(seqs_and_heads[::-1] if config.heads_first else seqs_and_heads), num_splits)](
+        out, stats[0], stats[1], partial_acc, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
         meta.seq_lens, scale_ptr, num_heads=num_heads, stride_qt=query.stride(0), stride_qh=query.stride(1),
-        stride_bt=meta.block_tables.stride(0), stride_cache_block=k_cache.stride(0),
-        stride_cache_slot=k_cache.stride(1), stride_cache_head=k_cache.stride(2),
-        GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_N=config.block_n,
-        NUM_SPLITS=num_splits, SPLIT_TOKENS=split_tokens, KV_FP8=fp8, **score_args, **_dot_args(query.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        stride_ot=out.stride(0), stride_oh=out.stride(1), stride_bt=meta.block_tables.stride(0),
+        stride_cache_block=k_cache.stride(0), stride_cache_slot=k_cache.stride(1),
+        stride_cache_head=k_cache.stride(2), GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_H=block_h,
+        BLOCK_N=config.block_n, NUM_SPLITS=num_splits, SPLIT_TOKENS=split_tokens, KV_FP8=fp8, **score_args,
+        **_dot_args(query.dtype), HEADS_FIRST=config.heads_first, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )  # fmt: skip
-    _decode_reduce_kernel[(num_seqs, num_heads)](
-        out, stats[0], stats[1], partial_acc, meta.query_start_loc, meta.seq_lens, score_args["window"], num_heads,
-        out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLIT_TOKENS=split_tokens,
-        WINDOW=score_args["WINDOW"],
-    )  # fmt: skip
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, stats[0], stats[1], partial_acc, meta.query_start_loc, meta.seq_lens, score_args["window"],
+            num_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+            SPLIT_TOKENS=split_tokens, WINDOW=score_args["WINDOW"],
+        )  # fmt: skip
     return out
 
 
@@ -774,16 +805,19 @@ class TritonPagedAttention(Attention):
     ) -> torch.Tensor:
         write_kv(key, value, kv_cache, meta.slot_mapping, kv_scale)
         if meta.max_query_len <= 1:
-            if self.num_sms is None:
-                on_gpu = query.device.type == "cuda"
-                self.num_sms = torch.cuda.get_device_properties(query.device).multi_processor_count if on_gpu else 1
-            programs = meta.num_seqs * kv_cache.shape[3]
-            # A batch too small to fill the GPU cuts contexts into finer shares, so more programs run.
-            split_tokens = _SMALL_BATCH_SPLIT_TOKENS if programs < self.num_sms else _SPLIT_TOKENS
-            # A sliding window bounds the keys a token sees, hence the splits they need.
-            span = self.max_model_len if window is None else min(self.max_model_len, window)
-            splits = decode_splits(span, programs, self.num_sms, split_tokens)
+            splits, split_tokens = self.split_plan(meta.num_seqs * kv_cache.shape[3], window, query.device)
             return decode_attention(query, kv_cache, meta, scale, splits, self.decode_tiles(query.shape[-1]),
                                     split_tokens=split_tokens, kv_scale=kv_scale, window=window, softcap=softcap)
         return prefill_attention(query, kv_cache, meta, scale, self.prefill_tiles(query.shape[-1]),
                                  kv_scale=kv_scale, window=window, softcap=softcap)
+
+    def split_plan(self, programs: int, window: int | None, device: torch.device) -> tuple[int, int]:
+        """(splits, split tokens) of a decode step of `programs` (sequence, KV head) pairs."""
+        if self.num_sms is None:
+            on_gpu = device.type == "cuda"
+            self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
+        # A batch too small to fill the GPU cuts contexts into finer shares, so more programs run.
+        split_tokens = _SMALL_BATCH_SPLIT_TOKENS if programs < self.num_sms else _SPLIT_TOKENS
+        # A sliding window bounds the keys a token sees, hence the splits they need.
+        span = self.max_model_len if window is None else min(self.max_model_len, window)
+        return decode_splits(span, programs, self.num_sms, split_tokens), split_tokens
