@@ -179,13 +179,14 @@ fi
 want profile-long && profile profile-long.txt --shape 1b --num-prompts 64 --input-len 7680 --output-len 512 \
   --max-model-len 8192
 want profile-single-8b && profile profile-single-8b.txt --shape 8b --num-prompts 1 --input-len 512 --output-len 512
-if want startup; then  # twice: the first run fills the Triton cache where it was empty
+if want startup; then  # imports, then start-up twice (the first run fills the Triton cache where it was empty)
+  python3 -X importtime -c "from paged import LLM; import paged.backends.cuda.backend" 2>"$OUT/importtime.txt"
+  sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -25
   for run in 1 2; do
-    python3 -m cProfile -o "$OUT/startup-$run.prof" benchmarks/throughput.py --shape 1b --num-prompts 1 \
-      --input-len 16 --output-len 1 --rounds 1 --no-compare-hf 2>>"$OUT/bench.log" | tail -1 >"$OUT/startup-$run.json"
+    bench "startup-$run" --shape 1b --num-prompts 1 --input-len 16 --output-len 1
   done
-  python3 -c "import pstats; pstats.Stats('$OUT/startup-2.prof').sort_stats('cumulative').print_stats(60)" \
-    >"$OUT/startup.txt"; cat "$OUT/startup-2.json"
+  python3 -m cProfile -s cumulative benchmarks/throughput.py --shape 1b --num-prompts 1 --input-len 16 \
+    --output-len 1 --no-compare-hf 2>>"$OUT/bench.log" | head -120 >"$OUT/startup-profile.txt"
 fi
 [ -f "$RESULTS" ] && python3 benchmarks/summarize_gpu.py "$RESULTS" | tee "$OUT/summary.md"
 if want structured-1b; then
