@@ -22,6 +22,9 @@ PARTS=${2:-checks,conformance,peers,w1,single,w2,w1-8b,single-8b,w2-8b,profile}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Bytecode where Python may write it: the machine's packages and the wheels below come without .pyc files, and
+# compiling every module again would add seconds to each process's start-up that no installed copy pays.
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/paged-pycache}
 RESULTS="$OUT/results.jsonl"
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 

@@ -39,7 +39,7 @@ class BlockManager:
         self.window = window
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
         # Prefix-cache counters in tokens, as vLLM's metrics count them.
         self.prefix_queries = 0
