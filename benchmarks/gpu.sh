@@ -25,6 +25,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Bytecode where Python may write it: the machine's packages and the wheels below come without .pyc files, and
 # compiling every module again would add seconds to each process's start-up that no installed copy pays.
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/paged-pycache}
+unset PYTHONDONTWRITEBYTECODE
 RESULTS="$OUT/results.jsonl"
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
