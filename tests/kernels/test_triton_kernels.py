@@ -77,6 +77,9 @@ kc = _load_kernel_check()
 
 # Small tiles: several query tiles and key steps per sequence even at these lengths.
 SMALL_TILES = TileConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+# The same, launched in the other order (sequences along grid axis 0): which program gets which (sequence,
+# KV head) changes, nothing else may.
+SEQS_FIRST = TileConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, heads_first=False)
 SCALE = 0.3
 # Sequences (new tokens, context): lengths around and at page boundaries (page size 16), cached prefixes
 # (the one of 30 puts a small query tile's first token one key short of a key tile), decode tokens in a
@@ -117,6 +120,7 @@ PREFILL_CASES = [
     (1, 16, torch.float32, SMALL_TILES),
     (3, 64, torch.float32, SMALL_TILES),
     (4, 32, torch.bfloat16, SMALL_TILES),
+    (2, 32, torch.float32, SEQS_FIRST),
 ]
 
 
@@ -149,6 +153,8 @@ DECODE_CASES = [
     (4, 128, torch.float32, 8, SMALL_TILES),
     (4, 16, torch.bfloat16, 2, None),
     (2, 256, torch.float16, 4, None),
+    (2, 32, torch.float32, 4, SEQS_FIRST),
+    (2, 32, torch.float32, 1, SEQS_FIRST),
 ]
 
 

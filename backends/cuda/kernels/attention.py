@@ -9,13 +9,16 @@ log2(e) so the loop uses exp2). A program handles every query head of one KV hea
 packing"): the rows of its query tile are (token, head) pairs, so each K/V tile is loaded once for the
 whole group instead of once per query head.
 
+Grids below name the axes as if sequences came first; by default (TileConfig.heads_first) the sequence
+and KV-head axes are swapped, so that the programs launched together read neighbouring heads.
 - Prefill/mixed: grid (seq, query tile, kv head). Keys every row of the tile may see are processed
   without a mask; only the diagonal band pays for the causal mask.
 - Decode (every sequence has at most one new token): "flash decoding". Grid (seq, kv head, split); each
   split attends over an equal share of the context and writes a partial (max, sum, acc); a second kernel
-  combines the splits. The split count comes from a host-side bound (max_model_len), and each split's
-  share is computed on the device from seq_lens, so the launch never depends on the step's data and can
-  be captured in a CUDA graph. Shares are at least SPLIT_TOKENS long: a short context uses only its first
+  combines the splits (with one split the program writes the output itself and no second kernel runs).
+  The split count comes from a host-side bound (max_model_len), and each split's share is computed on
+  the device from seq_lens, so the launch never depends on the step's data and can be captured in a CUDA
+  graph. Shares are at least SPLIT_TOKENS long: a short context uses only its first
   few splits, the others return at once, and a large batch of short contexts pays little for the split.
 
 An fp8 cache (any of torch's one-byte float types; the dtype of the cache tensor decides) stores
