@@ -11,8 +11,8 @@
 # w1-mixtral-fp8, single-mixtral-fp8 (experts quantized to FP8 at load),
 # w1-qwen3-moe, single-qwen3-moe (mixture of experts), long (1B, 64 x 7,680 in / 512 out),
 # attention-sweep (decode/prefill attention by tiles, launch order and splits against the ceilings),
-# profile-long, profile-single-8b (where the steps' milliseconds go), startup (a cProfile of process start
-# to the first token, warm Triton cache), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
+# profile-long, profile-single-8b (where the steps' milliseconds go), startup (import times, start-up to the
+# first token twice, then a cProfile of it with a warm Triton cache), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
 # .bench/smollm2-tokenizer: a shape has no tokenizer).
 # Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
 # summary.md (the table for RESULTS.md), and a log per part group.

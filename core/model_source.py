@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from paged.backends.common.cache import cache_dir
 from paged.config import EngineConfig
@@ -230,15 +231,8 @@ def _converted_gguf(path: Path) -> Path:
 
 
 def _with_architectures(config: PretrainedConfig) -> PretrainedConfig:
-    """Name the causal-LM class a GGUF config leaves out, so model lookup by `architectures` works for both formats.
-
-    transformers' model mapping is imported here, not with the module: its package pulls in the generation
-    utilities (and scikit-learn where that is installed), seconds of every start-up that only GGUF needs."""
-    if config.architectures:
-        return config
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    """Name the causal-LM class a GGUF config leaves out, so model lookup by `architectures` works for both formats."""
+    if not config.architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     return config
 

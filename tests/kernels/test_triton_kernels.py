@@ -79,7 +79,7 @@ kc = _load_kernel_check()
 SMALL_TILES = TileConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 # The same, launched in the other order (sequences along grid axis 0): which program gets which (sequence,
 # KV head) changes, nothing else may.
-SEQS_FIRST = TileConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, heads_first=False)
+SEQS_FIRST = dataclasses.replace(SMALL_TILES, heads_first=False)
 SCALE = 0.3
 # Sequences (new tokens, context): lengths around and at page boundaries (page size 16), cached prefixes
 # (the one of 30 puts a small query tile's first token one key short of a key tile), decode tokens in a

@@ -521,6 +521,10 @@ class TileConfig:
     num_stages: int
     heads_first: bool = True  # launch order: the KV heads of a sequence side by side (_grid_seq_and_head)
 
+    def grid_axes(self, num_seqs: int, num_kv_heads: int) -> tuple[int, int]:
+        """Sizes of the sequence and KV-head grid axes in the order the kernels read them."""
+        return (num_kv_heads, num_seqs) if self.heads_first else (num_seqs, num_kv_heads)
+
 
 def prefill_config(head_dim: int) -> TileConfig:
     """Hopper defaults, the fastest across a sweep on an H200 (benchmarks/attention_sweep.py: steps of 8,192
@@ -707,8 +711,7 @@ def prefill_attention(
     out = torch.empty_like(query) if out is None else _check_out(out, query)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     scale_ptr, fp8 = _kv_scale_arg(kv_cache, kv_scale)
-    seqs_and_heads = (meta.num_seqs, num_heads // group)
-    first, last = seqs_and_heads[::-1] if config.heads_first else seqs_and_heads
+    first, last = config.grid_axes(meta.num_seqs, num_heads // group)
     grid = (first, max(1, triton.cdiv(meta.max_query_len, block_t)), last)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale_ptr,
@@ -760,8 +763,7 @@ def decode_attention(
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     scale_ptr, fp8 = _kv_scale_arg(kv_cache, kv_scale)
     score_args = _score_args(scale, window, softcap)
-    seqs_and_heads = (num_seqs, num_heads // group)
-    _decode_split_kernel[(*(seqs_and_heads[::-1] if config.heads_first else seqs_and_heads), num_splits)](
+    _decode_split_kernel[(*config.grid_axes(num_seqs, num_heads // group), num_splits)](
         out, stats[0], stats[1], partial_acc, query, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
         meta.seq_lens, scale_ptr, num_heads=num_heads, stride_qt=query.stride(0), stride_qh=query.stride(1),
         stride_ot=out.stride(0), stride_oh=out.stride(1), stride_bt=meta.block_tables.stride(0),
