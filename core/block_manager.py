@@ -106,10 +106,11 @@ class BlockManager:
         total = request.num_computed_tokens + num_new_tokens
         if self.window is not None:
             self._release_behind_window(request)
+        known = min(total, request.num_tokens)  # past it: draft tokens, whose blocks are never offered
         if not cached and total <= len(request.block_ids) * self.block_size:
             # The common decode case: the tokens fit in blocks the request already holds.
-            if self.enable_prefix_caching and total // self.block_size > request.num_registered_blocks:
-                self._cache_full_blocks(request, total)
+            if self.enable_prefix_caching and known // self.block_size > request.num_registered_blocks:
+                self._cache_full_blocks(request, known)
             return True
         if self._new_blocks_needed(request, num_new_tokens, cached) > self.num_free_blocks:
             return False
@@ -125,8 +126,20 @@ class BlockManager:
         total = request.num_computed_tokens + num_new_tokens
         for _ in range(self.blocks_needed(total) - len(request.block_ids)):
             request.block_ids.append(self._pop_free())
-        if self.enable_prefix_caching and total // self.block_size > request.num_registered_blocks:
-            self._cache_full_blocks(request, total)
+        known = min(total, request.num_tokens)
+        if self.enable_prefix_caching and known // self.block_size > request.num_registered_blocks:
+            self._cache_full_blocks(request, known)
+        return True
+
+    def trim(self, request: Request) -> bool:
+        """Hand back the blocks past the request's tokens (taken for draft tokens that were refused); whether
+        there were any."""
+        keep = max(self.blocks_needed(request.num_tokens), request.num_released_blocks)
+        if len(request.block_ids) <= keep:
+            return False
+        for block_id in reversed(request.block_ids[keep:]):
+            self._unref(block_id)
+        del request.block_ids[keep:]
         return True
 
     def _pop_free(self) -> int:

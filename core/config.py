@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from paged.errors import UserError
+from paged.spec_decode.config import SpeculativeConfig, parse_speculative_config
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
@@ -65,6 +66,8 @@ class EngineConfig(BaseModel):
     # JSON outputs are compact (", " and ": ") unless this is set: with free whitespace a small model can
     # spend its whole budget on newlines inside an object, which still matches the schema.
     structured_outputs_any_whitespace: bool = False
+    # Draft tokens checked by the model in one pass (vLLM's --speculative-config, a JSON object or a dict).
+    speculative_config: SpeculativeConfig | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -74,12 +77,18 @@ class EngineConfig(BaseModel):
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise UserError(f"invalid engine argument {where}: {first['msg']}", param=where) from None
+            message = first["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
+            raise UserError(f"invalid engine argument {where}: {message}", param=where) from None
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
     def _bytes(cls, value: int | float | str) -> int:
         return parse_bytes(value)
+
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _speculative(cls, value: str | dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        return parse_speculative_config(value)
 
     @field_validator("kv_cache_dtype")
     @classmethod

@@ -38,9 +38,25 @@ class EngineStats:
     iteration_token_counts: list[int] = field(default_factory=lambda: [0] * (len(ITERATION_TOKEN_BUCKETS) + 1))
     iteration_tokens_sum: int = 0
 
+    # Speculative decoding, as vLLM's spec_decode counters: draft steps (a sequence's drafts checked once),
+    # tokens drafted and kept, and how often the draft at each position (0 = first) was kept.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = field(default_factory=list)
+
     def count_iteration(self, tokens: int) -> None:
         self.iteration_token_counts[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, tokens)] += 1
         self.iteration_tokens_sum += tokens
+
+    def count_drafts(self, drafted: int, accepted: int) -> None:
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += drafted
+        self.spec_num_accepted_tokens += accepted
+        per_position = self.spec_accepted_per_position
+        per_position.extend([0] * (drafted - len(per_position)))
+        for position in range(accepted):
+            per_position[position] += 1
 
 
 class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -34,7 +34,8 @@ from paged.parallel import layout_of
 from paged.processing import resolve_max_model_len
 from paged.request import Request, RequestStatus
 from paged.sampling_params import RequestOutputKind
-from paged.scheduler import Scheduler, SchedulerOutput
+from paged.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from paged.spec_decode.ngram import NgramProposer
 from paged.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,13 @@ class EngineCore:
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching, window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
+        spec = config.speculative_config
+        self.proposer = None if spec is None else NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
+                                                                spec.prompt_lookup_max)
+        if spec is not None:
+            logger.info("speculative decoding: %s, up to %d tokens a step%s", spec.method, spec.num_speculative_tokens,
+                        f", off above {spec.disable_by_batch_size} running sequences"
+                        if spec.disable_by_batch_size else "")
         self._in_flight: InFlightStep | None = None
         self._micro_batches: deque[tuple[SchedulerOutput, SubmittedStep]] = deque()  # pipeline stages' work
         if self.backend.supports_graphs and not config.enforce_eager:
@@ -327,12 +335,31 @@ class EngineCore:
         return self._apply(sched, result)
 
     def _schedule(self, max_rows: int | None = None) -> SchedulerOutput:
+        if self.proposer is not None:
+            self._propose()
         sched = self.scheduler.schedule(max_rows)
         if not sched.is_empty:
             self.stats.count_iteration(sum(s.num_new_tokens for s in sched.scheduled))
         for request in sched.preempted:
             self.runner.release(request.request_id)
         return sched
+
+    def _speculating(self) -> bool:
+        limit = self.config.speculative_config.disable_by_batch_size
+        return self.proposer is not None and (limit is None or len(self.scheduler.running) <= limit)
+
+    def _propose(self) -> None:
+        """Draft tokens for every running sequence that decodes next (none while speculation is off under
+        load). A sequence following a grammar drafts nothing: its mask covers one position a step."""
+        speculating = self._speculating()
+        for request in self.scheduler.running:
+            if speculating and request.grammar is None and request.num_tokens - request.num_computed_tokens == 1:
+                # Room for the drafts and the token the check adds, within max_tokens and the context.
+                room = min(request.params.max_tokens - request.num_output_tokens,
+                           self.max_model_len - request.num_tokens) - 1
+                request.draft_token_ids = self.proposer.propose(request.token_ids, room)
+            else:
+                request.draft_token_ids = []
 
     def _attach_grammar(self, sched: SchedulerOutput) -> None:
         """The bitmask of the constrained rows among those that complete, filled when the runner asks."""
@@ -351,7 +378,7 @@ class EngineCore:
         """Whether the next step is sure to be a graph-replayed, plain-greedy decode of every running request."""
         running = self.scheduler.running
         sizes = self.runner.graph_sizes
-        return self.backend.runs_ahead and bool(sizes) and not self.scheduler.waiting \
+        return self.backend.runs_ahead and bool(sizes) and not self.scheduler.waiting and not self._speculating() \
             and len(running) <= sizes[-1] and all(
             r.params.plain_greedy and r.params.prompt_logprobs is None
             and r.num_tokens - r.num_computed_tokens <= 1
@@ -401,16 +428,18 @@ class EngineCore:
         prompt logprobs."""
         now = time.monotonic()
         sampled = result.sampled
-        host = {}
+        host, accepted = {}, None
         if sampled is not None:
             host["tokens"] = sampled.token_ids.tolist()
+            if sampled.num_accepted is not None:  # a verification step: rows of drafts and the token after them
+                accepted = sampled.num_accepted.tolist()
             if sampled.logprobs is not None:
                 host["logprobs"] = sampled.logprobs.tolist()
                 host["ranks"] = sampled.ranks.tolist()
                 host["top_ids"] = sampled.top_ids.tolist() if sampled.top_ids is not None else None
                 host["top_logprobs"] = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
         touched = []
-        row = 0
+        row = sequence = 0
         for s in sched.scheduled:
             request = s.request
             if request.status.finished:
@@ -428,12 +457,33 @@ class EngineCore:
                 touched.append(request)
             if not completes:
                 continue
-            request.token_ids.append(host["tokens"][row])
-            self._accept_token(request, host["tokens"][row], request.num_tokens, host, row, now)
-            row += 1
+            if accepted is None:
+                request.token_ids.append(host["tokens"][row])
+                self._accept_token(request, host["tokens"][row], request.num_tokens, host, row, now)
+                row += 1
+            else:
+                row = self._accept_checked(s, accepted[sequence], host, row, now)
+                sequence += 1
             touched.append(request)
         self._refresh_gauges()
         return touched
+
+    def _accept_checked(self, s: ScheduledRequest, num_accepted: int, host: dict, row: int, now: float) -> int:
+        """Apply one request's share of a verification step: its kept drafts and the token after them, the
+        refused drafts' positions computed in vain (their blocks handed back). Returns the next request's
+        first row."""
+        request, num_drafts = s.request, len(s.draft_token_ids)
+        request.num_computed_tokens -= num_drafts - num_accepted
+        if num_drafts:
+            self.stats.count_drafts(num_drafts, num_accepted)
+        for j in range(num_accepted + 1):
+            request.token_ids.append(host["tokens"][row + j])
+            self._accept_token(request, host["tokens"][row + j], request.num_tokens, host, row + j, now)
+            if request.status.finished:
+                break
+        if not request.status.finished and self.block_manager.trim(request):
+            self.runner.release(request.request_id)  # its block-table row is rebuilt from the shorter list
+        return row + num_drafts + 1
 
     def _refresh_gauges(self) -> None:
         self.stats.num_running = len(self.scheduler.running)

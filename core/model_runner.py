@@ -19,6 +19,7 @@ from paged.backends.interface import AttentionMetadata, Backend
 from paged.pipeline import Handoff, StageLinks
 from paged.sampler import PLAIN_GREEDY, Sampler, SamplerOutput, build_sampling_batch, gather_logprobs
 from paged.scheduler import SchedulerOutput
+from paged.spec_decode.rejection import verify
 from paged.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
 
 
@@ -240,6 +241,7 @@ class ModelRunner:
         for s in scheduled:
             start = s.request.num_computed_tokens
             token_ids.extend(s.request.token_ids[start : start + s.num_new_tokens])
+            token_ids.extend(s.draft_token_ids)  # scheduled only after every known token
         seq_of_token = np.repeat(np.arange(len(scheduled)), counts)
         positions = np.arange(num_tokens, dtype=np.int64) - query_start_loc[:-1][seq_of_token] + starts[seq_of_token]
 
@@ -303,9 +305,45 @@ class ModelRunner:
         completing = [i for i, s in enumerate(sched.scheduled) if s.completes]
         if not completing:
             return StepResult(None, prompt_logprobs)
+        if any(s.draft_token_ids for s in sched.scheduled):
+            logits = self.model.compute_logits(hidden[self._checked_positions(sched, completing)])
+            return StepResult(self._verify(sched, completing, logits) if self.samples else None, prompt_logprobs)
         ends = step.starts[1:].long() - 1
         logits = self.model.compute_logits(hidden[ends[completing] if len(completing) < len(sched.scheduled) else ends])
         return StepResult(self._sample(sched, completing, logits) if self.samples else None, prompt_logprobs)
+
+    def _checked_positions(self, sched: SchedulerOutput, completing: list[int]) -> torch.Tensor:
+        """The step's token positions whose logits a verification needs: each completing request's last
+        known token and its drafts (rows in that order, request after request)."""
+        ends = np.cumsum([s.num_new_tokens for s in sched.scheduled]) - 1
+        positions = np.concatenate([np.arange(ends[i] - len(sched.scheduled[i].draft_token_ids), ends[i] + 1)
+                                    for i in completing])
+        return torch.from_numpy(positions).to(self.device)
+
+    def _verify(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
+        """Sample a step with draft tokens: each completing request's rows checked by rejection.verify."""
+        scheduled = [sched.scheduled[i] for i in completing]
+        counts = [len(s.draft_token_ids) + 1 for s in scheduled]
+        first_rows = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        if sched.grammar is not None:  # constrained requests propose nothing: their one row is their last
+            grammar = sched.grammar()
+            last_rows = torch.from_numpy(first_rows + np.asarray(counts) - 1)
+            apply_grammar_bitmask(logits, GrammarBitmask(grammar.bitmask, last_rows[grammar.rows]))
+        drafts = [token for s in scheduled for token in (*s.draft_token_ids, -1)]
+        params, prompts, outputs, generators = [], [], [], []
+        for s in scheduled:
+            request = s.request
+            for j in range(len(s.draft_token_ids) + 1):
+                params.append(request.params)
+                prompts.append(request.prompt_token_ids)
+                outputs.append(request.output_token_ids + s.draft_token_ids[:j])
+                generators.append(request.generator)
+        if all(p.plain_greedy for p in params):
+            batch = PLAIN_GREEDY
+        else:
+            batch = build_sampling_batch(params, prompts, outputs, generators, self.vocab_size, self.device)
+        device_rows = torch.tensor(np.concatenate([drafts, first_rows]), dtype=torch.int64).to(self.device)
+        return verify(logits, batch, device_rows[: len(drafts)], device_rows[len(drafts) :], self.generator)
 
     def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
         rows = [sched.scheduled[i].request for i in completing]

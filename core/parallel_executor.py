@@ -177,7 +177,7 @@ class ParallelExecutor:
                 request.request_id, request.token_ids[sent.tokens:end], request.block_ids[sent.blocks:],
                 request.num_computed_tokens, s.num_new_tokens,
                 request.num_prompt_tokens if first else 0,
-                request.params.prompt_logprobs if first else None))
+                request.params.prompt_logprobs if first else None, s.draft_token_ids))
             sent.tokens, sent.blocks = end, len(request.block_ids)
         message, self._released = StepMessage(deltas, self._released), []
         return message

@@ -49,6 +49,7 @@ class Request:
     generator: torch.Generator | None = None
     stop_reason: int | None = None
     grammar: GrammarState | None = None  # the matcher of a structured-output request, once compiled
+    draft_token_ids: list[int] = field(default_factory=list)  # guesses for the next step to check (spec_decode)
     # Not yet sent to the frontend: logprobs of new tokens (when asked for), a chunk of prompt logprobs.
     new_logprobs: list[Any] | None = None
     prompt_logprobs: Any = None

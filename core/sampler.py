@@ -77,6 +77,9 @@ class SamplerOutput:
     ranks: torch.Tensor | None  # [N] int64, 1 = most likely
     top_ids: torch.Tensor | None  # [N, K] int64, None when K == 0
     top_logprobs: torch.Tensor | None  # [N, K] float32
+    # A verification step's (spec_decode.rejection): how many of each sequence's draft tokens were kept; its
+    # rows then hold a sequence's kept drafts and one token more, then rows not to read.
+    num_accepted: torch.Tensor | None = None  # [sequences] int64
 
 
 def build_sampling_batch(
@@ -232,10 +235,21 @@ class Sampler:
 
 def _sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None) -> torch.Tensor:
     """Shape the logits (in place, on the sampler's own copy), then argmax or sample each row."""
+    greedy_ids, probs = target_distribution(logits, batch)
+    if probs is None:
+        return greedy_ids
+    sampled = exponential_race(probs, batch.generators, generator)
+    return sampled if greedy_ids is None else torch.where(batch.greedy_mask, greedy_ids, sampled)
+
+
+def target_distribution(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What each row draws from once every stage has run on `logits` (float32, changed in place): the greedy
+    rows' ids (None where no row is greedy) and the random rows' probabilities [N, V] (None where every row
+    is greedy; greedy rows' values there are not meant to be used)."""
     _shape_logits(logits, batch)
     greedy_ids = logits.argmax(dim=-1) if batch.all_greedy or batch.greedy_mask is not None else None
     if batch.all_greedy:
-        return greedy_ids
+        return greedy_ids, None
     if batch.temperature is not None:
         logits.div_(batch.temperature)
     if batch.min_p is not None:
@@ -246,8 +260,7 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generat
         _top_k_top_p(logits, batch.top_k, batch.top_p)
     elif batch.top_k is not None:
         _top_k(logits, batch.top_k, batch.max_top_k)
-    sampled = _exponential_race(logits.softmax(dim=-1), batch.generators, generator)
-    return sampled if greedy_ids is None else torch.where(batch.greedy_mask, greedy_ids, sampled)
+    return greedy_ids, logits.softmax(dim=-1)
 
 
 def _shape_logits(logits: torch.Tensor, batch: SamplingBatch) -> None:
@@ -293,10 +306,11 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.
     logits.masked_fill_(logits < ascending.gather(1, removed), float("-inf"))
 
 
-def _exponential_race(
+def exponential_race(
     probs: torch.Tensor, generators: tuple[tuple[int, torch.Generator], ...], generator: torch.Generator | None
 ) -> torch.Tensor:
-    """argmax(probs / E) with E ~ Exp(1) i.i.d. picks token i with probability probs[i].
+    """argmax(probs / E) with E ~ Exp(1) i.i.d. picks token i with probability probs[i] (probs need not sum
+    to 1: the pick is proportional to them). Overwrites probs.
 
     Rows with their own generator redraw their noise from it, so a seeded row sees the same noise
     wherever it sits and whatever shares the batch.
@@ -305,6 +319,15 @@ def _exponential_race(
     for row, row_generator in generators:
         noise[row].exponential_(generator=row_generator)
     return probs.div_(noise).argmax(dim=-1)
+
+
+def uniform(rows: int, generators: tuple[tuple[int, torch.Generator], ...], generator: torch.Generator | None,
+            device: torch.device) -> torch.Tensor:
+    """[rows] float32 draws from U[0, 1), seeded rows' from their own generator (as exponential_race's noise)."""
+    draws = torch.rand(rows, generator=generator, device=device)
+    for row, row_generator in generators:
+        draws[row : row + 1].uniform_(generator=row_generator)
+    return draws
 
 
 def gather_logprobs(

@@ -22,12 +22,15 @@ from paged.structured_output.bitmask import GrammarBitmask
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int  # tokens from request.num_computed_tokens on that this step computes
+    num_new_tokens: int  # tokens from request.num_computed_tokens on that this step computes, drafts included
+    # Guessed tokens after the request's last one, computed with it for the target model to check.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def completes(self) -> bool:
         """Whether this step reaches the end of the request's tokens, so a next token is sampled."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return self.request.num_computed_tokens + self.num_new_tokens == \
+            self.request.num_tokens + len(self.draft_token_ids)
 
 
 @dataclass
@@ -78,7 +81,9 @@ class Scheduler:
             if self._at_limit(request) or request.request_id in self.in_flight:
                 index += 1  # its last token is still in flight: nothing more to compute
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            behind = request.num_tokens - request.num_computed_tokens
+            num_new = min(behind + len(request.draft_token_ids), budget)
+            drafts = request.draft_token_ids[: max(num_new - behind, 0)]
             while not self.block_manager.allocate(request, num_new):
                 victim = self._newest_preemptible()  # at worst the request itself
                 self.running.remove(victim)
@@ -87,7 +92,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                out.scheduled.append(ScheduledRequest(request, num_new, drafts))
                 budget -= num_new
                 index += 1
                 continue

@@ -38,6 +38,7 @@ class RequestDelta:
     num_new_tokens: int
     num_prompt_tokens: int = 0  # sent the first time only
     prompt_logprobs: int | None = None
+    draft_token_ids: list[int] = field(default_factory=list)  # this step's only, computed after the tokens
 
 
 @dataclass
@@ -155,5 +156,5 @@ class Worker:
             request.token_ids += delta.new_token_ids
             request.block_ids += delta.new_block_ids
             request.num_computed_tokens = delta.num_computed_tokens
-            scheduled.append(ScheduledRequest(request, delta.num_new_tokens))
+            scheduled.append(ScheduledRequest(request, delta.num_new_tokens, delta.draft_token_ids))
         return SchedulerOutput(scheduled)

@@ -53,6 +53,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "xgrammar, llguidance for what xgrammar cannot compile)")
     group.add_argument("--structured-outputs-any-whitespace", action="store_true",
                        help="let JSON outputs put any whitespace between tokens (default: compact JSON)")
+    group.add_argument("--speculative-config", help="speculative decoding as JSON, e.g. "
+                       '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\' '
+                       "(ngram: prompt lookup; optional prompt_lookup_min, disable_by_batch_size)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,6 +65,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_logprobs",
         "enforce_eager", "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend",
         "chat_template", "quantization", "kv_cache_dtype",
-        "structured_outputs_backend", "structured_outputs_any_whitespace",
+        "structured_outputs_backend", "structured_outputs_any_whitespace", "speculative_config",
     ]
     return {name: getattr(args, name) for name in names}

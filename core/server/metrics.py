@@ -84,6 +84,17 @@ class _StatsCollector(Collector):
         for reason in ("stop", "length", "abort"):
             success.add_metric([*labels, reason], stats.finished_reasons.get(reason, 0))
         yield success
+        yield counter("vllm:spec_decode_num_drafts", "Draft steps: one sequence's draft tokens checked once.",
+                      stats.spec_num_drafts)
+        yield counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", stats.spec_num_draft_tokens)
+        yield counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens the model accepted.",
+                      stats.spec_num_accepted_tokens)
+        per_position = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                           "Draft tokens accepted, by their position in the draft.",
+                                           labels=["model_name", "position"])
+        for position, count in enumerate(stats.spec_accepted_per_position):
+            per_position.add_metric([*labels, str(position)], count)
+        yield per_position
         iterations = HistogramMetricFamily("vllm:iteration_tokens_total", "Tokens computed per engine step.",
                                            labels=["model_name"])
         cumulative, buckets = 0, []

@@ -1,4 +1,5 @@
-"""The periodic stats line an operator tails, as vLLM logs it: throughput, queue, KV cache, prefix cache.
+"""The periodic stats line an operator tails, as vLLM logs it: throughput, queue, KV cache, prefix cache;
+and, while drafts are checked, a speculative-decoding line.
 
 Rates are the core's own counters differenced over the interval, so they count every API server's
 requests; one API server (the first) logs them.
@@ -36,9 +37,9 @@ class StatsLogger:
         while True:
             await asyncio.sleep(self._interval)
             now, stats = time.monotonic(), self._read()
-            line = stats_line(before, stats, now - since)
-            if line is not None:
-                logger.info(line)
+            for line in (stats_line(before, stats, now - since), spec_decode_line(before, stats, now - since)):
+                if line is not None:
+                    logger.info(line)
             before, since = stats, now
 
 
@@ -55,3 +56,19 @@ def stats_line(before: EngineStats, after: EngineStats, seconds: float) -> str |
             f"Running: {after.num_running} reqs, Waiting: {after.num_waiting} reqs, "
             f"KV cache usage: {after.kv_cache_usage * 100:.1f}%, "
             f"Prefix cache hit rate: {hits / queries * 100 if queries else 0.0:.1f}%")
+
+
+def spec_decode_line(before: EngineStats, after: EngineStats, seconds: float) -> str | None:
+    """vLLM's "SpecDecoding metrics" line for one interval; None when no draft was checked in it."""
+    drafts = after.spec_num_drafts - before.spec_num_drafts
+    if not drafts:
+        return None
+    drafted = after.spec_num_draft_tokens - before.spec_num_draft_tokens
+    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    earlier = before.spec_accepted_per_position
+    rates = ", ".join(f"{(count - (earlier[i] if i < len(earlier) else 0)) / drafts:.3f}"
+                      for i, count in enumerate(after.spec_accepted_per_position))
+    return (f"SpecDecoding metrics: Mean acceptance length: {1 + accepted / drafts:.2f}, "
+            f"Accepted throughput: {accepted / seconds:.2f} tokens/s, Drafted throughput: {drafted / seconds:.2f} "
+            f"tokens/s, Accepted: {accepted} tokens, Drafted: {drafted} tokens, Per-position acceptance rate: "
+            f"{rates}, Avg Draft acceptance rate: {accepted / drafted * 100 if drafted else 0.0:.1f}%")

@@ -1,0 +1,240 @@
+"""Speculative decoding on the CPU: the same greedy tokens as without it, the target distribution when sampling,
+and what it reports."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from paged import LLM, SamplingParams
+from paged.core_protocol import EngineStats
+from paged.errors import UserError
+from paged.sampler import build_sampling_batch
+from paged.sampling_params import SamplingParams as Params
+from paged.server.stats_log import spec_decode_line
+from paged.spec_decode import rejection
+from paged.spec_decode.ngram import NgramProposer
+from tests.models_factory import VOCAB, save_tiny_model
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def lookup_reference(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The proposer's rule, written plainly: longest suffix first, its latest earlier occurrence."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + k]
+    return []
+
+
+def test_ngram_lookup_matches_a_plain_search():
+    rng = random.Random()
+    for _ in range(500):
+        tokens = [rng.randrange(4) for _ in range(rng.randint(0, 40))]
+        k, min_n = rng.randint(1, 6), rng.randint(1, 3)
+        max_n = rng.randint(min_n, 5)
+        limit = rng.randint(0, 8)
+        assert NgramProposer(k, min_n, max_n).propose(tokens, limit) == \
+            lookup_reference(tokens, min(k, limit), min_n, max_n), (tokens, k, min_n, max_n, limit)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-spec")
+    save_tiny_model("llama", folder, seed=random.randrange(1 << 30))
+    return str(folder)
+
+
+def repetitive_prompts(count: int) -> list[dict]:
+    """Prompts of mixed lengths that repeat a short random phrase, so prompt lookup finds matches."""
+    prompts = []
+    for _ in range(count):
+        phrase = [random.randrange(3, VOCAB) for _ in range(random.randint(2, 9))]
+        prompts.append({"prompt_token_ids": (phrase * 12)[: random.randint(3, 80)]})
+    return prompts
+
+
+class OracleProposer:
+    """Drafts the reference continuation with every third token wrong: most drafts are kept, the rest
+    refused at varying positions, so kept prefixes, bonus tokens and trimmed blocks all happen."""
+
+    def __init__(self, sequences: list[list[int]]) -> None:
+        self.sequences = sequences
+
+    def propose(self, token_ids: list[int], limit: int) -> list[int]:
+        n = len(token_ids)
+        for full in self.sequences:
+            if full[:n] == token_ids:
+                draft = full[n : n + min(limit, 5)]
+                return [(t + 1) % VOCAB if (n + j) % 3 == 0 else t for j, t in enumerate(draft)]
+        raise AssertionError("the oracle was asked about a sequence it never saw")
+
+
+def greedy(llm: LLM, prompts: list[dict], params: list[SamplingParams]) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def test_ngram_gives_the_same_greedy_tokens(tiny_dir):
+    prompts = repetitive_prompts(10)
+    params = [SamplingParams(temperature=0, max_tokens=random.randint(1, 40), ignore_eos=True) for _ in prompts]
+    kwargs = dict(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB", max_model_len=256)
+    expected = greedy(LLM(**kwargs), prompts, params)
+    llm = LLM(**kwargs, speculative_config=NGRAM)
+    assert greedy(llm, prompts, params) == expected
+    assert llm.engine.core.stats.spec_num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("layout", ["roomy", "tight"])
+def test_kept_and_refused_drafts_give_the_same_greedy_tokens(tiny_dir, layout):
+    """Drafts that cross block boundaries (blocks of 8), prompts sharing cached prefixes, logprobs, and (tight)
+    a cache so small that requests are preempted: the tokens and logprobs are those without speculation, and
+    every block comes back."""
+    shared = [random.randrange(3, VOCAB) for _ in range(12)]
+    prompts = [{"prompt_token_ids": shared[: random.randint(4, 12)] +
+                [random.randrange(3, VOCAB) for _ in range(random.randint(1, 30))]} for _ in range(8)]
+    params = [SamplingParams(temperature=0, max_tokens=random.randint(5, 40), ignore_eos=True, logprobs=2)
+              for _ in prompts]
+    kwargs = dict(model=tiny_dir, dtype="float32", device="cpu", max_model_len=96, block_size=8,
+                  max_num_batched_tokens=64)
+    kwargs |= {"num_gpu_blocks_override": 20} if layout == "tight" else {"kv_cache_memory": "64MiB"}
+    plain = LLM(**kwargs).generate(prompts, params, use_tqdm=False)
+    llm = LLM(**kwargs, speculative_config=NGRAM)
+    core = llm.engine.core
+    core.proposer = OracleProposer([p["prompt_token_ids"] + out.outputs[0].token_ids
+                                    for p, out in zip(prompts, plain)])
+    spec = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(plain, spec):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [lp[t].logprob for lp, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)] == pytest.approx(
+            [lp[t].logprob for lp, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)], abs=1e-4)
+    stats = core.stats
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert stats.spec_accepted_per_position[0] >= stats.spec_accepted_per_position[-1]
+    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+    if layout == "tight":
+        assert core.scheduler.num_preemptions > 0
+
+
+def test_stop_strings_and_tokens_cut_as_without_speculation(tiny_dir):
+    prompts = repetitive_prompts(6)
+    kwargs = dict(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB", max_model_len=256)
+    plain = LLM(**kwargs)
+    free = [out.outputs[0] for out in plain.generate(prompts, SamplingParams(temperature=0, max_tokens=30,
+                                                                            ignore_eos=True), use_tqdm=False)]
+    # A stop string and a stop token from the middle of each free-running output.
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[o.text.split()[len(o.token_ids) // 2]])
+              for o in free]
+    params += [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                              stop_token_ids=[o.token_ids[len(o.token_ids) // 3]]) for o in free]
+    spec = LLM(**kwargs, speculative_config=NGRAM)
+    for a, b in zip(plain.generate(prompts * 2, params, use_tqdm=False),
+                    spec.generate(prompts * 2, params, use_tqdm=False)):
+        assert (a.outputs[0].text, a.outputs[0].finish_reason) == (b.outputs[0].text, b.outputs[0].finish_reason)
+
+
+def test_smollm2_copying_keeps_drafts_and_the_same_tokens(smollm2_gguf):
+    """Prompts of mixed lengths asking to repeat a text: most drafts are kept and the tokens are those without."""
+    texts = ["The committee met on Tuesday to review the budget for the new library and agreed to extend its hours.",
+             "Water boils at one hundred degrees Celsius at sea level, and at lower temperatures on mountains.",
+             "Please send the signed contract back by Friday so that the work can start next month.",
+             "Close the door quietly."]
+    messages = [[{"role": "user", "content": f"Repeat this text exactly: {t}"}] for t in random.sample(texts, 4)]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    kwargs = dict(model=smollm2_gguf, dtype="float32", device="cpu", kv_cache_memory="256MiB", max_model_len=512)
+    expected = [o.outputs[0].token_ids for o in LLM(**kwargs).chat(messages, params, use_tqdm=False)]
+    llm = LLM(**kwargs, speculative_config=NGRAM)
+    assert [o.outputs[0].token_ids for o in llm.chat(messages, params, use_tqdm=False)] == expected
+    stats = llm.engine.core.stats
+    assert stats.spec_num_accepted_tokens > stats.spec_num_draft_tokens / 2
+
+
+def test_sampling_with_a_seed_repeats(tiny_dir):
+    prompts = repetitive_prompts(4)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, seed=7, ignore_eos=True)
+    llm = LLM(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB", speculative_config=NGRAM)
+    assert greedy(llm, prompts, [params] * 4) == greedy(llm, prompts, [params] * 4)
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of observed counts under probabilities (cells of zero probability must be empty)."""
+    expected = probs * counts.sum()
+    if (counts[expected == 0] > 0).any():
+        return 0.0
+    cells = expected > 0
+    statistic = ((counts[cells] - expected[cells]) ** 2 / expected[cells]).sum()
+    df = torch.tensor(cells.sum().item() - 1.0, dtype=torch.float64)
+    return float(torch.special.gammaincc(df / 2, statistic / 2))
+
+
+def sample_first_two(logits: torch.Tensor, params: Params, drafts: list[int], trials: int) -> torch.Tensor:
+    """`trials` sequences with the same logits rows and drafts, verified at once: each one's tokens at the two
+    first positions (-1 where it emitted only one)."""
+    k = len(drafts)
+    rows = logits.repeat(trials, 1)
+    batch = build_sampling_batch([params] * rows.shape[0], [[]] * rows.shape[0], [[]] * rows.shape[0],
+                                 [None] * rows.shape[0], logits.shape[1], torch.device("cpu"))
+    draft_rows = torch.tensor(drafts + [-1]).repeat(trials)
+    first_rows = torch.arange(trials) * (k + 1)
+    out = rejection.verify(rows, batch, draft_rows, first_rows, torch.Generator().manual_seed(random.randrange(1 << 30)))
+    tokens = out.token_ids.view(trials, k + 1)
+    second = torch.where(out.num_accepted >= 1, tokens[:, 1], -1)
+    return torch.stack([tokens[:, 0], second], dim=1)
+
+
+@pytest.mark.parametrize("params", [Params(temperature=1.0), Params(temperature=0.7, top_k=5),
+                                    Params(temperature=1.3, top_p=0.8)], ids=["t1", "top-k", "top-p"])
+def test_rejection_sampling_keeps_the_target_distribution(params, monkeypatch):
+    """On a vocabulary of 8: the first token after drafts [likely, unlikely] and the second (where the first
+    kept the draft) follow the target's distributions at those positions; a sampler that keeps drafts a little
+    too often is told apart."""
+    vocab, trials = 8, 40000
+    logits = torch.randn(3, vocab, dtype=torch.float64).float() * 1.5
+    drafts = [int(logits[0].argmax()), int(logits[1].argmin())]
+    from paged.sampler import target_distribution
+
+    batch = build_sampling_batch([params] * 3, [[]] * 3, [[]] * 3, [None] * 3, vocab, torch.device("cpu"))
+    _, target = target_distribution(logits.clone(), batch)
+    samples = sample_first_two(logits, params, drafts, trials)
+    first = torch.bincount(samples[:, 0], minlength=vocab).double()
+    assert chi_square_p(first, target[0].double()) > 1e-3
+    seconds = samples[samples[:, 0] == drafts[0], 1]
+    assert chi_square_p(torch.bincount(seconds, minlength=vocab).double(), target[1].double()) > 1e-3
+
+    real_uniform = rejection.uniform
+    monkeypatch.setattr(rejection, "uniform", lambda *args: real_uniform(*args) * 0.8)
+    biased = sample_first_two(logits, params, drafts, trials)
+    assert chi_square_p(torch.bincount(biased[:, 0], minlength=vocab).double(), target[0].double()) < 1e-6
+
+
+def test_bad_speculative_config_is_one_clear_error(tiny_dir):
+    for config in ({"method": "ngram"}, {"method": "eagle", "num_speculative_tokens": 2},
+                   {"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2},
+                   {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+                   "{not json"):
+        with pytest.raises(UserError) as info:
+            LLM(model=tiny_dir, device="cpu", kv_cache_memory="64MiB", speculative_config=config)
+        assert "speculative_config" in str(info.value) and "\n" not in str(info.value)
+    done = subprocess.run([sys.executable, "-m", "paged.cli.main", "generate", "hi", "--model", tiny_dir,
+                           "--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}'],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("paged: error:")] == [
+        "paged: error: invalid engine argument speculative_config: method 'medusa' is not implemented; "
+        "this engine runs 'ngram'"]
+
+
+def test_the_log_line_reports_acceptance():
+    before, after = EngineStats(), EngineStats()
+    after.count_drafts(4, 3)
+    after.count_drafts(4, 1)
+    line = spec_decode_line(before, after, 2.0)
+    assert "Mean acceptance length: 3.00" in line and "Accepted: 4 tokens, Drafted: 8 tokens" in line
+    assert "Per-position acceptance rate: 1.000, 0.500, 0.500, 0.000" in line
+    assert "Avg Draft acceptance rate: 50.0%" in line
+    assert spec_decode_line(after, after, 2.0) is None
