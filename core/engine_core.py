@@ -27,15 +27,17 @@ from paged.errors import UserError
 from paged.model_loading import build_model
 from paged.models.layers import kv_head_splits, uniform_window
 from paged.executor import Executor, check_parallelism, create_executor, remote_ranks
-from paged.model_runner import PENDING_TOKEN, InFlightStep, StepResult, SubmittedStep
-from paged.model_source import ModelSource
+from paged.model_runner import PENDING_TOKEN, InFlightStep, ModelRunner, StepResult, SubmittedStep
+from paged.model_source import ModelSource, resolve_model
 from paged.parallel_executor import ParallelExecutor
 from paged.parallel import layout_of
 from paged.processing import resolve_max_model_len
 from paged.request import Request, RequestStatus
 from paged.sampling_params import RequestOutputKind
 from paged.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from paged.spec_decode.draft_model import DraftModelProposer
 from paged.spec_decode.ngram import NgramProposer
+from paged.spec_decode.proposer import Proposer
 from paged.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -78,18 +80,27 @@ class EngineCore:
                     "" if config.max_num_batched_tokens else f" (the {self.backend.name} backend's default)")
         self.runner: Executor = create_executor(config, self.model, self.backend, self.max_num_batched_tokens,
                                                 self.max_model_len, hf_config.vocab_size, workers)
+        spec = config.speculative_config
+        self.draft_runner, self.draft_hf_config = (self._build_draft() if spec is not None and spec.method == "draft_model"
+                                                   else (None, None))
         self.num_blocks = self._size_kv_cache(hf_config)
         self.kv_cache_bytes = self.num_blocks * self._bytes_per_block(hf_config)
         self.runner.kv_caches = self._allocate_kv_cache(hf_config, self.num_blocks)
+        if self.draft_runner is not None:
+            self.draft_runner.kv_caches = self._allocate_kv_cache(self.draft_hf_config, self.num_blocks,
+                                                                  self.draft_runner.num_layers)
         window = uniform_window(hf_config, self.max_model_len)
         if window is not None:
             logger.info("every layer slides over %d tokens: blocks behind the window are freed", window)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching, window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len)
-        spec = config.speculative_config
-        self.proposer = None if spec is None else NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
-                                                                spec.prompt_lookup_max)
+        self.proposer: Proposer | None = None
+        if self.draft_runner is not None:
+            self.proposer = DraftModelProposer(self.draft_runner, spec.num_speculative_tokens,
+                                               self.max_num_batched_tokens)
+        elif spec is not None:
+            self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
         if spec is not None:
             logger.info("speculative decoding: %s, up to %d tokens a step%s", spec.method, spec.num_speculative_tokens,
                         f", off above {spec.disable_by_batch_size} running sequences"
@@ -101,6 +112,8 @@ class EngineCore:
             sizes = self.runner.capture_graphs()
             logger.info("captured decode graphs for %d batch sizes up to %d in %.1f s", len(sizes), sizes[-1],
                         time.monotonic() - start)
+            if self.draft_runner is not None:
+                self.draft_runner.capture_graphs()
         self.vocab_size = hf_config.vocab_size
         self.groups: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.requests: dict[str, Request] = {}
@@ -135,9 +148,34 @@ class EngineCore:
         return kv_heads // kv_head_splits(hf_config.num_attention_heads, kv_heads, tp)
 
     def _bytes_per_block(self, hf_config) -> int:
-        """On each rank: its stage's layers (the largest stage's, which every rank's cache must match)."""
+        """On each rank: its stage's layers (the largest stage's, which every rank's cache must match); on rank
+        0, the draft model's layers too."""
         per_layer = 2 * self.config.block_size * self._kv_heads(hf_config) * self._head_dim(hf_config)
-        return per_layer * self.layout.most_layers(hf_config.num_hidden_layers) * self.kv_dtype.itemsize
+        target = per_layer * self.layout.most_layers(hf_config.num_hidden_layers) * self.kv_dtype.itemsize
+        if self.draft_runner is None:
+            return target
+        draft = self.draft_hf_config
+        return target + 2 * self.config.block_size * draft.num_key_value_heads * self._head_dim(draft) * \
+            self.draft_runner.num_layers * self.kv_dtype.itemsize
+
+    def _build_draft(self) -> tuple[ModelRunner, object]:
+        """The draft model, whole on this rank's device, in the target's precision, with a runner of its own; and
+        its config."""
+        config = self.config
+        try:
+            source = resolve_model(config.speculative_config.model, load_format=config.load_format,
+                                   trust_remote_code=config.trust_remote_code)
+        except UserError as error:
+            raise UserError(f"speculative_config: the draft {error}", param="speculative_config") from None
+        target_vocab = self.source.hf_config.vocab_size
+        if source.hf_config.vocab_size != target_vocab:
+            raise UserError(f"the draft model's vocabulary has {source.hf_config.vocab_size} tokens, the model's "
+                            f"{target_vocab}: a draft must share the tokenizer", param="speculative_config")
+        model = build_model(source, self.backend, self.precision, self.max_model_len, load_format=config.load_format)
+        logger.info("draft model: %.0fM parameters, weights %.2f GiB", model.num_parameters / 1e6,
+                    model.weight_bytes / 2**30)
+        return ModelRunner(model, self.backend, config.block_size, self.max_num_batched_tokens, config.max_num_seqs,
+                           self.max_model_len, target_vocab, config.seed), source.hf_config
 
     def _size_kv_cache(self, hf_config) -> int:
         if self.config.num_gpu_blocks_override:
@@ -177,11 +215,12 @@ class EngineCore:
                     others / 2**30, budget / 2**30)
         return budget
 
-    def _allocate_kv_cache(self, hf_config, num_blocks: int) -> list[torch.Tensor]:
-        shape = self.backend.kv_cache_shape(
-            num_blocks, self.config.block_size, self._kv_heads(hf_config), self._head_dim(hf_config)
-        )
-        return [self.backend.allocate_kv_cache(shape, self.kv_dtype) for _ in self.model.model.stage_layers]
+    def _allocate_kv_cache(self, hf_config, num_blocks: int, num_layers: int | None = None) -> list[torch.Tensor]:
+        """The target's caches (its stage's layers, its share of KV heads), or `num_layers` whole ones (the draft's)."""
+        kv_heads = self._kv_heads(hf_config) if num_layers is None else hf_config.num_key_value_heads
+        shape = self.backend.kv_cache_shape(num_blocks, self.config.block_size, kv_heads, self._head_dim(hf_config))
+        layers = len(self.model.model.stage_layers) if num_layers is None else num_layers
+        return [self.backend.allocate_kv_cache(shape, self.kv_dtype) for _ in range(layers)]
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -341,7 +380,7 @@ class EngineCore:
         if not sched.is_empty:
             self.stats.count_iteration(sum(s.num_new_tokens for s in sched.scheduled))
         for request in sched.preempted:
-            self.runner.release(request.request_id)
+            self._release(request.request_id)
         return sched
 
     def _speculating(self) -> bool:
@@ -351,15 +390,19 @@ class EngineCore:
     def _propose(self) -> None:
         """Draft tokens for every running sequence that decodes next (none while speculation is off under
         load). A sequence following a grammar drafts nothing: its mask covers one position a step."""
+        spec, requests, limits = self.config.speculative_config, [], []
         speculating = self._speculating()
         for request in self.scheduler.running:
+            request.draft_token_ids = []
             if speculating and request.grammar is None and request.num_tokens - request.num_computed_tokens == 1:
                 # Room for the drafts and the token the check adds, within max_tokens and the context.
                 room = min(request.params.max_tokens - request.num_output_tokens,
-                           self.max_model_len - request.num_tokens) - 1
-                request.draft_token_ids = self.proposer.propose(request.token_ids, room)
-            else:
-                request.draft_token_ids = []
+                           self.max_model_len - request.num_tokens, spec.num_speculative_tokens + 1) - 1
+                if room > 0 and (not self.proposer.writes_kv or self.block_manager.allocate(request, 1 + room)):
+                    requests.append(request)
+                    limits.append(room)
+        for request, drafts in zip(requests, self.proposer.propose_all(requests, limits)):
+            request.draft_token_ids = drafts
 
     def _attach_grammar(self, sched: SchedulerOutput) -> None:
         """The bitmask of the constrained rows among those that complete, filled when the runner asks."""
@@ -482,7 +525,7 @@ class EngineCore:
             if request.status.finished:
                 break
         if not request.status.finished and self.block_manager.trim(request):
-            self.runner.release(request.request_id)  # its block-table row is rebuilt from the shorter list
+            self._release(request.request_id, keeps_cache=True)  # block-table rows rebuilt from the shorter list
         return row + num_drafts + 1
 
     def _refresh_gauges(self) -> None:
@@ -531,9 +574,16 @@ class EngineCore:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def _release(self, request_id: str, keeps_cache: bool = False) -> None:
+        """The request's blocks changed (`keeps_cache`: refused drafts' went back) or are gone: what the runners
+        hold for it is stale."""
+        self.runner.release(request_id)
+        if self.proposer is not None:
+            self.proposer.release(request_id, keeps_cache)
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
-        self.runner.release(request.request_id)
+        self._release(request.request_id)
         reason = request.finish_reason
         self.stats.finished_reasons[reason] = self.stats.finished_reasons.get(reason, 0) + 1
 

@@ -154,6 +154,12 @@ def localized(config: EngineConfig) -> EngineConfig:
         update["model"] = str(Path(config.model).expanduser() / config.gguf_file)
     if model or config.gguf_file:
         update["gguf_file"] = None  # now part of the path
+    spec = config.speculative_config
+    draft = spec and spec.model and hub_model(spec.model)
+    if draft:
+        update["speculative_config"] = spec.model_copy(update={"model": fetch(
+            draft, download_dir=config.download_dir, load_format=config.load_format,
+            trust_remote_code=config.trust_remote_code)})
     tokenizer = config.tokenizer and hub_model(config.tokenizer)
     if tokenizer:
         update["tokenizer"] = fetch(HubModel(tokenizer.repo_id), download_dir=config.download_dir, load_format="dummy",

@@ -64,8 +64,16 @@ class OracleProposer:
     """Drafts the reference continuation with every third token wrong: most drafts are kept, the rest
     refused at varying positions, so kept prefixes, bonus tokens and trimmed blocks all happen."""
 
+    writes_kv = False
+
     def __init__(self, sequences: list[list[int]]) -> None:
         self.sequences = sequences
+
+    def propose_all(self, requests, limits: list[int]) -> list[list[int]]:
+        return [self.propose(request.token_ids, limit) for request, limit in zip(requests, limits)]
+
+    def release(self, request_id: str, keeps_cache: bool) -> None:
+        pass
 
     def propose(self, token_ids: list[int], limit: int) -> list[int]:
         n = len(token_ids)
@@ -216,6 +224,8 @@ def test_bad_speculative_config_is_one_clear_error(tiny_dir):
     for config in ({"method": "ngram"}, {"method": "eagle", "num_speculative_tokens": 2},
                    {"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2},
                    {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+                   {"method": "draft_model", "num_speculative_tokens": 2},
+                   {"model": "/no/such/draft", "num_speculative_tokens": 2},
                    "{not json"):
         with pytest.raises(UserError) as info:
             LLM(model=tiny_dir, device="cpu", kv_cache_memory="64MiB", speculative_config=config)
@@ -226,7 +236,7 @@ def test_bad_speculative_config_is_one_clear_error(tiny_dir):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert [line for line in done.stderr.splitlines() if line.startswith("paged: error:")] == [
         "paged: error: invalid engine argument speculative_config: method 'medusa' is not implemented; "
-        "this engine runs 'ngram'"]
+        "this engine runs 'ngram' and 'draft_model'"]
 
 
 def test_the_log_line_reports_acceptance():
@@ -252,3 +262,56 @@ def test_split_over_ranks_gives_one_ranks_tokens(tmp_path, tp, pp):
     assert greedy(llm, prompts, params) == plain
     assert llm.engine.core.stats.spec_num_accepted_tokens > 0
     llm.engine.core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def draft_dirs(tmp_path_factory):
+    """A target, a draft that is the target itself (its drafts are nearly all kept), an unrelated draft of another
+    shape (nearly all refused), and one whose vocabulary differs."""
+    root = tmp_path_factory.mktemp("drafts")
+    seed = random.randrange(1 << 30)
+    save_tiny_model("llama", root / "target", seed=seed)
+    save_tiny_model("llama", root / "other", seed=seed + 1, num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                    num_key_value_heads=1)
+    save_tiny_model("llama", root / "wide", seed=seed, vocab_size=VOCAB + 8)
+    return root
+
+
+@pytest.mark.parametrize("draft, layout", [("target", "roomy"), ("other", "roomy"), ("target", "tight")])
+def test_draft_model_gives_the_same_greedy_tokens(draft_dirs, draft, layout):
+    """A batch of mixed lengths sharing a cached prefix, blocks of 8, and (tight) preemption: the draft's K/V
+    lives in the target's blocks, and the tokens are those without speculation."""
+    shared = [random.randrange(3, VOCAB) for _ in range(12)]
+    prompts = [{"prompt_token_ids": shared[: random.randint(4, 12)] +
+                [random.randrange(3, VOCAB) for _ in range(random.randint(1, 40))]} for _ in range(8)]
+    params = [SamplingParams(temperature=0, max_tokens=random.randint(1, 40), ignore_eos=True) for _ in prompts]
+    kwargs = dict(model=str(draft_dirs / "target"), dtype="float32", device="cpu", max_model_len=96, block_size=8,
+                  max_num_batched_tokens=64)
+    kwargs |= {"num_gpu_blocks_override": 24} if layout == "tight" else {"kv_cache_memory": "64MiB"}
+    expected = greedy(LLM(**kwargs), prompts, params)
+    llm = LLM(**kwargs, speculative_config={"model": str(draft_dirs / draft), "num_speculative_tokens": 3})
+    assert greedy(llm, prompts, params) == expected
+    core = llm.engine.core
+    stats = core.stats
+    if draft == "target":
+        assert stats.spec_num_accepted_tokens > 0.9 * stats.spec_num_draft_tokens > 0
+    else:
+        assert stats.spec_num_draft_tokens > 0
+    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+    if layout == "tight":
+        assert core.scheduler.num_preemptions > 0
+
+
+def test_draft_model_sampling_with_a_seed_repeats(draft_dirs):
+    llm = LLM(model=str(draft_dirs / "target"), dtype="float32", device="cpu", kv_cache_memory="64MiB",
+              speculative_config={"model": str(draft_dirs / "target"), "num_speculative_tokens": 3})
+    prompts = repetitive_prompts(4)
+    params = [SamplingParams(temperature=1.0, max_tokens=20, seed=seed, ignore_eos=True) for seed in range(4)]
+    assert greedy(llm, prompts, params) == greedy(llm, prompts, params)
+
+
+def test_draft_of_another_vocabulary_is_refused(draft_dirs):
+    with pytest.raises(UserError) as info:
+        LLM(model=str(draft_dirs / "target"), device="cpu", kv_cache_memory="64MiB",
+            speculative_config={"model": str(draft_dirs / "wide"), "num_speculative_tokens": 2})
+    assert "vocabulary" in str(info.value) and "\n" not in str(info.value)

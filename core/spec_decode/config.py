@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Methods vLLM names that this engine does not run yet: refused in one line rather than ignored.
-_NOT_BUILT = ("draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "suffix")
+_NOT_BUILT = ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "suffix")
 
 
 class SpeculativeConfig(BaseModel):
@@ -16,7 +16,9 @@ class SpeculativeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["ngram"] = "ngram"
+    # ngram: prompt lookup; draft_model: a smaller model of the same vocabulary (the default where `model` is set).
+    method: Literal["ngram", "draft_model"] = "ngram"
+    model: str | None = None  # the draft model: a folder or .gguf file, as --model takes
     num_speculative_tokens: int = Field(gt=0, le=64)
     # n-gram prompt lookup: the longest suffix of prompt_lookup_max .. prompt_lookup_min tokens found earlier
     # in the sequence (prompt and output) proposes the tokens that followed it there.
@@ -29,14 +31,21 @@ class SpeculativeConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _method(cls, values: dict) -> dict:
-        if isinstance(values, dict) and values.get("method") in ("[ngram]",):
+        if not isinstance(values, dict):
+            return values
+        if values.get("method") in ("[ngram]",):
             values = {**values, "method": "ngram"}
-        if isinstance(values, dict) and values.get("method") in _NOT_BUILT:
-            raise ValueError(f"method {values['method']!r} is not implemented; this engine runs 'ngram'")
+        if values.get("method") is None and values.get("model") is not None:
+            values = {**values, "method": "draft_model"}
+        if values.get("method") in _NOT_BUILT:
+            raise ValueError(f"method {values['method']!r} is not implemented; this engine runs 'ngram' and "
+                             "'draft_model'")
         return values
 
     @model_validator(mode="after")
     def _lookup_bounds(self) -> SpeculativeConfig:
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError("method 'draft_model' needs a model, and only it takes one")
         # As vLLM: either bound defaults to the other, both to 5.
         if self.prompt_lookup_max is None:
             self.prompt_lookup_max = self.prompt_lookup_min or 5

@@ -8,12 +8,22 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from paged.request import Request
+
 
 class NgramProposer:
+    writes_kv = False
+
     def __init__(self, num_tokens: int, min_n: int, max_n: int) -> None:
         self.num_tokens = num_tokens
         self.min_n = min_n
         self.max_n = max_n
+
+    def propose_all(self, requests: list[Request], limits: list[int]) -> list[list[int]]:
+        return [self.propose(request.token_ids, limit) for request, limit in zip(requests, limits)]
+
+    def release(self, request_id: str, keeps_cache: bool) -> None:
+        """Nothing is held per request."""
 
     def propose(self, token_ids: list[int], limit: int) -> list[int]:
         """Up to min(limit, num_tokens) tokens that followed the latest earlier occurrence of the longest
