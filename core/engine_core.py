@@ -109,11 +109,12 @@ class EngineCore:
         self._micro_batches: deque[tuple[SchedulerOutput, SubmittedStep]] = deque()  # pipeline stages' work
         if self.backend.supports_graphs and not config.enforce_eager:
             start = time.monotonic()
-            sizes = self.runner.capture_graphs()
-            logger.info("captured decode graphs for %d batch sizes up to %d in %.1f s", len(sizes), sizes[-1],
-                        time.monotonic() - start)
+            checked = 1 + spec.num_speculative_tokens if spec is not None else 1  # a last token and its drafts
+            sizes = self.runner.capture_graphs(checked)
             if self.draft_runner is not None:
-                self.draft_runner.capture_graphs()
+                self.draft_runner.capture_graphs(checked)
+            logger.info("captured decode graphs for %d batch sizes up to %d%s in %.1f s", len(sizes), sizes[-1],
+                        f", and of {checked} tokens a request" if checked > 1 else "", time.monotonic() - start)
         self.vocab_size = hf_config.vocab_size
         self.groups: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.requests: dict[str, Request] = {}
@@ -384,8 +385,11 @@ class EngineCore:
         return sched
 
     def _speculating(self) -> bool:
+        """Whether this step drafts: speculation is configured and not off for the batch's size."""
+        if self.proposer is None:
+            return False
         limit = self.config.speculative_config.disable_by_batch_size
-        return self.proposer is not None and (limit is None or len(self.scheduler.running) <= limit)
+        return limit is None or len(self.scheduler.running) <= limit
 
     def _propose(self) -> None:
         """Draft tokens for every running sequence that decodes next (none while speculation is off under

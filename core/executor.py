@@ -33,8 +33,9 @@ class Executor(Protocol):
     def profile_run(self, num_tokens: int, kv_shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """One forward pass of the largest step, so the peak of device memory can be read."""
 
-    def capture_graphs(self) -> list[int]:
-        """Capture decode graphs; the batch sizes captured."""
+    def capture_graphs(self, multi_token: int = 1) -> list[int]:
+        """Capture decode graphs (and, with multi_token > 1, graphs of up to that many tokens a request); the
+        decode batch sizes captured."""
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Run one scheduled step and sample its completing sequences."""

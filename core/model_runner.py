@@ -23,6 +23,37 @@ from paged.spec_decode.rejection import verify
 from paged.structured_output.bitmask import GrammarBitmask, apply_grammar_bitmask
 
 
+# Steps of several tokens a request are captured up to this batch size: speculation is for small batches.
+MULTI_TOKEN_BATCH = 32
+
+
+def _spread_rows(inputs: HostInputs, query_len: int) -> HostInputs:
+    """Decode-padded inputs (one token per padding row) laid out as query_len tokens a row, each row's real
+    tokens first. Padding tokens write nothing and their outputs are dropped; a row's context counts them (the
+    kernels align a row's queries with the end of its context), so its real tokens see exactly their prefix."""
+    rows = len(inputs.seq_lens)
+    counts = np.diff(inputs.query_start_loc)
+    row_of_token = np.repeat(np.arange(rows), counts)
+    offset = np.arange(len(row_of_token)) - inputs.query_start_loc[:-1][row_of_token]
+    index = row_of_token * query_len + offset
+
+    def spread(values: np.ndarray, fill: int) -> np.ndarray:
+        out = np.full(rows * query_len, fill, values.dtype)
+        out[index] = values
+        return out
+
+    real = inputs.seq_lens > 0
+    return HostInputs(
+        input_ids=spread(inputs.input_ids, 0),
+        positions=spread(inputs.positions, 0),
+        slot_mapping=spread(inputs.slot_mapping, -1),
+        query_start_loc=(np.arange(rows + 1) * query_len).astype(np.int32),
+        seq_lens=np.where(real, inputs.seq_lens - counts + query_len, query_len).astype(np.int32),
+        block_tables=inputs.block_tables,
+        max_query_len=query_len,
+    )
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """Batch sizes to capture: fine steps where batches are small, coarser above."""
     ladder = [1, 2, 4, 8, 16, 24, 32] + list(range(48, 513, 16))
@@ -145,6 +176,10 @@ class InputBuffers:
             # Rows of a step run ahead that take a token still on the device, and the rows that hold them.
             "fed_rows": ((max_seqs,), torch.int64),
             "feeding_rows": ((max_seqs,), torch.int64),
+            # A step with draft tokens: which tokens' logits it samples, and (rejection.verify) each sampled
+            # row's draft then each request's first row.
+            "logit_positions": ((max_tokens,), torch.int64),
+            "verify_rows": ((max_tokens + max_seqs,), torch.int64),
         }
         device = backend.device()
         self.device = {k: torch.zeros(s, dtype=d, device=device) for k, (s, d) in shapes.items()}
@@ -212,9 +247,12 @@ class ModelRunner:
         self.buffers = InputBuffers(backend, max_num_tokens, max_num_seqs, self.max_blocks_per_seq,
                                     2 if links is None else links.layout.pipeline + 1)
         self.block_rows = BlockTableRows(max_num_seqs, self.max_blocks_per_seq)
-        self.graphs: dict[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
+        # (batch size, tokens per request) -> its captured step
+        self.graphs: dict[tuple[int, int], Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
         self.token_staging = [backend.host_tensor((max_num_seqs,), torch.int64) for _ in range(2)]
-        self.graph_sizes: list[int] = []  # ascending
+        self.graph_sizes: list[int] = []  # ascending, of decode graphs
+        self.multi_token_sizes: list[int] = []  # ascending, of graphs of multi_token tokens a request
+        self.multi_token = 1
         self.graph_buffers: InputBuffers | None = None
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -236,6 +274,7 @@ class ModelRunner:
         query_start_loc = np.arange(rows + 1, dtype=np.int32)  # padding rows: one (ignored) query token each
         np.cumsum(counts, out=query_start_loc[1 : len(scheduled) + 1])
         num_tokens = int(query_start_loc[len(scheduled)])
+        query_start_loc[len(scheduled) + 1 :] += num_tokens - len(scheduled)
 
         token_ids: list[int] = []
         for s in scheduled:
@@ -273,12 +312,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        graph_size = self._graph_size(sched)
-        if not graph_size:
+        shape = self._graph_shape(sched)
+        if shape is None:
             return self.collect(self.submit(sched))
-        logits = self._replay(sched, graph_size)
-        completing = list(range(len(sched.scheduled)))  # a graph step is all decodes
-        return StepResult(self._sample(sched, completing, logits) if self.samples else None, {})
+        size, query_len = shape
+        self._upload_graph_inputs(sched, size, query_len)
+        logits = self.graphs[shape]()[0]
+        completing = list(range(len(sched.scheduled)))  # a graph step's rows all complete
+        if query_len == 1:
+            logits = logits[: len(sched.scheduled)]
+        else:  # rows of query_len tokens each, their real ones first
+            logits = logits[self._logit_positions(sched, completing, np.arange(len(completing)) * query_len)]
+        if not self.samples:
+            return StepResult(None, {})
+        drafted = any(s.draft_token_ids for s in sched.scheduled)
+        return StepResult((self._verify if drafted else self._sample)(sched, completing, logits), {})
 
     @torch.inference_mode()
     def submit(self, sched: SchedulerOutput) -> SubmittedStep:
@@ -306,19 +354,20 @@ class ModelRunner:
         if not completing:
             return StepResult(None, prompt_logprobs)
         if any(s.draft_token_ids for s in sched.scheduled):
-            logits = self.model.compute_logits(hidden[self._checked_positions(sched, completing)])
+            starts = np.concatenate([[0], np.cumsum([s.num_new_tokens for s in sched.scheduled])[:-1]])
+            logits = self.model.compute_logits(hidden[self._logit_positions(sched, completing, starts)])
             return StepResult(self._verify(sched, completing, logits) if self.samples else None, prompt_logprobs)
         ends = step.starts[1:].long() - 1
         logits = self.model.compute_logits(hidden[ends[completing] if len(completing) < len(sched.scheduled) else ends])
         return StepResult(self._sample(sched, completing, logits) if self.samples else None, prompt_logprobs)
 
-    def _checked_positions(self, sched: SchedulerOutput, completing: list[int]) -> torch.Tensor:
-        """The step's token positions whose logits a verification needs: each completing request's last
-        known token and its drafts (rows in that order, request after request)."""
-        ends = np.cumsum([s.num_new_tokens for s in sched.scheduled]) - 1
+    def _logit_positions(self, sched: SchedulerOutput, completing: list[int], starts: np.ndarray) -> torch.Tensor:
+        """Where in the step's tokens the logits to sample are (each scheduled request's first token at starts[i]):
+        each completing request's last known token and its drafts, request after request."""
+        ends = [starts[i] + sched.scheduled[i].num_new_tokens - 1 for i in range(len(sched.scheduled))]
         positions = np.concatenate([np.arange(ends[i] - len(sched.scheduled[i].draft_token_ids), ends[i] + 1)
                                     for i in completing])
-        return torch.from_numpy(positions).to(self.device)
+        return self.buffers.upload("logit_positions", positions)
 
     def _verify(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
         """Sample a step with draft tokens: each completing request's rows checked by rejection.verify."""
@@ -342,7 +391,7 @@ class ModelRunner:
             batch = PLAIN_GREEDY
         else:
             batch = build_sampling_batch(params, prompts, outputs, generators, self.vocab_size, self.device)
-        device_rows = torch.tensor(np.concatenate([drafts, first_rows]), dtype=torch.int64).to(self.device)
+        device_rows = self.buffers.upload("verify_rows", np.concatenate([drafts, first_rows]).astype(np.int64))
         return verify(logits, batch, device_rows[: len(drafts)], device_rows[len(drafts) :], self.generator)
 
     def _sample(self, sched: SchedulerOutput, completing: list[int], logits: torch.Tensor) -> SamplerOutput:
@@ -382,30 +431,37 @@ class ModelRunner:
 
     # --- graphs -----------------------------------------------------------------------------------
 
-    def capture_graphs(self) -> list[int]:
-        """Capture one decode step per batch size of the ladder, largest first so smaller ones reuse memory."""
+    def capture_graphs(self, multi_token: int = 1) -> list[int]:
+        """Capture one decode step per batch size of the ladder, largest first so smaller ones reuse memory;
+        with `multi_token` > 1 also steps of up to that many tokens a request (a request's last token and its
+        drafts, or a draft model catching up), for batches up to MULTI_TOKEN_BATCH. Returns the decode sizes."""
         sizes = graph_batch_sizes(self.max_num_seqs)
-        self.graph_buffers = InputBuffers(self.backend, sizes[-1], sizes[-1], self.max_blocks_per_seq)
-        for size in reversed(sizes):
-            self.graphs[size] = self.backend.capture_graph(self._decode_forward(size))
-        self.graph_sizes = sizes
+        multi_sizes = graph_batch_sizes(min(self.max_num_seqs, MULTI_TOKEN_BATCH)) if multi_token > 1 else []
+        self.graph_buffers = InputBuffers(self.backend, max(sizes[-1], (multi_sizes or [0])[-1] * multi_token),
+                                          sizes[-1], self.max_blocks_per_seq)
+        for query_len, ladder in ((multi_token, multi_sizes), (1, sizes)):
+            for size in reversed(ladder):
+                self.graphs[size, query_len] = self.backend.capture_graph(self._graph_forward(size, query_len))
+        self.graph_sizes, self.multi_token_sizes, self.multi_token = sizes, multi_sizes, multi_token
         return sizes
 
-    def _decode_forward(self, size: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        buffers = self.graph_buffers
-        buffers.device["query_start_loc"][: size + 1].copy_(torch.arange(size + 1, dtype=torch.int32))
+    def _graph_forward(self, size: int, query_len: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """A step of `size` requests of `query_len` tokens each (logits for every token)."""
+        buffers, tokens = self.graph_buffers, size * query_len
         meta = AttentionMetadata(
-            slot_mapping=buffers.device["slot_mapping"][:size],
-            query_start_loc=buffers.device["query_start_loc"][: size + 1],
+            slot_mapping=buffers.device["slot_mapping"][:tokens],
+            # Fixed for the graph's life (the closure holds it): replays never upload it.
+            query_start_loc=(torch.arange(size + 1, dtype=torch.int32) * query_len).to(self.device),
             seq_lens=buffers.device["seq_lens"][:size],
             block_tables=buffers.device["block_tables"][:size],
-            max_query_len=1,
+            max_query_len=query_len,
             max_seq_len=self.max_model_len,
             block_size=self.block_size,
         )
-        buffers.device["slot_mapping"][:size].fill_(-1)  # capture-time warm-up must not write the cache
+        buffers.device["slot_mapping"][:tokens].fill_(-1)  # capture-time warm-up must not write the cache
+        buffers.device["seq_lens"][:size].fill_(query_len)
         meta.prepared = self.attention.prepare(meta)
-        input_ids, positions = buffers.device["input_ids"][:size], buffers.device["positions"][:size]
+        input_ids, positions = buffers.device["input_ids"][:tokens], buffers.device["positions"][:tokens]
 
         def forward() -> tuple[torch.Tensor, torch.Tensor]:
             logits = self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
@@ -413,25 +469,31 @@ class ModelRunner:
 
         return forward
 
-    def _graph_size(self, sched: SchedulerOutput) -> int | None:
-        """The captured batch size to replay for this step, or None to run eagerly."""
-        if not self.graph_sizes or len(sched.scheduled) > self.graph_sizes[-1]:
+    def _graph_shape(self, sched: SchedulerOutput) -> tuple[int, int] | None:
+        """The captured (batch size, tokens per request) to replay for this step, or None to run eagerly."""
+        if not self.graph_sizes or any(not s.completes or s.request.params.prompt_logprobs is not None
+                                       for s in sched.scheduled):
             return None
-        if any(s.num_new_tokens != 1 or not s.completes or s.request.params.prompt_logprobs is not None
-               for s in sched.scheduled):
+        longest = max(s.num_new_tokens for s in sched.scheduled)
+        if longest == 1:
+            sizes, query_len = self.graph_sizes, 1
+        elif longest <= self.multi_token and all(s.request.num_computed_tokens + self.multi_token <= self.max_model_len
+                                                 for s in sched.scheduled):
+            sizes, query_len = self.multi_token_sizes, self.multi_token  # padded rows' keys stay in the table
+        else:
             return None
-        return self.graph_sizes[bisect.bisect_left(self.graph_sizes, len(sched.scheduled))]
+        if not sizes or len(sched.scheduled) > sizes[-1]:
+            return None
+        return sizes[bisect.bisect_left(sizes, len(sched.scheduled))], query_len
 
-    def _upload_graph_inputs(self, sched: SchedulerOutput, size: int) -> None:
+    def _upload_graph_inputs(self, sched: SchedulerOutput, size: int, query_len: int) -> None:
         inputs = self.host_inputs(sched, pad_to=size)
+        if query_len > 1:
+            inputs = _spread_rows(inputs, query_len)
         buffers = self.graph_buffers
         buffers.flip()
         for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables"):
             buffers.upload(name, getattr(inputs, name))
-
-    def _replay(self, sched: SchedulerOutput, size: int) -> torch.Tensor:
-        self._upload_graph_inputs(sched, size)
-        return self.graphs[size]()[0][: len(sched.scheduled)]
 
     def launch_greedy(self, sched: SchedulerOutput, previous: InFlightStep | None, masked: bool = False
                       ) -> InFlightStep | None:
@@ -442,10 +504,11 @@ class ModelRunner:
         rows follow a grammar, whose mask needs `previous`'s tokens on the host; the step's tokens wait
         for finish_greedy, which the host calls once it has them, while this step's forward pass runs.
         """
-        size = self._graph_size(sched)
-        if size is None:
+        shape = self._graph_shape(sched)
+        if shape is None or shape[1] != 1:
             return None
-        self._upload_graph_inputs(sched, size)
+        size = shape[0]
+        self._upload_graph_inputs(sched, size, 1)
         if previous is not None:
             dst, src = [], []
             for row, s in enumerate(sched.scheduled):
@@ -457,7 +520,7 @@ class ModelRunner:
                 fed, feeding = (buffers.upload(name, np.asarray(rows, np.int64))
                                 for name, rows in (("fed_rows", dst), ("feeding_rows", src)))
                 buffers.device["input_ids"].index_copy_(0, fed, previous.tokens.index_select(0, feeding))
-        logits, tokens = self.graphs[size]()
+        logits, tokens = self.graphs[shape]()
         rows = len(sched.scheduled)
         staging = self.token_staging[0] if previous is None or previous.host is self.token_staging[1] \
             else self.token_staging[1]

@@ -121,7 +121,7 @@ class ParallelExecutor:
         self._send("profile", (num_tokens, kv_shape, dtype))
         self.runner.profile_run(num_tokens, kv_shape, dtype)
 
-    def capture_graphs(self) -> list[int]:
+    def capture_graphs(self, multi_token: int = 1) -> list[int]:
         return []
 
     def execute(self, sched: SchedulerOutput) -> StepResult:

@@ -52,13 +52,45 @@ def test_decode_graphs_give_the_eager_tokens(tmp_path, monkeypatch):
 
     monkeypatch.setattr(paged.engine_core, "load_backend", lambda device: ReplayingCPUBackend())
     llm = LLM(**kwargs)
-    assert sorted(llm.engine.runner.graphs) == [1, 2, 4, 8, 16]
-    replayed = []
-    original = llm.engine.runner._replay
-    monkeypatch.setattr(llm.engine.runner, "_replay", lambda s, n: replayed.append(n) or original(s, n))
+    assert sorted(llm.engine.runner.graphs) == [(1, 1), (2, 1), (4, 1), (8, 1), (16, 1)]
+    replayed = record_replays(llm.engine.runner)
     graphed = llm.generate(prompts, params, use_tqdm=False)
-    assert replayed and set(replayed) <= {16, 8, 4, 2, 1}
+    assert replayed and set(replayed) <= {(16, 1), (8, 1), (4, 1), (2, 1), (1, 1)}
     assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
+
+
+def record_replays(runner) -> list[tuple[int, int]]:
+    """The (batch size, tokens per request) of every graph the runner replays from now on."""
+    replayed = []
+    for key, graph in list(runner.graphs.items()):
+        runner.graphs[key] = lambda key=key, graph=graph: replayed.append(key) or graph()
+    return replayed
+
+
+def test_steps_with_drafts_replay_multi_token_graphs(tmp_path, monkeypatch):
+    """Checks of 1 + 3 tokens a request (fewer where a draft is short, padded in the graph) and a draft model's
+    catching up replay graphs of 4 tokens a request: the tokens are the eager engine's."""
+    save_tiny_model("llama", tmp_path / "target", seed=random.randrange(1 << 30))
+    phrases = [[random.randrange(3, VOCAB) for _ in range(random.randint(2, 6))] for _ in range(9)]
+    prompts = [{"prompt_token_ids": (p * 10)[: random.randint(3, 50)]} for p in phrases]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1)
+    kwargs = dict(model=str(tmp_path / "target"), dtype="float32", device="cpu", kv_cache_memory="32MiB",
+                  max_num_seqs=16, max_model_len=128)
+    eager = [o.outputs[0].token_ids for o in LLM(**kwargs, enforce_eager=True).generate(prompts, params,
+                                                                                         use_tqdm=False)]
+
+    import paged.engine_core
+
+    monkeypatch.setattr(paged.engine_core, "load_backend", lambda device: ReplayingCPUBackend())
+    for spec in ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1},
+                 {"model": str(tmp_path / "target"), "num_speculative_tokens": 3}):
+        llm = LLM(**kwargs, speculative_config=spec)
+        runners = [llm.engine.runner] + ([llm.engine.core.draft_runner] if "model" in spec else [])
+        assert all((16, 4) in runner.graphs for runner in runners)
+        replays = [record_replays(runner) for runner in runners]
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == eager
+        assert all(any(query_len == 4 for _, query_len in replayed) for replayed in replays)
+        assert llm.engine.core.stats.spec_num_accepted_tokens > 0
 
 
 def test_running_ahead_matches_eager_with_stops(tmp_path, monkeypatch):

@@ -110,7 +110,7 @@ def test_kept_and_refused_drafts_give_the_same_greedy_tokens(tiny_dir, layout):
               for _ in prompts]
     kwargs = dict(model=tiny_dir, dtype="float32", device="cpu", max_model_len=96, block_size=8,
                   max_num_batched_tokens=64)
-    kwargs |= {"num_gpu_blocks_override": 20} if layout == "tight" else {"kv_cache_memory": "64MiB"}
+    kwargs |= {"num_gpu_blocks_override": 14} if layout == "tight" else {"kv_cache_memory": "64MiB"}
     plain = LLM(**kwargs).generate(prompts, params, use_tqdm=False)
     llm = LLM(**kwargs, speculative_config=NGRAM)
     core = llm.engine.core
@@ -287,7 +287,7 @@ def test_draft_model_gives_the_same_greedy_tokens(draft_dirs, draft, layout):
     params = [SamplingParams(temperature=0, max_tokens=random.randint(1, 40), ignore_eos=True) for _ in prompts]
     kwargs = dict(model=str(draft_dirs / "target"), dtype="float32", device="cpu", max_model_len=96, block_size=8,
                   max_num_batched_tokens=64)
-    kwargs |= {"num_gpu_blocks_override": 24} if layout == "tight" else {"kv_cache_memory": "64MiB"}
+    kwargs |= {"num_gpu_blocks_override": 14} if layout == "tight" else {"kv_cache_memory": "64MiB"}
     expected = greedy(LLM(**kwargs), prompts, params)
     llm = LLM(**kwargs, speculative_config={"model": str(draft_dirs / draft), "num_speculative_tokens": 3})
     assert greedy(llm, prompts, params) == expected
