@@ -106,8 +106,8 @@ def test_kept_and_refused_drafts_give_the_same_greedy_tokens(tiny_dir, layout):
     shared = [random.randrange(3, VOCAB) for _ in range(12)]
     prompts = [{"prompt_token_ids": shared[: random.randint(4, 12)] +
                 [random.randrange(3, VOCAB) for _ in range(random.randint(1, 30))]} for _ in range(8)]
-    params = [SamplingParams(temperature=0, max_tokens=random.randint(5, 40), ignore_eos=True, logprobs=2)
-              for _ in prompts]
+    params = [SamplingParams(temperature=0, max_tokens=random.randint(5 if layout == "roomy" else 24, 40),
+                             ignore_eos=True, logprobs=2) for _ in prompts]
     kwargs = dict(model=tiny_dir, dtype="float32", device="cpu", max_model_len=96, block_size=8,
                   max_num_batched_tokens=64)
     kwargs |= {"num_gpu_blocks_override": 14} if layout == "tight" else {"kv_cache_memory": "64MiB"}
@@ -284,7 +284,8 @@ def test_draft_model_gives_the_same_greedy_tokens(draft_dirs, draft, layout):
     shared = [random.randrange(3, VOCAB) for _ in range(12)]
     prompts = [{"prompt_token_ids": shared[: random.randint(4, 12)] +
                 [random.randrange(3, VOCAB) for _ in range(random.randint(1, 40))]} for _ in range(8)]
-    params = [SamplingParams(temperature=0, max_tokens=random.randint(1, 40), ignore_eos=True) for _ in prompts]
+    params = [SamplingParams(temperature=0, max_tokens=random.randint(1 if layout == "roomy" else 24, 40),
+                             ignore_eos=True) for _ in prompts]
     kwargs = dict(model=str(draft_dirs / "target"), dtype="float32", device="cpu", max_model_len=96, block_size=8,
                   max_num_batched_tokens=64)
     kwargs |= {"num_gpu_blocks_override": 14} if layout == "tight" else {"kv_cache_memory": "64MiB"}
