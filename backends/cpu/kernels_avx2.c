@@ -237,16 +237,26 @@ DEFINE_TILES(F32)
     }
 
 typedef void (*qtile_fn)(const float *, weights_t, const float *, float *, int64_t, int64_t, int64_t);
+DEFINE_QTILE(1, 1, Q4W)
 DEFINE_QTILE(1, 2, Q4W)
 DEFINE_QTILE(2, 1, Q4W)
 DEFINE_QTILE(3, 1, Q4W)
+DEFINE_QTILE(1, 1, Q8W)
 DEFINE_QTILE(1, 2, Q8W)
 DEFINE_QTILE(2, 1, Q8W)
 DEFINE_QTILE(3, 1, Q8W)
-/* By format, then rows: the tiles for one to three rows (one panel each but for a single row's two). */
+/* By format, then rows: the tiles for one to three rows (one panel each but for a single row's two), and
+ * the one-panel tiles that rows beyond three are computed with, three at a time. */
 static const qtile_fn qtiles[3][4] = {{0}, {0, qtile_Q4W_1_2, qtile_Q4W_2_1, qtile_Q4W_3_1},
                                       {0, qtile_Q8W_1_2, qtile_Q8W_2_1, qtile_Q8W_3_1}};
+static const qtile_fn qtiles_one_panel[3][4] = {{0}, {0, qtile_Q4W_1_1, qtile_Q4W_2_1, qtile_Q4W_3_1},
+                                                {0, qtile_Q8W_1_1, qtile_Q8W_2_1, qtile_Q8W_3_1}};
 #define QTILE_MAX_ROWS 3
+/* Up to this many rows (a decode step's last token and its draft tokens) still widen weights in registers:
+ * three rows at a time against one panel, which stays in L1 between them, so the weights are read from
+ * memory once. Every row's sums run in the same order whatever the row count, so it gets the same bits as
+ * alone. Above it, widening the panels once into a buffer pays. */
+#define QTILE_CHUNKED_ROWS 8
 
 /* A thread's buffer for the widened panels of a block format, grown as needed and kept. */
 static float *scratch_for(int64_t floats) {
@@ -268,6 +278,14 @@ static void panel_group(int format, const float *x, weights_t w, const float *bi
     const void *panels = (const uint16_t *)w.q + col * k;
     if (format != BF16W && m <= QTILE_MAX_ROWS) {
         for (int p = 0; p < np; p += m == 1 ? 2 : 1) qtiles[format][m](x, w, bias, y, n, k, col + p * PANEL);
+        return;
+    }
+    if (format != BF16W && m <= QTILE_CHUNKED_ROWS) {
+        for (int p = 0; p < np; ++p)
+            for (int64_t r = 0; r < m; r += QTILE_MAX_ROWS) {
+                int64_t rows_here = m - r < QTILE_MAX_ROWS ? m - r : QTILE_MAX_ROWS;
+                qtiles_one_panel[format][rows_here](x + r * k, w, bias, y + r * n, n, k, col + p * PANEL);
+            }
         return;
     }
     if (format != BF16W) {

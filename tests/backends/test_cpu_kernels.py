@@ -141,7 +141,7 @@ def gguf_blocks(qtype: str, n: int, k: int) -> GGUFBlocks:
 
 @needs_avx2
 @pytest.mark.parametrize("qtype", sorted(BLOCK_TYPES))
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 32, PACKED_GEMM_MAX_ROWS + 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 32, PACKED_GEMM_MAX_ROWS + 3])
 def test_gguf_blocks_linear_matches_float64_of_the_dequantized_weights(qtype, rows):
     """Every path (in-register widening for few rows, widened panels, BLAS over the widened matrix) against
     float64 products with gguf-py's dequantization of the same blocks; n not a multiple of 16 or 64."""
@@ -157,6 +157,21 @@ def test_gguf_blocks_linear_matches_float64_of_the_dequantized_weights(qtype, ro
         exact += layer.bias.double()
     out = PackedLinear(AVX2).apply(layer, x, layer.bias)
     assert torch.allclose(out.double(), exact, rtol=1e-5, atol=1e-5 * k**0.5 * exact.abs().max().item())
+
+
+@needs_avx2
+@pytest.mark.parametrize("qtype", sorted(BLOCK_TYPES))
+def test_gguf_blocks_rows_get_the_same_bits_alone_as_among_a_few(qtype):
+    """Up to eight rows (a decode token and its drafts) each get exactly the bits that row gets alone, so a
+    speculative check sees the logits a plain decode step would."""
+    n, k = random.choice([(960, 576), (100, 64), (1001, 96)])
+    layer = torch.nn.Linear(k, n, bias=False)
+    layer.gguf_blocks, layer.num_parts = {0: gguf_blocks(qtype, n, k)}, 1
+    PackedLinear(AVX2).process_weights(layer)
+    x = torch.randn(8, k)
+    alone = torch.cat([PackedLinear(AVX2).apply(layer, x[i : i + 1], None) for i in range(8)])
+    for rows in range(1, 9):
+        assert torch.equal(PackedLinear(AVX2).apply(layer, x[:rows], None), alone[:rows]), rows
 
 
 @needs_avx2
