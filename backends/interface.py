@@ -244,6 +244,10 @@ class Backend(ABC):
     # Whether the KV cache is sized from a fixed byte budget (host memory) or from a fraction of the
     # device memory left after profiling one forward pass.
     kv_cache_from_device_memory: ClassVar[bool] = True
+    # Speculative decoding drafts only while at most this many sequences run (None: always), unless the user's
+    # disable_by_batch_size says otherwise: where a step's cost grows with its tokens, checking k drafts for
+    # every row of a large batch costs more than the tokens it saves.
+    speculation_max_batch: ClassVar[int | None] = None
 
     # --- probing (class methods: they run before the backend is instantiated) ---
 

@@ -102,9 +102,9 @@ class EngineCore:
         elif spec is not None:
             self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
         if spec is not None:
+            limit = spec.disable_by_batch_size or self.backend.speculation_max_batch
             logger.info("speculative decoding: %s, up to %d tokens a step%s", spec.method, spec.num_speculative_tokens,
-                        f", off above {spec.disable_by_batch_size} running sequences"
-                        if spec.disable_by_batch_size else "")
+                        f", off above {limit} running sequences" if limit else "")
         self._in_flight: InFlightStep | None = None
         self._micro_batches: deque[tuple[SchedulerOutput, SubmittedStep]] = deque()  # pipeline stages' work
         if self.backend.supports_graphs and not config.enforce_eager:
@@ -388,7 +388,7 @@ class EngineCore:
         """Whether this step drafts: speculation is configured and not off for the batch's size."""
         if self.proposer is None:
             return False
-        limit = self.config.speculative_config.disable_by_batch_size
+        limit = self.config.speculative_config.disable_by_batch_size or self.backend.speculation_max_batch
         return limit is None or len(self.scheduler.running) <= limit
 
     def _propose(self) -> None:

@@ -84,7 +84,7 @@ def test_steps_with_drafts_replay_multi_token_graphs(tmp_path, monkeypatch):
     monkeypatch.setattr(paged.engine_core, "load_backend", lambda device: ReplayingCPUBackend())
     for spec in ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1},
                  {"model": str(tmp_path / "target"), "num_speculative_tokens": 3}):
-        llm = LLM(**kwargs, speculative_config=spec)
+        llm = LLM(**kwargs, speculative_config={**spec, "disable_by_batch_size": 16})
         runners = [llm.engine.runner] + ([llm.engine.core.draft_runner] if "model" in spec else [])
         assert all((16, 4) in runner.graphs for runner in runners)
         replays = [record_replays(runner) for runner in runners]

@@ -20,7 +20,10 @@ from paged.spec_decode import rejection
 from paged.spec_decode.ngram import NgramProposer
 from tests.models_factory import VOCAB, save_tiny_model
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+# Drafts for any batch size: the CPU backend's own limit (two sequences) would leave most steps of these batches
+# without any.
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
+         "disable_by_batch_size": 64}
 
 
 def lookup_reference(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
@@ -290,7 +293,8 @@ def test_draft_model_gives_the_same_greedy_tokens(draft_dirs, draft, layout):
                   max_num_batched_tokens=64)
     kwargs |= {"num_gpu_blocks_override": 14} if layout == "tight" else {"kv_cache_memory": "64MiB"}
     expected = greedy(LLM(**kwargs), prompts, params)
-    llm = LLM(**kwargs, speculative_config={"model": str(draft_dirs / draft), "num_speculative_tokens": 3})
+    llm = LLM(**kwargs, speculative_config={"model": str(draft_dirs / draft), "num_speculative_tokens": 3,
+                                                  "disable_by_batch_size": 64})
     assert greedy(llm, prompts, params) == expected
     core = llm.engine.core
     stats = core.stats
@@ -305,7 +309,8 @@ def test_draft_model_gives_the_same_greedy_tokens(draft_dirs, draft, layout):
 
 def test_draft_model_sampling_with_a_seed_repeats(draft_dirs):
     llm = LLM(model=str(draft_dirs / "target"), dtype="float32", device="cpu", kv_cache_memory="64MiB",
-              speculative_config={"model": str(draft_dirs / "target"), "num_speculative_tokens": 3})
+              speculative_config={"model": str(draft_dirs / "target"), "num_speculative_tokens": 3,
+                                  "disable_by_batch_size": 64})
     prompts = repetitive_prompts(4)
     params = [SamplingParams(temperature=1.0, max_tokens=20, seed=seed, ignore_eos=True) for seed in range(4)]
     assert greedy(llm, prompts, params) == greedy(llm, prompts, params)
@@ -316,3 +321,14 @@ def test_draft_of_another_vocabulary_is_refused(draft_dirs):
         LLM(model=str(draft_dirs / "target"), device="cpu", kv_cache_memory="64MiB",
             speculative_config={"model": str(draft_dirs / "wide"), "num_speculative_tokens": 2})
     assert "vocabulary" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_large_batches_draft_nothing_by_default(tiny_dir):
+    """Above the backend's limit (the CPU's: two running sequences) steps run without drafts."""
+    llm = LLM(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB",
+              speculative_config={key: value for key, value in NGRAM.items() if key != "disable_by_batch_size"})
+    prompts = [{"prompt_token_ids": [5, 6, 7] * 8} for _ in range(4)]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.core.stats.spec_num_drafts == 0
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.core.stats.spec_num_drafts > 0

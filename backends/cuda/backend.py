@@ -30,6 +30,8 @@ class CUDABackend(Backend):
     supported_kv_cache_dtypes = ("auto", "fp8")
     supports_graphs = True
     runs_ahead = True
+    # The largest batch with graphs for steps of several tokens a request (model_runner.MULTI_TOKEN_BATCH).
+    speculation_max_batch = 32
     # Which torch build this backend serves; ROCm reuses everything else and flips this.
     torch_build = "cuda"
 

@@ -25,7 +25,8 @@ class SpeculativeConfig(BaseModel):
     prompt_lookup_max: int | None = Field(default=None, gt=0)
     prompt_lookup_min: int | None = Field(default=None, gt=0)
     # No proposals while more sequences than this run: a large batch is bound by compute, where checking
-    # guesses costs more than it saves, and plain decode steps can run ahead on graphs.
+    # guesses costs more than it saves, and plain decode steps can run ahead on graphs. None: the backend's
+    # own limit (Backend.speculation_max_batch).
     disable_by_batch_size: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="before")
