@@ -12,8 +12,9 @@
 # w1-qwen3-moe, single-qwen3-moe (mixture of experts), long (1B, 64 x 7,680 in / 512 out),
 # attention-sweep (decode/prefill attention by tiles, launch order and splits against the ceilings),
 # profile-long, profile-single-8b (where the steps' milliseconds go), startup (import times, start-up to the
-# first token twice, then a cProfile of it with a warm Triton cache), spec (speculative decoding: GPU tests,
-# n-gram / oracle / draft-model single streams and batches against none), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
+# first token twice, then a cProfile of it with a warm Triton cache), spec-tests, spec-single, spec-batches,
+# spec-8b (speculative decoding: GPU tests; n-gram / oracle / draft-model single streams and batches against
+# none), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
 # .bench/smollm2-tokenizer: a shape has no tokenizer).
 # Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
 # summary.md (the table for RESULTS.md), and a log per part group.
@@ -193,17 +194,18 @@ if want startup; then  # imports, then start-up twice (the first run fills the T
   python3 -m cProfile -s cumulative benchmarks/throughput.py --shape 1b --num-prompts 1 --input-len 16 \
     --output-len 1 --no-compare-hf 2>>"$OUT/bench.log" | head -120 >"$OUT/startup-profile.txt"
 fi
-# Speculative decoding (issue 18): the GPU tests, then single streams and a loaded batch against no speculation.
-if want spec; then
+# Speculative decoding (issue 18): the GPU tests, then single streams and loaded batches against no speculation.
+spec() { local name=$1; shift; peer "$name" benchmarks/spec_decode.py --workload random "$@"; }
+if want spec-tests; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k speculative >"$OUT/spec-tests.log" 2>&1
   echo "spec gpu tests exit $?" | tee -a "$OUT/spec-tests.log"; tail -3 "$OUT/spec-tests.log"
-  spec() { local name=$1; shift; peer "$name" benchmarks/spec_decode.py --workload random "$@"; }
+fi
+if want spec-single; then
   spec spec-1b-single --shape 1b --streams 1 --methods ngram,oracle,draft=1b-draft,self-draft --output-len 512
   spec spec-1b-single-miss3 --shape 1b --streams 1 --methods oracle --oracle-miss 3 --output-len 512
-  spec spec-1b-batches --shape 1b --streams 8,32 --methods ngram,oracle --output-len 256
-  spec spec-1b-64 --shape 1b --streams 64 --methods ngram,oracle --output-len 256
-  spec spec-8b-single --shape 8b --streams 1 --methods ngram,oracle --output-len 256
 fi
+want spec-batches && spec spec-1b-batches --shape 1b --streams 8,32,64 --methods ngram,oracle --output-len 256
+want spec-8b && spec spec-8b-single --shape 8b --streams 1 --methods ngram,oracle --output-len 256
 [ -f "$RESULTS" ] && python3 benchmarks/summarize_gpu.py "$RESULTS" | tee "$OUT/summary.md"
 if want structured-1b; then
   echo "== structured-1b"
