@@ -107,7 +107,8 @@ def engine(args, method: str | None, reference: list[list[int]] | None):
         spec["disable_by_batch_size"] = args.disable_by_batch_size
     llm = LLM(model=args.model_path, device=args.device, load_format=args.load_format,
               skip_tokenizer_init=args.workload == "random", gpu_memory_utilization=args.gpu_memory_utilization,
-              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len, speculative_config=spec)
+              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len, speculative_config=spec,
+              enforce_eager=args.enforce_eager)
     if method == "oracle":
         llm.engine.core.proposer = OracleProposer(reference, args.oracle_miss, llm.engine.vocab_size)
     return llm
@@ -160,6 +161,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     ap.add_argument("--kv-cache-memory", default="2GiB")
+    ap.add_argument("--enforce-eager", action="store_true")
     args = ap.parse_args()
     args.load_format = "dummy" if args.shape else "auto"
     if args.shape:

@@ -70,8 +70,11 @@ class PaddedBatch:
     write_rows: torch.Tensor | None  # token rows that write (None: all)
     block_ids: torch.Tensor  # [num_seqs, blocks_per_seq] int64: the block tables cut to the step's context
     prefills: list[Prefill]  # sequences with more than one query token this step
-    decode_seqs: torch.Tensor | None  # in a step with prefills, the sequences with one query token...
-    decode_tokens: torch.Tensor | None  # ...and the rows of those tokens
+    # In a step with prefills, the query tokens attended one at a time (those of sequences with one, or a few:
+    # a token and its drafts): the sequence of each, its row, and how many keys it sees.
+    decode_seqs: torch.Tensor | None
+    decode_tokens: torch.Tensor | None
+    decode_lens: torch.Tensor | None
     # Set when one sequence decodes: it attends to all of its context, so cutting the gathered context to
     # this length replaces the mask (which the flash kernel would first convert, in every layer).
     whole_context: int | None = None
@@ -98,11 +101,21 @@ class PaddedBatch:
 
     @cached_property
     def decode_mask(self) -> torch.Tensor:
-        return self.mask[self.decode_seqs]
+        key_pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
+        return (key_pos[None, :] < self.decode_lens[:, None]).view(len(self.decode_lens), 1, 1, -1)
 
     @cached_property
     def decode_bias(self) -> torch.Tensor:
-        return self.bias[self.decode_seqs]
+        return torch.zeros(self.decode_mask.shape, device=self.mask.device).masked_fill_(
+            ~self.decode_mask, torch.finfo(torch.float32).min)
+
+    def decode_window_bias(self, window: int | None) -> torch.Tensor:
+        """`decode_bias` for tokens that see only the last `window` of their keys."""
+        if window is None:
+            return self.decode_bias
+        key_pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
+        recent = (key_pos >= (self.decode_lens - window)[:, None]).view(self.decode_mask.shape)
+        return self.decode_bias.masked_fill(~recent, torch.finfo(torch.float32).min)
 
     def decode_meta(self, meta: AttentionMetadata) -> AttentionMetadata:
         """The step's metadata cut to its decoding sequences, for the compiled kernel; their K/V are written
@@ -112,7 +125,7 @@ class PaddedBatch:
             self._decode_meta = AttentionMetadata(
                 slot_mapping=torch.full((len(seqs),), -1, dtype=torch.int64, device=seqs.device),
                 query_start_loc=torch.arange(len(seqs) + 1, dtype=torch.int32, device=seqs.device),
-                seq_lens=meta.seq_lens[seqs].contiguous(), block_tables=meta.block_tables[seqs].contiguous(),
+                seq_lens=self.decode_lens.to(meta.seq_lens.dtype), block_tables=meta.block_tables[seqs].contiguous(),
                 max_query_len=1, max_seq_len=meta.max_seq_len, block_size=meta.block_size)
         return self._decode_meta
 
@@ -136,6 +149,11 @@ class PaddedBatch:
         return CacheIndex(context_tiles, new_rows, gathered)
 
 
+# A sequence with at most this many query tokens in a step (a decode token and its drafts) has them attended one
+# at a time, as decode tokens (the compiled kernel where there is one): a per-sequence prefill call costs more.
+SHORT_QUERY = 8
+
+
 def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
     device = meta.seq_lens.device
     seq_lens = meta.seq_lens.long()
@@ -144,17 +162,17 @@ def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
     key_pos = torch.arange(blocks_per_seq * meta.block_size, device=device)
     mask = (key_pos[None, :] < seq_lens[:, None]).view(len(seq_lens), 1, 1, -1)
 
-    prefills, decode_seqs, decode_tokens = [], None, None
+    prefills, decode_seqs, decode_tokens, decode_lens = [], None, None, None
     if meta.max_query_len > 1:
         starts, lengths = meta.query_start_loc.tolist(), seq_lens.tolist()
         singles = []
         for seq, (start, end, length) in enumerate(zip(starts, starts[1:], lengths)):
-            if end - start > 1:
+            if end - start > SHORT_QUERY:
                 prefills.append(Prefill(seq, start, end, length - (end - start), length))
-            elif end - start == 1:
-                singles.append((seq, start))
+            else:  # token i of the few sees the keys up to its own position
+                singles.extend((seq, start + i, length - (end - start) + i + 1) for i in range(end - start))
         if singles:
-            decode_seqs, decode_tokens = (torch.tensor(v, device=device) for v in zip(*singles))
+            decode_seqs, decode_tokens, decode_lens = (torch.tensor(v, device=device) for v in zip(*singles))
 
     slots = meta.slot_mapping[:num_tokens]
     keep = slots >= 0
@@ -166,7 +184,7 @@ def build_padded_batch(meta: AttentionMetadata) -> PaddedBatch:
     block_ids = meta.block_tables[:, :blocks_per_seq].long()
     single_decode = len(seq_lens) == 1 and meta.max_query_len == 1 and int(seq_lens[0]) == meta.max_seq_len
     return PaddedBatch(mask, seq_lens, write_slots, write_rows, block_ids, prefills, decode_seqs, decode_tokens,
-                       meta.max_seq_len if single_decode else None)
+                       decode_lens, meta.max_seq_len if single_decode else None)
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
@@ -339,7 +357,7 @@ class TorchPagedAttention(Attention):
             context = dequantize(context, kv_scale)
         if not plain:
             return self._explicit(query, context, batch, scale, window, softcap)
-        if not batch.prefills:
+        if batch.decode_seqs is None and not batch.prefills:
             return self._decode(query, context, batch.mask, batch.bias, batch.whole_context, scale)
         out = torch.empty_like(query)
         for p in batch.prefills:
@@ -358,14 +376,14 @@ class TorchPagedAttention(Attention):
     @staticmethod
     def _explicit(query, context, batch: PaddedBatch, scale, window, softcap) -> torch.Tensor:
         """A step of a layer with a sliding window or a soft cap."""
-        if not batch.prefills:
+        if batch.decode_seqs is None and not batch.prefills:
             return decode_attention(query, context, batch.window_bias(window), scale, softcap)
         out = torch.empty_like(query)
         for p in batch.prefills:
             out[p.start : p.end] = explicit_prefill_attention(query[p.start : p.end], context[:, p.seq : p.seq + 1],
                                                               p.prefix, p.length, scale, window, softcap)
         if batch.decode_seqs is not None:
-            bias = batch.window_bias(window)[batch.decode_seqs]
+            bias = batch.decode_window_bias(window)
             out[batch.decode_tokens] = decode_attention(query[batch.decode_tokens], context[:, batch.decode_seqs],
                                                         bias, scale, softcap)
         return out
