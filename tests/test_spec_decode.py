@@ -332,3 +332,23 @@ def test_large_batches_draft_nothing_by_default(tiny_dir):
     assert llm.engine.core.stats.spec_num_drafts == 0
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     assert llm.engine.core.stats.spec_num_drafts > 0
+
+
+def test_penalties_min_tokens_and_n_as_without_speculation(tiny_dir):
+    """Rows of one check see their own histories: penalties and min_tokens count the drafts before them."""
+    prompts = repetitive_prompts(4)
+    params = [SamplingParams(temperature=0, max_tokens=24, repetition_penalty=3.0, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, frequency_penalty=2.0, presence_penalty=2.0),
+              SamplingParams(temperature=0, max_tokens=24, min_tokens=20, stop_token_ids=[7, 9, 11]),
+              SamplingParams(temperature=0, max_tokens=16, n=2, logit_bias={5: 3.0}, ignore_eos=True)]
+    kwargs = dict(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB", max_model_len=256)
+
+    def run(llm):
+        return [[c.token_ids for c in out.outputs] for out in llm.generate(prompts, params, use_tqdm=False)]
+
+    expected = run(LLM(**kwargs))
+    llm = LLM(**kwargs, speculative_config=NGRAM)
+    llm.engine.core.proposer = OracleProposer([p["prompt_token_ids"] + seq for p, out in zip(prompts, expected)
+                                               for seq in out])
+    assert run(llm) == expected
+    assert llm.engine.core.stats.spec_num_accepted_tokens > 0
