@@ -20,7 +20,7 @@ from paged.spec_decode import rejection
 from paged.spec_decode.ngram import NgramProposer
 from tests.models_factory import VOCAB, save_tiny_model
 
-# Drafts for any batch size: the CPU backend's own limit (two sequences) would leave most steps of these batches
+# Drafts for any batch size: the CPU backend's own limit (four sequences) would leave most steps of these batches
 # without any.
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
          "disable_by_batch_size": 64}
@@ -324,10 +324,10 @@ def test_draft_of_another_vocabulary_is_refused(draft_dirs):
 
 
 def test_large_batches_draft_nothing_by_default(tiny_dir):
-    """Above the backend's limit (the CPU's: two running sequences) steps run without drafts."""
+    """Above the backend's limit (the CPU's: four running sequences) steps run without drafts."""
     llm = LLM(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB",
               speculative_config={key: value for key, value in NGRAM.items() if key != "disable_by_batch_size"})
-    prompts = [{"prompt_token_ids": [5, 6, 7] * 8} for _ in range(4)]
+    prompts = [{"prompt_token_ids": [5, 6, 7] * 8} for _ in range(6)]
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     assert llm.engine.core.stats.spec_num_drafts == 0
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
