@@ -204,7 +204,7 @@ if want spec-single; then
   spec spec-1b-single --shape 1b --streams 1 --methods ngram,oracle,draft=1b-draft,self-draft --output-len 512
   spec spec-1b-single-miss3 --shape 1b --streams 1 --methods oracle --oracle-miss 3 --output-len 512
 fi
-want spec-batches && spec spec-1b-batches --shape 1b --streams 8,32,64 --methods ngram,oracle --output-len 256
+want spec-batches && spec spec-1b-batches --shape 1b --streams 8,64 --methods ngram,oracle --output-len 256
 want spec-8b && spec spec-8b-single --shape 8b --streams 1 --methods ngram,oracle --output-len 256
 [ -f "$RESULTS" ] && python3 benchmarks/summarize_gpu.py "$RESULTS" | tee "$OUT/summary.md"
 if want structured-1b; then

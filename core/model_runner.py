@@ -254,6 +254,7 @@ class ModelRunner:
         self.multi_token_sizes: list[int] = []  # ascending, of graphs of multi_token tokens a request
         self.multi_token = 1
         self.graph_buffers: InputBuffers | None = None
+        self.graph_query_starts: dict[int, torch.Tensor] = {}  # tokens per request -> [max batch + 1] starts
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -439,6 +440,10 @@ class ModelRunner:
         multi_sizes = graph_batch_sizes(min(self.max_num_seqs, MULTI_TOKEN_BATCH)) if multi_token > 1 else []
         self.graph_buffers = InputBuffers(self.backend, max(sizes[-1], (multi_sizes or [0])[-1] * multi_token),
                                           sizes[-1], self.max_blocks_per_seq)
+        # Each graph's query starts, fixed for its life: replays never upload them. Held here, as every tensor a
+        # graph reads must be, since a captured graph does not keep its inputs alive.
+        self.graph_query_starts = {q: (torch.arange(sizes[-1] + 1, dtype=torch.int32) * q).to(self.device)
+                                   for q in {1, multi_token}}
         for query_len, ladder in ((multi_token, multi_sizes), (1, sizes)):
             for size in reversed(ladder):
                 self.graphs[size, query_len] = self.backend.capture_graph(self._graph_forward(size, query_len))
@@ -450,8 +455,7 @@ class ModelRunner:
         buffers, tokens = self.graph_buffers, size * query_len
         meta = AttentionMetadata(
             slot_mapping=buffers.device["slot_mapping"][:tokens],
-            # Fixed for the graph's life (the closure holds it): replays never upload it.
-            query_start_loc=(torch.arange(size + 1, dtype=torch.int32) * query_len).to(self.device),
+            query_start_loc=self.graph_query_starts[query_len][: size + 1],
             seq_lens=buffers.device["seq_lens"][:size],
             block_tables=buffers.device["block_tables"][:size],
             max_query_len=query_len,

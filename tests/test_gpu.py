@@ -221,4 +221,5 @@ def test_speculative_decoding_on_gpu(method, eager, gpu_device, tmp_path):
     if method == "oracle":
         llm.engine.core.proposer = OracleProposer([p["prompt_token_ids"] + e for p, e in zip(prompts, expected)])
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
-    assert llm.engine.core.stats.spec_num_accepted_tokens > 0
+    stats = llm.engine.core.stats  # a random model's outputs repeat its prompt only by chance
+    assert (stats.spec_num_draft_tokens if method == "ngram" else stats.spec_num_accepted_tokens) > 0
