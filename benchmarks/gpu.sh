@@ -13,7 +13,7 @@
 # attention-sweep (decode/prefill attention by tiles, launch order and splits against the ceilings),
 # profile-long, profile-single-8b (where the steps' milliseconds go), startup (import times, start-up to the
 # first token twice, then a cProfile of it with a warm Triton cache), spec-tests, spec-single, spec-batches,
-# spec-8b (speculative decoding: GPU tests; n-gram / oracle / draft-model single streams and batches against
+# spec-8b, spec-sharp (speculative decoding: GPU tests; n-gram / oracle / draft-model single streams and batches against
 # none), structured-1b (64 JSON-schema requests against the same 64 unconstrained; needs
 # .bench/smollm2-tokenizer: a shape has no tokenizer).
 # Every log and result lands in OUTDIR: results.jsonl (one JSON line per measurement),
@@ -203,6 +203,13 @@ fi
 if want spec-single; then
   spec spec-1b-single --shape 1b --streams 1 --methods ngram,oracle,draft=1b-draft,self-draft --output-len 512
   spec spec-1b-single-miss3 --shape 1b --streams 1 --methods oracle --oracle-miss 3 --output-len 512
+fi
+# The same with logits sharpened (see spec_decode.py): greedy tokens that bf16 rounding does not change.
+if want spec-sharp; then
+  spec spec-1b-sharp --shape 1b --streams 1 --methods ngram,oracle,self-draft --output-len 512 --sharpen 30
+  spec spec-1b-sharp-miss3 --shape 1b --streams 1 --methods oracle --oracle-miss 3 --output-len 512 --sharpen 30
+  spec spec-1b-sharp-batches --shape 1b --streams 8,32 --methods ngram,oracle --output-len 256 --sharpen 30
+  spec spec-8b-sharp --shape 8b --streams 1 --methods ngram,oracle --output-len 256 --sharpen 30
 fi
 want spec-batches && spec spec-1b-batches --shape 1b --streams 8,64 --methods ngram,oracle --output-len 256
 want spec-8b && spec spec-8b-single --shape 8b --streams 1 --methods ngram,oracle --output-len 256

@@ -8,7 +8,9 @@ summary or an edit repeats its source; greedy, ending at EOS, so every run produ
 random prompt ids and `--output-len` tokens with EOS ignored, for a shape with random weights, which copies
 nothing: its n-gram acceptance is whatever loops its greedy output falls into, so the run also checks drafts at
 a set acceptance with an oracle (the baseline's own tokens, every `--oracle-miss`-th draft made wrong): the
-speed of the mechanism at that acceptance, not a proposer's.
+speed of the mechanism at that acceptance, not a proposer's. Random weights give nearly flat logits, whose bf16
+argmax differs between the decode and the verification kernels; `--sharpen F` scales the final norm so that
+greedy tokens no longer depend on rounding (the oracle's drafts then match).
 
 Methods (`--methods`): ngram (prompt lookup, k = --k), oracle, draft=PATH|SHAPE (a draft model; a shape name
 gets random weights), self-draft (the target drafting for itself: every draft kept, at the draft's full cost).
@@ -109,6 +111,11 @@ def engine(args, method: str | None, reference: list[list[int]] | None):
               skip_tokenizer_init=args.workload == "random", gpu_memory_utilization=args.gpu_memory_utilization,
               kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len, speculative_config=spec,
               enforce_eager=args.enforce_eager)
+    if args.sharpen:
+        for runner in (llm.engine.core.runner, llm.engine.core.draft_runner):
+            if runner is not None:
+                with torch.no_grad():
+                    runner.model.model.norm.weight.mul_(args.sharpen)
     if method == "oracle":
         llm.engine.core.proposer = OracleProposer(reference, args.oracle_miss, llm.engine.vocab_size)
     return llm
@@ -162,6 +169,9 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     ap.add_argument("--kv-cache-memory", default="2GiB")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--sharpen", type=float, default=0.0,
+                    help="multiply the final norm's weight (random weights' logits are nearly flat, so bf16 rounding "
+                         "alone changes their argmax between kernels; sharper logits make greedy tokens robust)")
     args = ap.parse_args()
     args.load_format = "dummy" if args.shape else "auto"
     if args.shape:
