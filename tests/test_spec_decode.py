@@ -324,14 +324,30 @@ def test_draft_of_another_vocabulary_is_refused(draft_dirs):
 
 
 def test_large_batches_draft_nothing_by_default(tiny_dir):
-    """Above the backend's limit (the CPU's: four running sequences) steps run without drafts."""
+    """Above the backend's limit (the CPU's: four running sequences) no sequence is asked for drafts."""
+
+    class Counting:
+        writes_kv = False
+        asked: list[int] = []
+
+        def propose_all(self, requests, limits):
+            self.asked.append(len(requests))
+            return [[] for _ in requests]
+
+        def release(self, request_id, keeps_cache):
+            pass
+
     llm = LLM(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB",
               speculative_config={key: value for key, value in NGRAM.items() if key != "disable_by_batch_size"})
+    llm.engine.core.proposer = proposer = Counting()
     prompts = [{"prompt_token_ids": [5, 6, 7] * 8} for _ in range(6)]
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    assert llm.engine.core.stats.spec_num_drafts == 0
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    assert llm.engine.core.stats.spec_num_drafts > 0
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    assert proposer.asked and not any(proposer.asked)
+    proposer.asked.clear()
+    llm.generate(prompts[:2], params, use_tqdm=False)
+    assert 2 in proposer.asked
+
 
 
 def test_penalties_min_tokens_and_n_as_without_speculation(tiny_dir):
