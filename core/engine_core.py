@@ -398,7 +398,8 @@ class EngineCore:
         speculating = self._speculating()
         for request in self.scheduler.running:
             request.draft_token_ids = []
-            if speculating and request.grammar is None and request.num_tokens - request.num_computed_tokens == 1:
+            if speculating and request.grammar is None and request.num_tokens - request.num_computed_tokens == 1 \
+                    and request.request_id not in self.scheduler.in_flight:  # a pipeline's micro-batch has it
                 # Room for the drafts and the token the check adds, within max_tokens and the context.
                 room = min(request.params.max_tokens - request.num_output_tokens,
                            self.max_model_len - request.num_tokens, spec.num_speculative_tokens + 1) - 1
