@@ -253,15 +253,20 @@ def test_the_log_line_reports_acceptance():
     assert spec_decode_line(after, after, 2.0) is None
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_split_over_ranks_gives_one_ranks_tokens(tmp_path, tp, pp):
-    """Drafts reach every rank with the step (real worker processes over gloo): the tokens are one rank's."""
+@pytest.mark.parametrize("tp, pp, proposer", [(2, 1, "oracle"), (1, 2, "oracle"), (2, 1, "draft"), (1, 2, "draft")],
+                         ids=["tp2", "pp2", "tp2-draft-model", "pp2-draft-model"])
+def test_split_over_ranks_gives_one_ranks_tokens(tmp_path, tp, pp, proposer):
+    """Drafts reach every rank with the step (real worker processes over gloo), a draft model running whole on
+    rank 0: the tokens are one rank's."""
     from tests.models_factory import split_workload
 
     kwargs, prompts, params = split_workload("llama", tmp_path / "model", num_prompts=6)
     plain = greedy(LLM(**kwargs), prompts, params)
-    llm = LLM(**kwargs, tensor_parallel_size=tp, pipeline_parallel_size=pp, speculative_config=NGRAM)
-    llm.engine.core.proposer = OracleProposer([p["prompt_token_ids"] + out for p, out in zip(prompts, plain)])
+    spec = NGRAM if proposer == "oracle" else {"model": str(tmp_path / "model"), "num_speculative_tokens": 3,
+                                               "disable_by_batch_size": 64}
+    llm = LLM(**kwargs, tensor_parallel_size=tp, pipeline_parallel_size=pp, speculative_config=spec)
+    if proposer == "oracle":
+        llm.engine.core.proposer = OracleProposer([p["prompt_token_ids"] + out for p, out in zip(prompts, plain)])
     assert greedy(llm, prompts, params) == plain
     assert llm.engine.core.stats.spec_num_accepted_tokens > 0
     llm.engine.core.shutdown()
