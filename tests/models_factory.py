@@ -105,7 +105,7 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0, **overrides) -> torc
 
 def split_workload(arch: str, folder: Path, num_prompts: int = 12) -> tuple[dict, list[dict], list]:
     """A tiny random model of `arch` saved in `folder`, and a greedy batch for comparing split layouts with one
-    rank: (engine kwargs, prompts, sampling params). 24 blocks of 16 tokens for requests of up to 110 tokens:
+    rank: (engine kwargs, prompts, sampling params). 20 blocks of 16 tokens for requests of up to 110 tokens:
     they cannot all run at once, so some are preempted. Qwen2's vocabulary is made odd (beyond the tokenizer's
     words), so two ranks' vocabulary slices differ in size."""
     from paged import SamplingParams
@@ -116,5 +116,5 @@ def split_workload(arch: str, folder: Path, num_prompts: int = 12) -> tuple[dict
                for _ in range(num_prompts)]
     params = [SamplingParams(temperature=0, max_tokens=random.randint(8, 40), ignore_eos=True) for _ in prompts]
     kwargs = dict(model=str(folder), dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=48,
-                  num_gpu_blocks_override=24)
+                  num_gpu_blocks_override=20)
     return kwargs, prompts, params
