@@ -90,7 +90,8 @@ def test_steps_with_drafts_replay_multi_token_graphs(tmp_path, monkeypatch):
         replays = [record_replays(runner) for runner in runners]
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == eager
         assert all(any(query_len == 4 for _, query_len in replayed) for replayed in replays)
-        assert llm.engine.core.stats.spec_num_accepted_tokens > 0
+        stats = llm.engine.core.stats  # a random model repeats its prompt only by chance; itself, always
+        assert (stats.spec_num_accepted_tokens if "model" in spec else stats.spec_num_draft_tokens) > 0
 
 
 def test_running_ahead_matches_eager_with_stops(tmp_path, monkeypatch):
