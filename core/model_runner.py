@@ -380,17 +380,16 @@ class ModelRunner:
             last_rows = torch.from_numpy(first_rows + np.asarray(counts) - 1)
             apply_grammar_bitmask(logits, GrammarBitmask(grammar.bitmask, last_rows[grammar.rows]))
         drafts = [token for s in scheduled for token in (*s.draft_token_ids, -1)]
-        params, prompts, outputs, generators = [], [], [], []
-        for s in scheduled:
-            request = s.request
-            for j in range(len(s.draft_token_ids) + 1):
-                params.append(request.params)
-                prompts.append(request.prompt_token_ids)
-                outputs.append(request.output_token_ids + s.draft_token_ids[:j])
-                generators.append(request.generator)
-        if all(p.plain_greedy for p in params):
-            batch = PLAIN_GREEDY
-        else:
+        batch = PLAIN_GREEDY
+        if not all(s.request.params.plain_greedy for s in scheduled):  # per-row histories only where read
+            params, prompts, outputs, generators = [], [], [], []
+            for s in scheduled:
+                request = s.request
+                for j in range(len(s.draft_token_ids) + 1):
+                    params.append(request.params)
+                    prompts.append(request.prompt_token_ids)
+                    outputs.append(request.output_token_ids + s.draft_token_ids[:j])
+                    generators.append(request.generator)
             batch = build_sampling_batch(params, prompts, outputs, generators, self.vocab_size, self.device)
         device_rows = self.buffers.upload("verify_rows", np.concatenate([drafts, first_rows]).astype(np.int64))
         return verify(logits, batch, device_rows[: len(drafts)], device_rows[len(drafts) :], self.generator)
