@@ -161,12 +161,12 @@ def test_decode_graphs_match_cpu(backend: Backend, backend_name: str, tiny_model
     replayed = []
     upload = ModelRunner._upload_graph_inputs  # every graph replay, synchronous or run ahead, goes through it
 
-    def counted(runner: ModelRunner, sched, size: int):
+    def counted(runner: ModelRunner, sched, size: int, query_len: int):
         replayed.append(size)
-        return upload(runner, sched, size)
+        return upload(runner, sched, size, query_len)
 
     monkeypatch.setattr(ModelRunner, "_upload_graph_inputs", counted)
     tokens, llm = _generate(backend_name, tiny_model, enable_prefix_caching=False)
-    assert sorted(llm.engine.runner.graphs) == [1, 2, 4]
+    assert sorted(llm.engine.runner.graphs) == [(1, 1), (2, 1), (4, 1)]
     assert replayed
     assert tokens == cpu_tokens
