@@ -20,7 +20,7 @@ from paged.server.reasoning import ReasoningParser
 from paged.server.sampling import (build_sampling_params, check_context_length, check_request, check_sampling_params,
                                    structured_outputs_of)
 from paged.server.tool_parsers import TOOL_PARSERS
-from paged.server.tools import ChatTool, DeltaToolCall, ToolCall, ToolChoice, as_delta, resolve_tool_choice, \
+from paged.server.tools import ChatTool, DeltaToolCall, ToolCall, ToolChoice, resolve_tool_choice, \
     tool_call_constraint
 
 router = APIRouter()
@@ -129,8 +129,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     stream = await engine.submit(request_id, [token_ids], params)
     created = created_now()
 
-    def shaper() -> ReplyShaper:
-        return ReplyShaper(reasoning, tool_choice, tool_parser)
+    def shaper(streaming: bool) -> ReplyShaper:
+        return ReplyShaper(reasoning, tool_choice, tool_parser, streaming)
 
     def logprobs(delta: ChoiceDelta) -> ChatLogprobs | None:
         if delta.logprobs is None:
@@ -139,18 +139,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 
     if body.stream:
         chunk = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[])
-        shapers = [shaper() for _ in range(body.n)]
+        shapers = [shaper(streaming=True) for _ in range(body.n)]
 
         def stream_choice(d: ChoiceDelta) -> ChatStreamChoice | None:
-            """The choice's part of a chunk; None while it has nothing to show (a tool call's grammar output
-            is held until it ends)."""
+            """The choice's part of a chunk; None while it has nothing to show (text that may begin a tool
+            call is held until it shows whether it does)."""
             shaping = shapers[d.index]
             part = shaping.feed(d.text)
             if d.finish_reason is not None:
                 part += shaping.finish()
-            calls = [as_delta(i, call) for i, call in enumerate(part.tool_calls)] or None
             delta = DeltaMessage(content=part.content or None, reasoning_content=part.reasoning or None,
-                                 tool_calls=calls)
+                                 tool_calls=part.tool_call_deltas or None)
             choice = ChatStreamChoice(index=d.index, delta=delta, logprobs=logprobs(d),
                                       finish_reason=shaping.finish_reason(d.finish_reason, part),
                                       stop_reason=d.stop_reason)
@@ -178,7 +177,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     outputs = await final_outputs(request, stream)
     choices = []
     for d in DeltaTracker(body.n).update(0, outputs[0]):
-        shaping = shaper()
+        shaping = shaper(streaming=False)
         part = shaping.whole(d.text)
         message = AssistantMessage(content=part.content or (None if part.tool_calls or part.reasoning else ""),
                                    reasoning_content=part.reasoning or None, tool_calls=part.tool_calls or None)

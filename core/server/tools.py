@@ -73,12 +73,6 @@ def new_tool_call(name: str, arguments: str) -> ToolCall:
     return ToolCall(id=f"chatcmpl-tool-{uuid.uuid4().hex}", function=FunctionCall(name=name, arguments=arguments))
 
 
-def as_delta(index: int, call: ToolCall) -> DeltaToolCall:
-    """A whole call as one stream delta (clients concatenate a call's deltas: one is a valid stream)."""
-    return DeltaToolCall(index=index, id=call.id, type="function",
-                         function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments))
-
-
 def resolve_tool_choice(tools: list[ChatTool] | None, choice: ToolChoice | None, auto_enabled: bool) -> ToolChoice:
     """The effective tool_choice ("auto" when tools come without one, as OpenAI defaults it); 400s for a choice
     that cannot be served."""
@@ -114,15 +108,3 @@ def tool_call_constraint(tools: list[ChatTool], choice: ToolChoice, parallel: bo
 
 def _parameters(tool: ChatTool) -> dict[str, Any]:
     return tool.function.parameters or {"type": "object", "properties": {}}
-
-
-def constrained_calls(text: str, choice: ToolChoice) -> list[ToolCall]:
-    """The calls in the text a required or named grammar produced (its grammar guarantees it parses, unless
-    the reply was cut short by max_tokens: then there are none)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return []
-    if isinstance(choice, NamedToolChoice):
-        return [new_tool_call(choice.function.name, json.dumps(value, ensure_ascii=False))]
-    return [new_tool_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in value]

@@ -61,8 +61,9 @@ def test_parse_returns_the_pydantic_object(client, model):
     assert isinstance(parsed, City) and reply.choices[0].finish_reason == "stop"
 
 
-def _streamed_chat(client, **kwargs) -> tuple[str, list[dict], str]:
-    content, calls, finish = "", {}, None
+def _streamed_chat(client, **kwargs) -> tuple[str, list[dict], str, int]:
+    """(content, calls, finish_reason, how many deltas carried the calls) of a streamed chat."""
+    content, calls, finish, deltas = "", {}, None, 0
     for chunk in client.chat.completions.create(stream=True, **kwargs):
         for choice in chunk.choices:
             content += choice.delta.content or ""
@@ -70,8 +71,9 @@ def _streamed_chat(client, **kwargs) -> tuple[str, list[dict], str]:
                 entry = calls.setdefault(call.index, {"name": "", "arguments": ""})
                 entry["name"] += call.function.name or ""
                 entry["arguments"] += call.function.arguments or ""
+                deltas += 1
             finish = choice.finish_reason or finish
-    return content, [calls[i] for i in sorted(calls)], finish
+    return content, [calls[i] for i in sorted(calls)], finish, deltas
 
 
 @pytest.mark.parametrize("request_kind", ["json_schema", "json_object", "required_tool", "regex_in_structured_outputs"])
@@ -85,11 +87,13 @@ def test_streamed_equals_whole_under_greedy(client, model, request_kind):
         "regex_in_structured_outputs": {"extra_body": {"structured_outputs": {"regex": r"[A-Z][a-z]+ is [a-z]+\."}}},
     }[request_kind])
     whole = client.chat.completions.create(**kwargs).choices[0]
-    content, calls, finish = _streamed_chat(client, **kwargs)
+    content, calls, finish, deltas = _streamed_chat(client, **kwargs)
     assert content == (whole.message.content or "")
     made = whole.message.tool_calls or []
     assert calls == [{"name": c.function.name, "arguments": c.function.arguments} for c in made]
     assert finish == whole.finish_reason
+    if made:  # the arguments stream in fragments as they are generated, not as one delta at the end
+        assert deltas > len(made)
     if request_kind == "json_schema":
         City.model_validate_json(content)
     if request_kind == "regex_in_structured_outputs":
@@ -131,9 +135,9 @@ def test_auto_tool_choice_parses_the_models_calls(client, model):
     assert whole.finish_reason == "tool_calls" and whole.message.content == "Checking. "
     (made,) = whole.message.tool_calls
     assert made.function.name == "get_weather" and _validate(made)["unit"] == "celsius"
-    content, calls, finish = _streamed_chat(client, **kwargs)
+    content, calls, finish, deltas = _streamed_chat(client, **kwargs)
     assert (content, finish) == ("Checking. ", "tool_calls")
-    assert calls == [{"name": "get_weather", "arguments": made.function.arguments}]
+    assert calls == [{"name": "get_weather", "arguments": made.function.arguments}] and deltas > 1
     plain = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, temperature=0, max_tokens=10)
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
 
@@ -238,5 +242,5 @@ def test_reasoning_is_split_off_and_the_grammar_waits_for_it(thinking_server):
     answer = client.chat.completions.create(**kwargs).choices[0]
     assert answer.logprobs.content[0].token == "</think>"
     assert answer.message.reasoning_content is None and json.loads(answer.message.content)["a"] in range(10)
-    content, calls, finish = _streamed_chat(client, **kwargs)
+    content, calls, finish, _ = _streamed_chat(client, **kwargs)
     assert (content, calls, finish) == (answer.message.content, [], answer.finish_reason)

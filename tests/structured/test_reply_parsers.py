@@ -46,20 +46,101 @@ def _chunks(text: str, rng: random.Random) -> list[str]:
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
 
 
+def _assembled(pieces) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) of each call a stream sent, as a client puts its deltas together; checks that a
+    call's id and name come once, in its first delta, and that calls are numbered in order."""
+    calls: dict[int, list[str]] = {}
+    for delta in (d for piece in pieces for d in piece.tool_call_deltas):
+        if delta.index not in calls:
+            assert delta.index == len(calls) and delta.id and delta.function.name
+            calls[delta.index] = [delta.id, delta.function.name, delta.function.arguments or ""]
+        else:
+            assert delta.id is None and delta.function.name is None
+            calls[delta.index][2] += delta.function.arguments
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+def _streamed(make, reply: str, chunks: list[str]):
+    shaper = make(True)
+    pieces = [shaper.feed(chunk) for chunk in chunks] + [shaper.finish()]
+    return shaper, pieces
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1][:24]}")
 def test_tool_calls_whole_and_streamed(case):
     name, reply, content, calls = case
-    shaper = ReplyShaper(None, "auto", TOOL_PARSERS[name]())
+
+    def make(streaming: bool) -> ReplyShaper:
+        return ReplyShaper(None, "auto", TOOL_PARSERS[name](), streaming)
+
+    shaper = make(False)
     whole = shaper.whole(reply)
     assert (whole.content or None) == content
     assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.tool_calls] == calls
     assert shaper.finish_reason("stop", whole) == ("tool_calls" if calls else "stop")
     rng = random.Random()
-    for _ in range(20):
-        streaming = ReplyShaper(None, "auto", TOOL_PARSERS[name]())
-        pieces = [streaming.feed(chunk) for chunk in _chunks(reply, rng)] + [streaming.finish()]
+    for chunks in [list(reply)] + [_chunks(reply, rng) for _ in range(20)]:
+        streaming, pieces = _streamed(make, reply, chunks)
         assert ("".join(p.content for p in pieces) or None) == content
-        assert [(c.function.name, json.loads(c.function.arguments)) for p in pieces for c in p.tool_calls] == calls
+        sent = _assembled(pieces)
+        assert [(n, a) for _, n, a in sent] == [(c.function.name, c.function.arguments) for c in whole.tool_calls]
+        assert [(c.id, c.function.name, c.function.arguments) for c in pieces[-1].tool_calls] == sent
+        assert streaming.finish_reason("stop", pieces[-1]) == ("tool_calls" if calls else "stop")
+    if calls:  # one character at a time, the arguments come in fragments, as the model writes them
+        _, pieces = _streamed(make, reply, list(reply))
+        fragments = [d for p in pieces for d in p.tool_call_deltas if d.id is None]
+        assert len(fragments) > len(calls)
+
+
+WEATHER_TOOL = ChatTool(function={"name": "weather", "parameters": {"type": "object"}})
+TIME_TOOL = ChatTool(function={"name": "time", "parameters": {"type": "object"}})
+
+
+@pytest.mark.parametrize("choice, reply, calls", [
+    ("required", '[{"name": "weather", "parameters": %s}, {"name": "time", "parameters": %s}]'
+     % (json.dumps(WEATHER), json.dumps(TIME)), [("weather", WEATHER), ("time", TIME)]),
+    (NamedToolChoice(function={"name": "time"}), json.dumps(TIME), [("time", TIME)]),
+])
+def test_constrained_calls_whole_and_streamed(choice, reply, calls):
+    """A required or named tool_choice's grammar output streams as call deltas too, never as content."""
+
+    def make(streaming: bool) -> ReplyShaper:
+        return ReplyShaper(None, choice, None, streaming)
+
+    shaper = make(False)
+    whole = shaper.whole(reply)
+    assert whole.content == "" and [(c.function.name, json.loads(c.function.arguments))
+                                    for c in whole.tool_calls] == calls
+    expected = "tool_calls" if choice == "required" else "stop"
+    assert shaper.finish_reason("stop", whole) == expected
+    rng = random.Random()
+    for chunks in [list(reply)] + [_chunks(reply, rng) for _ in range(20)]:
+        streaming, pieces = _streamed(make, reply, chunks)
+        assert "".join(p.content for p in pieces) == ""
+        assert [(n, a) for _, n, a in _assembled(pieces)] == [(c.function.name, c.function.arguments)
+                                                              for c in whole.tool_calls]
+    cut = reply[: len(reply) // 2]  # max_tokens cut the grammar short: the whole reply is that text
+    assert make(False).whole(cut).content == cut and not make(False).whole(cut).tool_calls
+
+
+def test_a_call_that_stops_parsing():
+    """A call whose name went out but whose text then breaks: the whole reply is content (as vLLM), the stream
+    cannot take back what it sent and ends without calls."""
+    reply = '<tool_call>{"name": "weather", "arguments": {"city": "Paris"} oops}</tool_call>'
+    whole = ReplyShaper(None, "auto", TOOL_PARSERS["hermes"](), False).whole(reply)
+    assert whole.content == reply and not whole.tool_calls
+    cut = reply.index(" oops")
+    streaming, pieces = _streamed(lambda s: ReplyShaper(None, "auto", TOOL_PARSERS["hermes"](), s), reply,
+                                  [reply[:cut], reply[cut:]])
+    assert _assembled(pieces)[0][1:] == ("weather", '{"city": "Paris"}') and not pieces[-1].tool_calls
+    assert "".join(p.content for p in pieces) == ""
+    assert streaming.finish_reason("stop", pieces[-1]) == "stop"
+
+
+def test_arguments_given_as_a_json_string_are_decoded():
+    reply = '{"name": "weather", "arguments": %s}' % json.dumps(json.dumps(WEATHER))
+    (call,) = ReplyShaper(None, "auto", TOOL_PARSERS["json"](), False).whole(reply).tool_calls
+    assert json.loads(call.function.arguments) == WEATHER
 
 
 class FakeTokenizer:
@@ -82,7 +163,7 @@ def test_reasoning_whole_and_streamed(name, reply, reasoning, content):
     assert parser.split(reply) == (reasoning, content)
     rng = random.Random()
     for _ in range(20):
-        shaper = ReplyShaper(parser, "none", None)
+        shaper = ReplyShaper(parser, "none", None, True)
         pieces = [shaper.feed(chunk) for chunk in _chunks(reply, rng)] + [shaper.finish()]
         assert ("".join(p.reasoning for p in pieces) or None) == reasoning
         assert ("".join(p.content for p in pieces) or None) == content
