@@ -11,7 +11,6 @@ object alone.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any, Literal
 
