@@ -118,9 +118,10 @@ class EngineCore:
         self.vocab_size = hf_config.vocab_size
         self.groups: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.requests: dict[str, Request] = {}
+        rows_a_sequence = 1 + (spec.num_speculative_tokens if spec is not None else 0)  # a check's: drafts and one
         self.structured = StructuredOutputManager(source, hf_config.vocab_size,
-                                                  config.structured_outputs_any_whitespace, config.max_num_seqs,
-                                                  self.backend.host_tensor)
+                                                  config.structured_outputs_any_whitespace,
+                                                  config.max_num_seqs * rows_a_sequence, self.backend.host_tensor)
         self.compiling: dict[str, Future] = {}  # user request id -> its grammar, still compiling
         self._rejected: list[CoreOutput] = []  # requests whose grammar failed to compile, not yet reported
         self.stats = EngineStats()
@@ -393,12 +394,13 @@ class EngineCore:
 
     def _propose(self) -> None:
         """Draft tokens for every running sequence that decodes next (none while speculation is off under
-        load). A sequence following a grammar drafts nothing: its mask covers one position a step."""
+        load). A sequence following a grammar keeps the drafts its grammar lets through: the check masks
+        each position by the grammar's state after the drafts before it."""
         spec, requests, limits = self.config.speculative_config, [], []
         speculating = self._speculating()
         for request in self.scheduler.running:
             request.draft_token_ids = []
-            if speculating and request.grammar is None and request.num_tokens - request.num_computed_tokens == 1 \
+            if speculating and request.num_tokens - request.num_computed_tokens == 1 \
                     and request.request_id not in self.scheduler.in_flight:  # a pipeline's micro-batch has it
                 # Room for the drafts and the token the check adds, within max_tokens and the context.
                 room = min(request.params.max_tokens - request.num_output_tokens,
@@ -407,13 +409,18 @@ class EngineCore:
                     requests.append(request)
                     limits.append(room)
         for request, drafts in zip(requests, self.proposer.propose_all(requests, limits)):
+            if request.grammar is not None and drafts:
+                drafts = drafts[: self.structured.allowed_drafts(request.grammar, drafts)]
             request.draft_token_ids = drafts
 
     def _attach_grammar(self, sched: SchedulerOutput) -> None:
-        """The bitmask of the constrained rows among those that complete, filled when the runner asks."""
-        states = self._grammar_states([s.request for s in sched.scheduled if s.completes])
+        """The bitmask of the constrained rows among those that complete (and of their drafts' positions),
+        filled when the runner asks."""
+        completing = [s for s in sched.scheduled if s.completes]
+        states = self._grammar_states([s.request for s in completing])
         if states:
-            sched.grammar = functools.partial(self.structured.bitmask, states)
+            drafts = [s.draft_token_ids for s in completing]
+            sched.grammar = functools.partial(self.structured.bitmask, states, drafts)
 
     @staticmethod
     def _grammar_states(rows: list[Request]) -> list | None:

@@ -375,10 +375,8 @@ class ModelRunner:
         scheduled = [sched.scheduled[i] for i in completing]
         counts = [len(s.draft_token_ids) + 1 for s in scheduled]
         first_rows = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        if sched.grammar is not None:  # constrained requests propose nothing: their one row is their last
-            grammar = sched.grammar()
-            last_rows = torch.from_numpy(first_rows + np.asarray(counts) - 1)
-            apply_grammar_bitmask(logits, GrammarBitmask(grammar.bitmask, last_rows[grammar.rows]))
+        if sched.grammar is not None:  # rows laid out as here: each request's last known token, then its drafts
+            apply_grammar_bitmask(logits, sched.grammar())
         drafts = [token for s in scheduled for token in (*s.draft_token_ids, -1)]
         batch = PLAIN_GREEDY
         if not all(s.request.params.plain_greedy for s in scheduled):  # per-row histories only where read

@@ -373,3 +373,50 @@ def test_penalties_min_tokens_and_n_as_without_speculation(tiny_dir):
                                                for seq in out])
     assert run(llm) == expected
     assert llm.engine.core.stats.spec_num_accepted_tokens > 0
+
+
+def test_requests_held_to_a_grammar_draft_and_keep_their_tokens(smollm2_gguf):
+    """JSON-schema requests copying their prompt into the schema's fields, with and without speculation beside
+    an unconstrained one: greedy tokens as without speculation, drafts kept (each position masked by the
+    grammar's state after the drafts before it), sampled outputs still valid. The oracle drafts the plain
+    run's tokens with every third one wrong, so the grammar cuts some drafts and the check refuses others."""
+    import json
+
+    import jsonschema
+
+    from paged.structured_output import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"sender": {"type": "string", "maxLength": 40},
+                                               "text": {"type": "string", "maxLength": 160}},
+              "required": ["sender", "text"], "additionalProperties": False}
+    letters = [("Ann", "Please send the signed contract back by Friday so that the work can start next month."),
+               ("Bob", "The committee met on Tuesday to review the budget for the new library."),
+               ("Cy", "Water boils at one hundred degrees Celsius at sea level.")]
+    messages = [[{"role": "user", "content": f"From {who}: {text}\nReturn JSON with the sender and the text."}]
+                for who, text in random.sample(letters, 3)]
+    constraint = StructuredOutputsParams(json=schema)
+    params = [SamplingParams(temperature=0, max_tokens=80, structured_outputs=constraint) for _ in messages[:2]]
+    params.append(SamplingParams(temperature=0, max_tokens=30))
+    kwargs = dict(model=smollm2_gguf, dtype="float32", device="cpu", kv_cache_memory="256MiB", max_model_len=512)
+    plain = LLM(**kwargs).chat(messages, params, use_tqdm=False)
+    for out in plain[:2]:
+        jsonschema.validate(json.loads(out.outputs[0].text), schema)
+
+    ngram = LLM(**kwargs, speculative_config=NGRAM)
+    assert [o.outputs[0].token_ids for o in ngram.chat(messages, params, use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in plain]
+    stats = ngram.engine.core.stats
+    assert stats.spec_num_accepted_tokens > 0
+
+    oracle = LLM(**kwargs, speculative_config=NGRAM)
+    core = oracle.engine.core
+    core.proposer = OracleProposer([o.prompt_token_ids + o.outputs[0].token_ids for o in plain])
+    assert [o.outputs[0].token_ids for o in oracle.chat(messages, params, use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in plain]
+    assert 0 < core.stats.spec_num_accepted_tokens < core.stats.spec_num_draft_tokens
+    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+
+    sampled = SamplingParams(temperature=1.0, seed=5, max_tokens=120, structured_outputs=constraint)
+    for out in ngram.chat(messages, sampled, use_tqdm=False):
+        if out.outputs[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(out.outputs[0].text), schema)

@@ -28,7 +28,7 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 class GrammarMatcher(ABC):
-    """One sequence's position in its grammar: a library's matcher behind two calls."""
+    """One sequence's position in its grammar: a library's matcher behind a few calls."""
 
     def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
@@ -41,6 +41,16 @@ class GrammarMatcher(ABC):
     @abstractmethod
     def is_terminated(self) -> bool:
         """Whether the grammar is complete and its stop token accepted: nothing may follow."""
+
+    @abstractmethod
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens (draft tokens are accepted to find the masks after them,
+        then taken back until the check keeps them)."""
+
+    @abstractmethod
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many leading `tokens` the grammar takes one after another without ending (a token after which
+        nothing may follow is not counted: no mask exists after it); the matcher is left as it was."""
 
 
 class GrammarBackend(ABC):
@@ -75,9 +85,9 @@ class GrammarBackend(ABC):
         """A fresh matcher at the start of the grammar."""
 
     @abstractmethod
-    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: np.ndarray) -> None:
-        """Row i of the int32 [rows, ceil(V / 32)] bitmask: the tokens matchers[i] allows next (bit t % 32
-        of word t // 32 set)."""
+    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: np.ndarray, rows: list[int]) -> None:
+        """Row rows[i] of the int32 [rows, ceil(V / 32)] bitmask: the tokens matchers[i] allows next (bit t % 32
+        of word t // 32 set); other rows are left as they are."""
 
 
 def load_backend_class(name: str) -> type[GrammarBackend]:

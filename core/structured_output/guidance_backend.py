@@ -52,6 +52,10 @@ def _grammar(spec: GrammarSpec, any_whitespace: bool) -> str:
 
 
 class GuidanceMatcher(GrammarMatcher):
+    def __init__(self, matcher: llguidance.LLMatcher, stop_token_ids: frozenset[int]) -> None:
+        super().__init__(matcher)
+        self.stop_token_ids = stop_token_ids
+
     def accept_token(self, token: int) -> bool:
         # One call, not a validate_tokens check first: a refused token leaves the matcher in its error
         # state, and the engine stops that sequence anyway.
@@ -59,6 +63,23 @@ class GuidanceMatcher(GrammarMatcher):
 
     def is_terminated(self) -> bool:
         return self.matcher.is_stopped()
+
+    def rollback(self, num_tokens: int) -> None:
+        self.matcher.rollback(num_tokens)
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        valid = self.matcher.validate_tokens(tokens)
+        # A stop token ends the grammar unrecorded (it cannot be rolled back): it is never taken here. Other
+        # tokens may end it too, where nothing can follow them.
+        taken = 0
+        while taken < valid and tokens[taken] not in self.stop_token_ids:
+            self.matcher.consume_token(tokens[taken])
+            taken += 1
+            if self.matcher.is_stopped():
+                self.matcher.rollback(taken)
+                return taken - 1
+        self.matcher.rollback(taken)
+        return taken
 
 
 class GuidanceBackend(GrammarBackend):
@@ -73,14 +94,15 @@ class GuidanceBackend(GrammarBackend):
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], any_whitespace: bool) -> None:
         self.any_whitespace = any_whitespace
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stop_token_ids)
+        self.stop_token_ids = frozenset(stop_token_ids)
         self.executor = llguidance.LLExecutor(num_threads=min(8, os.cpu_count() or 1))
 
     def compile(self, spec: GrammarSpec) -> str:
         return _grammar(spec, self.any_whitespace)
 
     def matcher(self, compiled: str) -> GuidanceMatcher:
-        return GuidanceMatcher(llguidance.LLMatcher(self.tokenizer, compiled, log_level=0))
+        return GuidanceMatcher(llguidance.LLMatcher(self.tokenizer, compiled, log_level=0), self.stop_token_ids)
 
-    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: np.ndarray) -> None:
-        llguidance.numpy.fill_next_token_bitmask_par(
-            self.executor, [(m.matcher, row) for row, m in enumerate(matchers)], bitmask)
+    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: np.ndarray, rows: list[int]) -> None:
+        llguidance.numpy.fill_next_token_bitmask_par(self.executor, [(m.matcher, row) for m, row in zip(matchers, rows)],
+                                                     bitmask)

@@ -98,23 +98,44 @@ class StructuredOutputManager:
             return True
         return state.matcher.accept_token(token)
 
-    def bitmask(self, states: list[GrammarState | None]) -> GrammarBitmask:
+    @staticmethod
+    def allowed_drafts(state: GrammarState, drafts: list[int]) -> int:
+        """How many leading draft tokens the grammar lets through (GrammarMatcher.valid_prefix). While it
+        waits (a model still thinking), the drafts before its first token: the rows after that one would need
+        the grammar."""
+        if not state.active:
+            return drafts.index(state.waiting_for) if state.waiting_for in drafts else len(drafts)
+        return state.matcher.valid_prefix(drafts)
+
+    def bitmask(self, states: list[GrammarState | None], drafts: list[list[int]] | None = None) -> GrammarBitmask:
         """The bitmask of the rows whose grammar is active (at least one is: a step without any passes no
         bitmask and pays nothing), filled in place in this manager's buffers: valid until the next call, which
-        the caller makes only once the device has copied this one. One batched fill per backend in use."""
-        rows = [i for i, state in enumerate(states) if state is not None and state.active]
+        the caller makes only once the device has copied this one.
+
+        With `drafts` (a check of draft tokens), sequence i has len(drafts[i]) + 1 rows in a row: the first
+        scores its last known token, row j + 1 the position after its draft j; each row's mask is its
+        matcher's after the drafts before it (accepted for the fill, then rolled back; the drafts were
+        checked by allowed_drafts). Fills go round by round, one batch per backend and draft position."""
+        drafts = drafts or [[] for _ in states]
+        firsts = np.cumsum([0] + [len(d) + 1 for d in drafts[:-1]])
+        active = [i for i, state in enumerate(states) if state is not None and state.active]
+        rows = [firsts[i] + j for i in active for j in range(len(drafts[i]) + 1)]
         bitmask = self._words[: len(rows)].numpy()
-        by_backend: dict[int, list[int]] = {}
-        for position, row in enumerate(rows):
-            by_backend.setdefault(id(states[row].backend), []).append(position)
-        for positions in by_backend.values():
-            backend = states[rows[positions[0]]].backend
-            if len(positions) == len(rows):
-                backend.fill_bitmask([states[row].matcher for row in rows], bitmask)
-            else:
-                part = np.zeros((len(positions), bitmask.shape[1]), np.int32)
-                backend.fill_bitmask([states[rows[p]].matcher for p in positions], part)
-                bitmask[positions] = part
+        slot = {row: n for n, row in enumerate(rows)}
+        for j in range(max(len(drafts[i]) for i in active) + 1):
+            here = [i for i in active if len(drafts[i]) >= j]
+            by_backend: dict[int, list[int]] = {}
+            for i in here:
+                by_backend.setdefault(id(states[i].backend), []).append(i)
+            for members in by_backend.values():
+                states[members[0]].backend.fill_bitmask([states[i].matcher for i in members], bitmask,
+                                                        [slot[firsts[i] + j] for i in members])
+            for i in here:
+                if j < len(drafts[i]):
+                    states[i].matcher.accept_token(drafts[i][j])
+        for i in active:
+            if drafts[i]:
+                states[i].matcher.rollback(len(drafts[i]))
         row_index = self._rows[: len(rows)]
         row_index.numpy()[...] = rows
         return GrammarBitmask(self._words[: len(rows)], row_index)

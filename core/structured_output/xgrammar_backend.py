@@ -35,6 +35,19 @@ class XGrammarMatcher(GrammarMatcher):
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
 
+    def rollback(self, num_tokens: int) -> None:
+        self.matcher.rollback(num_tokens)
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        taken = 0  # a refused token leaves xgrammar's matcher as it was
+        while taken < len(tokens) and self.matcher.accept_token(tokens[taken]):
+            taken += 1
+            if self.matcher.is_terminated():
+                self.matcher.rollback(taken)
+                return taken - 1
+        self.matcher.rollback(taken)
+        return taken
+
 
 class XGrammarBackend(GrammarBackend):
     name = "xgrammar"
@@ -56,5 +69,5 @@ class XGrammarBackend(GrammarBackend):
     def matcher(self, compiled: xgr.CompiledGrammar) -> XGrammarMatcher:
         return XGrammarMatcher(xgr.GrammarMatcher(compiled))
 
-    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: np.ndarray) -> None:
-        self.batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], torch.from_numpy(bitmask))
+    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: np.ndarray, rows: list[int]) -> None:
+        self.batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], torch.from_numpy(bitmask), rows)

@@ -127,7 +127,7 @@ def test_mask_is_every_token_that_continues_a_match(llm, backend):
     text = ""
     for _ in range(8):
         bitmask = np.zeros((1, -(-vocab // 32)), np.int32)
-        grammar_backend.fill_bitmask([matcher], bitmask)
+        grammar_backend.fill_bitmask([matcher], bitmask, [0])
         logits = torch.zeros(2, vocab)
         apply_grammar_bitmask(logits, GrammarBitmask(torch.from_numpy(bitmask), torch.tensor([1])))
         assert torch.equal(logits[0], torch.zeros(vocab))  # the unconstrained row
@@ -158,7 +158,7 @@ def test_objects_are_closed_unless_the_schema_opens_them(llm, backend):
         for token in tokenizer.encode('{"a": {"b": 7', add_special_tokens=False):
             assert matcher.accept_token(token)
         bitmask = np.zeros((1, -(-llm.engine.vocab_size // 32)), np.int32)
-        grammar_backend.fill_bitmask([matcher], bitmask)
+        grammar_backend.fill_bitmask([matcher], bitmask, [0])
         allowed.append([bool(bitmask[0, t // 32] >> (t % 32) & 1) for t in (comma, brace)])
     assert allowed == [[False, True], [True, True]]
 
@@ -272,4 +272,59 @@ def test_grammar_waits_for_the_end_of_reasoning(llm):
     assert manager.bitmask([None, state]).rows.tolist() == [1]
     assert manager.advance(state, tokenizer.encode("7", add_special_tokens=False)[0])
     assert not manager.advance(state, letters[0])
+    manager.close()
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_draft_positions_get_the_masks_of_the_states_after_them(llm, backend):
+    """A check of draft tokens: each row's mask is what a fresh matcher fed the tokens before it allows, the
+    drafts the grammar refuses (or that would end it) are cut, and the matcher is left where it was."""
+    tokenizer, vocab = llm.engine.tokenizer, llm.engine.vocab_size
+    eos = tokenizer.eos_token_id
+    manager = StructuredOutputManager(llm.engine.source, vocab, any_whitespace=False, max_rows=16)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "n": {"type": "integer"}}, "required": ["name", "n"],
+              "additionalProperties": False}
+    sampling = SamplingParams(structured_outputs=StructuredOutputsParams(json=schema, backend=backend),
+                              eos_token_ids=frozenset([eos]))
+    compiled = manager.compile(sampling).result()
+    text = tokenizer.encode('{"name": "Ada Lovelace", "n": 1815}', add_special_tokens=False)
+    rng = random.Random()
+    for _ in range(6):
+        known = rng.randrange(len(text))
+        drafts = text[known : known + rng.randint(1, 5)]
+        if rng.random() < 0.5 and drafts:  # a token the grammar refuses, somewhere in the drafts
+            drafts[rng.randrange(len(drafts))] = tokenizer.encode("}", add_special_tokens=False)[0]
+        if known + len(drafts) == len(text):
+            drafts.append(eos)  # ends the grammar: never drafted through
+        states = [manager.start(compiled, sampling.structured_outputs) for _ in range(2)]
+        for state in states:
+            for token in text[:known]:
+                assert manager.advance(state, token)
+        allowed = manager.allowed_drafts(states[1], drafts)
+        fresh = manager.start(compiled, sampling.structured_outputs)
+        expected_allowed = 0
+        for token in text[:known]:
+            manager.advance(fresh, token)
+        for token in drafts:
+            if not fresh.matcher.accept_token(token) or fresh.matcher.is_terminated():
+                break
+            expected_allowed += 1
+        assert allowed == expected_allowed
+        kept = drafts[:allowed]
+        grammar = manager.bitmask([None, states[0], states[1]], [[7, 8], [], kept])
+        masks = grammar.bitmask.numpy().copy()
+        assert grammar.rows.tolist() == [3] + [4 + j for j in range(len(kept) + 1)]
+        reference = manager.start(compiled, sampling.structured_outputs)
+        for token in text[:known]:
+            manager.advance(reference, token)
+        expected = []
+        for j in range(len(kept) + 1):
+            expected.append(manager.bitmask([reference]).bitmask.numpy()[0].copy())
+            if j < len(kept):
+                assert manager.advance(reference, kept[j])
+        assert np.array_equal(masks[0], expected[0])
+        assert all(np.array_equal(masks[1 + j], mask) for j, mask in enumerate(expected)), (known, drafts)
+        again = manager.bitmask([states[1]]).bitmask.numpy()[0]
+        assert np.array_equal(again, masks[1])  # the drafts were rolled back
     manager.close()
