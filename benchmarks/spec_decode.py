@@ -4,7 +4,9 @@
     python benchmarks/spec_decode.py --shape 1b --workload random --streams 1,64     # GPU, random weights
 
 Workloads. `copy`: chat requests asking the model (a real one: the default SmolLM2) to repeat a paragraph, as a
-summary or an edit repeats its source; greedy, ending at EOS, so every run produces the same tokens. `random`:
+summary or an edit repeats its source; greedy, ending at EOS, so every run produces the same tokens. `json-copy`:
+the same held to a JSON schema ({"text": ...}), so drafts pass through the grammar and every checked position is
+masked. `random`:
 random prompt ids and `--output-len` tokens with EOS ignored, for a shape with random weights, which copies
 nothing: its n-gram acceptance is whatever loops its greedy output falls into, so the run also checks drafts at
 a set acceptance with an oracle (the baseline's own tokens, every `--oracle-miss`-th draft made wrong): the
@@ -37,6 +39,8 @@ PARAGRAPH = ("The city council met on Tuesday evening to review the budget for t
              "on weekends, and to hire two more librarians before the summer. The proposal to build a small cafe "
              "near the entrance was postponed until next year because of rising construction costs, and the council "
              "asked the planning office to prepare a cheaper design.")
+JSON_COPY = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 1200}}, "required": ["text"],
+             "additionalProperties": False}
 # A draft a seventh of the 1B shape: SmolLM2-135M's layers with Llama 3's vocabulary (180M parameters).
 DRAFT_SHAPES = {"1b-draft": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                                  num_key_value_heads=3, vocab_size=128256, tie_word_embeddings=True,
@@ -81,13 +85,19 @@ def draft_folder(name: str) -> str:
 def requests(args, llm, streams: int):
     from paged import SamplingParams
 
-    if args.workload == "copy":
+    if args.workload in ("copy", "json-copy"):
+        from paged.structured_output import StructuredOutputsParams
+
+        ask = "Repeat this text exactly" if args.workload == "copy" else \
+            'Repeat this text exactly, as JSON: {"text": "..."}'
         prompts = []
         for i in range(streams):
             text = PARAGRAPH if i == 0 else f"{PARAGRAPH} (Copy {i}.)"
-            messages = [{"role": "user", "content": f"Repeat this text exactly:\n\n{text}"}]
+            messages = [{"role": "user", "content": f"{ask}:\n\n{text}"}]
             prompts.append({"prompt_token_ids": llm.engine.render_chat(messages)})
-        return prompts, SamplingParams(temperature=0, max_tokens=args.output_len, detokenize=False)
+        constraint = StructuredOutputsParams(json=JSON_COPY) if args.workload == "json-copy" else None
+        return prompts, SamplingParams(temperature=0, max_tokens=args.output_len, detokenize=False,
+                                       structured_outputs=constraint)
     g = torch.Generator().manual_seed(streams)
     vocab = llm.engine.vocab_size
     prompts = [{"prompt_token_ids": p} for p in torch.randint(3, vocab, (streams, args.input_len), generator=g).tolist()]
@@ -155,7 +165,7 @@ def main() -> None:
     ap.add_argument("--model", help="HF folder or .gguf (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape (--load-format dummy)")
     ap.add_argument("--device")
-    ap.add_argument("--workload", choices=["copy", "random"], default="copy")
+    ap.add_argument("--workload", choices=["copy", "json-copy", "random"], default="copy")
     ap.add_argument("--streams", default="1", help="comma-separated numbers of concurrent requests")
     ap.add_argument("--methods", default="ngram", help="comma-separated: ngram, oracle, self-draft, draft=PATH|SHAPE")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
