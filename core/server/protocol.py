@@ -81,11 +81,21 @@ class JsonSchemaFormat(StrictModel):
     strict: bool | None = None  # the schema is enforced either way
 
 
-class ResponseFormat(StrictModel):
-    """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema."""
+class TagStructure(StrictModel):
+    begin: Text
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    end: Text
 
-    type: Literal["text", "json_object", "json_schema"]
+
+class ResponseFormat(StrictModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON matching a schema; and vLLM's
+    structural_tag (xgrammar's `format`, or the older `structures` begun by `triggers`)."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    format: dict[str, Any] | None = None
+    structures: list[TagStructure] | None = None
+    triggers: list[Text] | None = None
 
 
 class StructuredOutputsRequest(StrictModel):
@@ -98,6 +108,7 @@ class StructuredOutputsRequest(StrictModel):
     choice: list[Text] | None = None
     grammar: Text | None = None
     json_object: bool | None = None
+    structural_tag: dict[str, Any] | Text | None = None
 
 
 class SamplingFields(StrictModel):

@@ -9,7 +9,7 @@ from typing import Any
 
 from paged.errors import UserError
 from paged.sampling_params import SamplingParams
-from paged.server.protocol import SamplingFields
+from paged.server.protocol import ResponseFormat, SamplingFields
 from paged.structured_output import StructuredOutputsParams
 
 # Request fields whose default comes from the model's generation_config when the client leaves them out.
@@ -100,6 +100,8 @@ def _constraints(body: SamplingFields) -> dict[str, dict[str, Any]]:
     if body.response_format is not None and body.response_format.type != "text":
         if body.response_format.type == "json_object":
             found["response_format"] = {"json_object": True}
+        elif body.response_format.type == "structural_tag":
+            found["response_format"] = {"structural_tag": _structural_tag(body.response_format)}
         else:
             schema = body.response_format.json_schema
             if schema is None or schema.json_schema is None:
@@ -108,9 +110,22 @@ def _constraints(body: SamplingFields) -> dict[str, dict[str, Any]]:
     if body.structured_outputs is not None:
         asked = body.structured_outputs
         found["structured_outputs"] = {"json": asked.json_schema, "regex": asked.regex, "choice": asked.choice,
-                                       "grammar": asked.grammar, "json_object": asked.json_object}
+                                       "grammar": asked.grammar, "json_object": asked.json_object,
+                                       "structural_tag": asked.structural_tag}
     for field, name in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                         ("guided_grammar", "grammar")):
         if getattr(body, field) is not None:
             found[field] = {name: getattr(body, field)}
     return found
+
+
+def _structural_tag(response_format: ResponseFormat) -> dict[str, Any]:
+    """A structural_tag response_format as the tag xgrammar reads: its `format`, or the older structures and
+    triggers."""
+    if response_format.format is not None:
+        return {"type": "structural_tag", "format": response_format.format}
+    if response_format.structures is None or response_format.triggers is None:
+        raise UserError("response_format of type structural_tag needs format, or structures and triggers",
+                        param="response_format")
+    return {"structures": [s.model_dump(by_alias=True) for s in response_format.structures],
+            "triggers": response_format.triggers}

@@ -59,7 +59,7 @@ class GrammarBackend(ABC):
     @classmethod
     def check(cls, spec: GrammarSpec, any_whitespace: bool) -> None:
         """Raise UserError (naming the field) if the library cannot compile `spec`; no vocabulary needed."""
-        if spec.kind == "json":
+        if spec.kind in ("json", "structural_tag"):
             spec.schema()
         try:
             cls.validate(spec, any_whitespace)
@@ -123,7 +123,7 @@ def choice_literals(spec: GrammarSpec) -> list[str]:
 def bad_constraint(spec: GrammarSpec, error: Exception) -> UserError:
     """A library's refusal as a 400 that names the kind of constraint."""
     what = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "choice": "choice list",
-            "grammar": "EBNF grammar", "lark": "Lark grammar"}[spec.kind]
+            "grammar": "EBNF grammar", "lark": "Lark grammar", "structural_tag": "structural tag"}[spec.kind]
     lines = str(error).strip().splitlines()
     # xgrammar prefixes its messages with a time and a C++ source location: neither helps the client.
     message = re.sub(r"^\[[0-9:]+\] \S+:[0-9]+: ", "", lines[0]) if lines else type(error).__name__

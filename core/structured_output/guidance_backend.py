@@ -46,6 +46,8 @@ def _grammar(spec: GrammarSpec, any_whitespace: bool) -> str:
         return llguidance.LLMatcher.grammar_from_regex(spec.text)
     if spec.kind == "choice":
         return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(choice_literals(spec)))
+    if spec.kind == "structural_tag":
+        raise ValueError("structural tags are xgrammar's: use --structured-outputs-backend xgrammar or auto")
     if spec.kind == "grammar":
         return llguidance.LLMatcher.grammar_from_lark(llguidance.gbnf_to_lark.gbnf_to_lark(spec.text))
     return llguidance.LLMatcher.grammar_from_lark(spec.text)

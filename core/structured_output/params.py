@@ -9,13 +9,14 @@ from typing import Any
 from paged.errors import UserError
 
 # The kinds of constraint, each compiled by a grammar backend from one string.
-KINDS = ("json", "json_object", "regex", "choice", "grammar", "lark")
+KINDS = ("json", "json_object", "regex", "choice", "grammar", "lark", "structural_tag")
 
 
 @dataclass
 class StructuredOutputsParams:
     """Exactly one of json (a JSON schema), json_object, regex, choice, grammar (EBNF, or Lark: both are
-    recognised) may be set.
+    recognised), structural_tag (xgrammar's structural tag as JSON: {"type": "structural_tag", "format": ...},
+    or the older {"structures": [{"begin", "schema", "end"}], "triggers": [...]}) may be set.
 
     `backend` is filled in by the frontend once a grammar backend has accepted the constraint, so the core
     compiles it with the same one; `reasoning_end_token_id` is set when a reasoning parser is on and the
@@ -27,19 +28,23 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    structural_tag: str | dict | None = None
     backend: str | None = None
     reasoning_end_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):
             self.json = json.dumps(self.json)
-        asked = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if isinstance(self.structural_tag, dict):
+            self.structural_tag = json.dumps(self.structural_tag)
+        asked = [name for name in ("json", "regex", "choice", "grammar", "structural_tag")
+                 if getattr(self, name) is not None]
         if self.json_object:
             asked.append("json_object")
         if len(asked) != 1:
             found = ", ".join(asked) or "none"
-            raise UserError(f"structured_outputs takes exactly one of json, json_object, regex, choice, grammar "
-                            f"(got {found})", param="structured_outputs")
+            raise UserError(f"structured_outputs takes exactly one of json, json_object, regex, choice, grammar, "
+                            f"structural_tag (got {found})", param="structured_outputs")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise UserError("structured_outputs.choice is a non-empty list of strings", param="structured_outputs")
 
@@ -53,6 +58,8 @@ class StructuredOutputsParams:
             return GrammarSpec("regex", self.regex)
         if self.choice is not None:
             return GrammarSpec("choice", json.dumps(self.choice))
+        if self.structural_tag is not None:
+            return GrammarSpec("structural_tag", self.structural_tag)
         return GrammarSpec("lark" if looks_like_lark(self.grammar) else "grammar", self.grammar)
 
 
@@ -64,11 +71,12 @@ class GrammarSpec:
     text: str
 
     def schema(self) -> Any:
-        """The JSON schema of a "json" spec, parsed; a 400 naming the field when it is not JSON."""
+        """The JSON of a "json" or "structural_tag" spec, parsed; a 400 naming the field when it is not JSON."""
         try:
             return json.loads(self.text)
         except json.JSONDecodeError as error:
-            raise UserError(f"the JSON schema is not valid JSON: {error}", param="structured_outputs") from None
+            what = "JSON schema" if self.kind == "json" else "structural tag"
+            raise UserError(f"the {what} is not valid JSON: {error}", param="structured_outputs") from None
 
 
 def looks_like_lark(grammar: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -25,7 +26,20 @@ def _grammar(spec: GrammarSpec, any_whitespace: bool) -> xgr.Grammar:
         return xgr.Grammar.from_ebnf("root ::= " + " | ".join(choice_literals(spec)))
     if spec.kind == "lark":
         return xgr.Grammar.from_lark(spec.text)
+    if spec.kind == "structural_tag":
+        return _structural_tag(spec.schema())
     return xgr.Grammar.from_ebnf(spec.text)
+
+
+def _structural_tag(tag: dict) -> xgr.Grammar:
+    """xgrammar's structural tag; the older form (structures begun by triggers), as vLLM still takes it, too."""
+    if isinstance(tag, dict) and "structures" in tag:
+        if not all(isinstance(s, dict) and {"begin", "end"} <= s.keys() for s in tag["structures"]):
+            raise ValueError("each of structures needs a begin and an end")
+        items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s.get("schema") or {}), end=s["end"])
+                 for s in tag["structures"]]
+        return xgr.Grammar.from_structural_tag(items, tag.get("triggers") or [])
+    return xgr.Grammar.from_structural_tag(json.dumps(tag))
 
 
 class XGrammarMatcher(GrammarMatcher):

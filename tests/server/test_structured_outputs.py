@@ -100,6 +100,26 @@ def test_streamed_equals_whole_under_greedy(client, model, request_kind):
         assert re.fullmatch(r"[A-Z][a-z]+ is [a-z]+\.", content)
 
 
+def test_structural_tags_through_response_format_and_structured_outputs(client, model):
+    """vLLM's structural_tag: xgrammar's `format` (here a tag around a JSON object the schema fixes) in
+    response_format, and the older structures begun by triggers in structured_outputs."""
+    schema = WEATHER["function"]["parameters"]
+    tag_format = {"type": "sequence", "elements": [
+        {"type": "const_string", "value": "<weather>"},
+        {"type": "json_schema", "json_schema": schema},
+        {"type": "const_string", "value": "</weather>"}]}
+    reply = client.chat.completions.create(model=model, messages=ASK, temperature=0, max_tokens=80,
+                                           response_format={"type": "structural_tag", "format": tag_format})
+    text = reply.choices[0].message.content
+    inside = re.fullmatch(r"<weather>(.*)</weather>", text, re.DOTALL)
+    assert inside and reply.choices[0].finish_reason == "stop", text
+    jsonschema.validate(json.loads(inside.group(1)), schema)
+    legacy = {"structures": [{"begin": "<weather>", "schema": schema, "end": "</weather>"}], "triggers": ["<weather>"]}
+    free = client.completions.create(model=model, prompt="The weather today is", temperature=0, max_tokens=12,
+                                     extra_body={"structured_outputs": {"structural_tag": json.dumps(legacy)}})
+    assert free.choices[0].text  # text is free until a trigger (tested by the mask in tests/structured)
+
+
 def _validate(call) -> dict:
     tool = next(t for t in TOOLS if t["function"]["name"] == call.function.name)
     arguments = json.loads(call.function.arguments)
@@ -173,6 +193,9 @@ def test_tool_calls_and_results_in_the_history_reach_the_template(served, client
     ({"structured_outputs": {"schema": {}}}, "structured_outputs.schema"),
     ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex"),
     ({"guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
+    ({"response_format": {"type": "structural_tag"}}, "response_format"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "no_such_format"}}}, "response_format"),
+    ({"structured_outputs": {"structural_tag": "{not json"}}, "structured_outputs"),
 ])
 def test_bad_constraints_are_400s_and_the_server_keeps_serving(served, model, body, param):
     reply = httpx.post(f"{served.url}/v1/chat/completions", timeout=30,

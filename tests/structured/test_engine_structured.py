@@ -328,3 +328,30 @@ def test_draft_positions_get_the_masks_of_the_states_after_them(llm, backend):
         again = manager.bitmask([states[1]]).bitmask.numpy()[0]
         assert np.array_equal(again, masks[1])  # the drafts were rolled back
     manager.close()
+
+
+def test_a_structural_tag_is_free_text_until_its_trigger(llm):
+    """The older structural tag: any text, then after the trigger only what the structure's schema allows,
+    then free text again after its end."""
+    tokenizer, vocab = llm.engine.tokenizer, llm.engine.vocab_size
+    manager = StructuredOutputManager(llm.engine.source, vocab, any_whitespace=False)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    tag = {"structures": [{"begin": "<f>", "schema": schema, "end": "</f>"}], "triggers": ["<f>"]}
+    sampling = SamplingParams(structured_outputs=StructuredOutputsParams(structural_tag=tag),
+                              eos_token_ids=frozenset([tokenizer.eos_token_id]))
+    state = manager.start(manager.compile(sampling).result(), sampling.structured_outputs)
+
+    def allowed(text: str) -> bool:
+        tokens = tokenizer.encode(text, add_special_tokens=False)
+        mask = manager.bitmask([state]).bitmask.numpy()[0]
+        return bool(mask[tokens[0] // 32] >> (tokens[0] % 32) & 1)
+
+    assert allowed("Hello") and allowed("{")
+    for token in tokenizer.encode("Sure: <f>", add_special_tokens=False):
+        assert manager.advance(state, token)
+    assert allowed("{") and not allowed("Hello")
+    for token in tokenizer.encode('{"n": 3}</f>', add_special_tokens=False):
+        assert manager.advance(state, token)
+    assert allowed("Hello")
+    manager.close()
