@@ -420,3 +420,34 @@ def test_requests_held_to_a_grammar_draft_and_keep_their_tokens(smollm2_gguf):
     for out in ngram.chat(messages, sampled, use_tqdm=False):
         if out.outputs[0].finish_reason == "stop":
             jsonschema.validate(json.loads(out.outputs[0].text), schema)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_request_ended_while_its_step_runs_leaves_the_others_rows_alone(tiny_dir, speculative):
+    """A sequence can end while a step that holds it is in flight (a pipeline's micro-batch; the frontend's
+    stop string): the step's rows for the sequences after it are still theirs (the ended one's rows are left out
+    at collection and in applying alike)."""
+    prompts = repetitive_prompts(4)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    kwargs = dict(model=tiny_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB", max_model_len=256)
+    if speculative:
+        kwargs["speculative_config"] = NGRAM
+    expected = greedy(LLM(**kwargs), prompts, [params] * 4)
+    llm = LLM(**kwargs)
+    engine, core = llm.engine, llm.engine.core
+    if speculative:
+        core.proposer = OracleProposer([p["prompt_token_ids"] + out for p, out in zip(prompts, expected)])
+    ids = [engine.add_request(None, p, params) for p in prompts]
+    sequences = [core.groups[i][0] for i in ids]
+    engine.step()  # the prompts
+    sched = core._schedule()
+    assert len(sched.scheduled) == 4 and sched.scheduled[0].completes
+    assert bool(sched.scheduled[0].draft_token_ids) == speculative
+    submitted = core.runner.submit(sched)  # as a pipeline's micro-batch is: then it ends, then it is collected
+    first = sequences.index(sched.scheduled[0].request)  # the step's first rows are this one's
+    core.abort_requests([ids[first]])
+    core._apply(sched, core.runner.collect(submitted))
+    while engine.has_unfinished_requests():
+        engine.step()
+    others = [i for i in range(4) if i != first]
+    assert [sequences[i].output_token_ids for i in others] == [expected[i] for i in others]
