@@ -98,6 +98,23 @@ class StructuredOutputManager:
             return True
         return state.matcher.accept_token(token)
 
+    def advance_all(self, states: list[GrammarState], tokens: list[int]) -> list[bool]:
+        """advance() for many sequences at once: one batched call per grammar library, not one per sequence
+        (a step's host time, which a constrained batch spends while the device waits)."""
+        verdicts = [True] * len(states)
+        by_backend: dict[int, list[int]] = {}
+        for i, (state, token) in enumerate(zip(states, tokens)):
+            if state.active:
+                by_backend.setdefault(id(state.backend), []).append(i)
+            else:
+                verdicts[i] = self.advance(state, token)
+        for members in by_backend.values():
+            taken = states[members[0]].backend.accept_tokens([states[i].matcher for i in members],
+                                                             [tokens[i] for i in members])
+            for i, ok in zip(members, taken):
+                verdicts[i] = ok
+        return verdicts
+
     @staticmethod
     def allowed_drafts(state: GrammarState, drafts: list[int]) -> int:
         """How many leading draft tokens the grammar lets through (GrammarMatcher.valid_prefix). While it
