@@ -102,13 +102,10 @@ class StructuredOutputManager:
         """advance() for many sequences at once: one batched call per grammar library, not one per sequence
         (a step's host time, which a constrained batch spends while the device waits)."""
         verdicts = [True] * len(states)
-        by_backend: dict[int, list[int]] = {}
         for i, (state, token) in enumerate(zip(states, tokens)):
-            if state.active:
-                by_backend.setdefault(id(state.backend), []).append(i)
-            else:
+            if not state.active:
                 verdicts[i] = self.advance(state, token)
-        for members in by_backend.values():
+        for members in _by_backend(states, [i for i, state in enumerate(states) if state.active]):
             taken = states[members[0]].backend.accept_tokens([states[i].matcher for i in members],
                                                              [tokens[i] for i in members])
             for i, ok in zip(members, taken):
@@ -141,10 +138,7 @@ class StructuredOutputManager:
         slot = {row: n for n, row in enumerate(rows)}
         for j in range(max(len(drafts[i]) for i in active) + 1):
             here = [i for i in active if len(drafts[i]) >= j]
-            by_backend: dict[int, list[int]] = {}
-            for i in here:
-                by_backend.setdefault(id(states[i].backend), []).append(i)
-            for members in by_backend.values():
+            for members in _by_backend(states, here):
                 states[members[0]].backend.fill_bitmask([states[i].matcher for i in members], bitmask,
                                                         [slot[firsts[i] + j] for i in members])
             for i in here:
@@ -159,3 +153,11 @@ class StructuredOutputManager:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _by_backend(states: list[GrammarState | None], indices: list[int]) -> list[list[int]]:
+    """`indices` grouped by their states' grammar library, for one batched call per library."""
+    groups: dict[int, list[int]] = {}
+    for i in indices:
+        groups.setdefault(id(states[i].backend), []).append(i)
+    return list(groups.values())
