@@ -19,24 +19,23 @@ class GrammarBitmask:
 
 
 @functools.cache
-def _byte_bias(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[256, 8]: for each byte value, 0 where its bit is set (lowest first) and -inf where it is not."""
-    bits = ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).bool()
-    return torch.zeros((), dtype=dtype, device=device).masked_fill(~bits, float("-inf"))
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """bool [256, 8]: the bits of each byte value, lowest first."""
+    return ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1).bool()
 
 
 def apply_grammar_bitmask(logits: torch.Tensor, grammar: GrammarBitmask) -> None:
     """Disallowed tokens of the constrained rows to -inf, in place; other rows are not touched.
 
-    The words travel to the device (a few KiB a row) and are unpacked there into an additive bias with one
-    row gather per byte (the words are little-endian, so byte k holds tokens 8k..8k+7) and added: no branch on
-    each token's bit, which a masked fill takes (2.4x slower on a CPU), and the same ops on every backend.
+    The words travel to the device (a few KiB a row) and are unpacked there with one lookup per byte (the
+    words are little-endian, so byte k holds tokens 8k..8k+7): a gather and a fill over [rows, vocab],
+    small next to the step, and the same ops on every backend.
     """
     device, vocab = logits.device, logits.shape[-1]
     words = grammar.bitmask.to(device, non_blocking=True)
-    bytes_ = words.view(torch.uint8).view(-1).long()
-    bias = _byte_bias(device, logits.dtype).index_select(0, bytes_).view(words.shape[0], -1)[:, :vocab]
+    allowed = _byte_bits(device)[words.view(torch.uint8).long()].view(words.shape[0], -1)[:, :vocab]
     if words.shape[0] == logits.shape[0]:
-        logits.add_(bias)
+        logits.masked_fill_(~allowed, float("-inf"))
         return
-    logits.index_add_(0, grammar.rows.to(device, non_blocking=True), bias)
+    rows = grammar.rows.to(device, non_blocking=True)
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
