@@ -445,12 +445,11 @@ class EngineCore:
         flight, self._in_flight = self._in_flight, None
         now = time.monotonic()
         touched = []
-        rows = [(r, i, t) for r, i, t in zip(flight.requests, flight.indices, flight.token_ids())
-                if not r.status.finished]  # else aborted, or finished by the token before: computed in vain
-        verdicts = self._grammar_verdicts([(request, token) for request, _, token in rows])
-        for request, index, token in rows:
+        for request, index, token in zip(flight.requests, flight.indices, flight.token_ids()):
+            if request.status.finished:
+                continue  # aborted, or finished by the token before: this one was computed in vain
             request.token_ids[index] = token
-            self._accept_token(request, token, index + 1, None, 0, now, verdicts.get(request.request_id))
+            self._accept_token(request, token, index + 1, None, 0, now)
             touched.append(request)
         self._refresh_gauges()
         return touched
@@ -494,10 +493,6 @@ class EngineCore:
                 host["ranks"] = sampled.ranks.tolist()
                 host["top_ids"] = sampled.top_ids.tolist() if sampled.top_ids is not None else None
                 host["top_logprobs"] = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
-        verdicts = {}
-        if sampled is not None and accepted is None:
-            completing = [s.request for s in sched.scheduled if s.completes and not s.request.status.finished]
-            verdicts = self._grammar_verdicts(list(zip(completing, host["tokens"])))
         touched = []
         row = sequence = 0
         for s in sched.scheduled:
@@ -519,8 +514,7 @@ class EngineCore:
                 continue
             if accepted is None:
                 request.token_ids.append(host["tokens"][row])
-                self._accept_token(request, host["tokens"][row], request.num_tokens, host, row, now,
-                                   verdicts.get(request.request_id))
+                self._accept_token(request, host["tokens"][row], request.num_tokens, host, row, now)
                 row += 1
             else:
                 row = self._accept_checked(s, accepted[sequence], host, row, now)
@@ -554,20 +548,8 @@ class EngineCore:
         self.stats.prefix_cache_queries = self.block_manager.prefix_queries
         self.stats.prefix_cache_hits = self.block_manager.prefix_hits
 
-    def _grammar_verdicts(self, rows: list[tuple[Request, int]]) -> dict[str, bool]:
-        """For a step of one token a sequence: each constrained sequence's matcher advanced by its token, in
-        one batched call (`_accept_token` reads the verdict only where the token does not end the sequence,
-        whose matcher is then dropped)."""
-        constrained = [(request, token) for request, token in rows if request.grammar is not None]
-        if not constrained:
-            return {}
-        verdicts = self.structured.advance_all([r.grammar for r, _ in constrained], [t for _, t in constrained])
-        return {request.request_id: ok for (request, _), ok in zip(constrained, verdicts)}
-
-    def _accept_token(self, request: Request, token: int, length: int, host: dict | None, row: int, now: float,
-                      grammar_verdict: bool | None = None) -> None:
-        """Account for the token just placed at token_ids[length - 1]: timing, logprobs, stop conditions.
-        `grammar_verdict`: the sequence's matcher already took the token (_grammar_verdicts), with this answer."""
+    def _accept_token(self, request: Request, token: int, length: int, host: dict | None, row: int, now: float) -> None:
+        """Account for the token just placed at token_ids[length - 1]: timing, logprobs, stop conditions."""
         self.stats.generation_tokens += 1
         if request.first_token_time is None:
             request.first_token_time = now
@@ -580,9 +562,7 @@ class EngineCore:
                 top_lps[row][:k] if top_lps else []))
         status = self._stop_status(request, token, length)
         if request.grammar is not None and status is None:
-            if grammar_verdict is None:
-                grammar_verdict = self.structured.advance(request.grammar, token)
-            if not grammar_verdict:
+            if not self.structured.advance(request.grammar, token):
                 logger.warning("request %s: token %d is outside its grammar; it stops here", request.request_id, token)
                 status = RequestStatus.FINISHED_STOPPED
             elif request.grammar.matcher.is_terminated():

@@ -84,11 +84,6 @@ class GrammarBackend(ABC):
     def matcher(self, compiled: Any) -> GrammarMatcher:
         """A fresh matcher at the start of the grammar."""
 
-    def accept_tokens(self, matchers: list[GrammarMatcher], tokens: list[int]) -> list[bool]:
-        """Each matcher advanced by its token (GrammarMatcher.accept_token), as one call where the library
-        batches it."""
-        return [matcher.accept_token(token) for matcher, token in zip(matchers, tokens)]
-
     @abstractmethod
     def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: np.ndarray, rows: list[int]) -> None:
         """Row rows[i] of the int32 [rows, ceil(V / 32)] bitmask: the tokens matchers[i] allows next (bit t % 32

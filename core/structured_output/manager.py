@@ -98,20 +98,6 @@ class StructuredOutputManager:
             return True
         return state.matcher.accept_token(token)
 
-    def advance_all(self, states: list[GrammarState], tokens: list[int]) -> list[bool]:
-        """advance() for many sequences at once: one batched call per grammar library, not one per sequence
-        (a step's host time, which a constrained batch spends while the device waits)."""
-        verdicts = [True] * len(states)
-        for i, (state, token) in enumerate(zip(states, tokens)):
-            if not state.active:
-                verdicts[i] = self.advance(state, token)
-        for members in _by_backend(states, [i for i, state in enumerate(states) if state.active]):
-            taken = states[members[0]].backend.accept_tokens([states[i].matcher for i in members],
-                                                             [tokens[i] for i in members])
-            for i, ok in zip(members, taken):
-                verdicts[i] = ok
-        return verdicts
-
     @staticmethod
     def allowed_drafts(state: GrammarState, drafts: list[int]) -> int:
         """How many leading draft tokens the grammar lets through (GrammarMatcher.valid_prefix). While it
@@ -156,7 +142,7 @@ class StructuredOutputManager:
 
 
 def _by_backend(states: list[GrammarState | None], indices: list[int]) -> list[list[int]]:
-    """`indices` grouped by their states' grammar library, for one batched call per library."""
+    """`indices` grouped by their states' grammar library, for one batched fill per library."""
     groups: dict[int, list[int]] = {}
     for i in indices:
         groups.setdefault(id(states[i].backend), []).append(i)

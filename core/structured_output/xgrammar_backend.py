@@ -83,8 +83,5 @@ class XGrammarBackend(GrammarBackend):
     def matcher(self, compiled: xgr.CompiledGrammar) -> XGrammarMatcher:
         return XGrammarMatcher(xgr.GrammarMatcher(compiled))
 
-    def accept_tokens(self, matchers: list[GrammarMatcher], tokens: list[int]) -> list[bool]:
-        return self.batch.batch_accept_token([m.matcher for m in matchers], tokens)
-
     def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: np.ndarray, rows: list[int]) -> None:
         self.batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], torch.from_numpy(bitmask), rows)
