@@ -72,23 +72,6 @@ class ToolParser(ABC):
             return len(text) if any(m.startswith(rest) for m in self.markers) else 0
         return max((k for m in self.markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
 
-    def complete_calls(self, calls_text: str) -> list[PartialCall] | None:
-        """The calls of a finished reply, or None unless there are some and every one parses."""
-        try:
-            calls = self.calls(calls_text)
-        except ValueError:
-            return None
-        return calls if calls and all(call.valid for call in calls) else None
-
-    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """(content, calls) of a whole reply."""
-        start = self.find_start(text)
-        calls = None if start is None else self.complete_calls(text[start:])
-        if calls is None:
-            return text, []
-        content = text[:start].strip()
-        return content or None, [new_tool_call(call.name, call.arguments) for call in calls]
-
 
 _WHITESPACE = " \t\n\r"
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*("?)')  # group 1 empty: the text stops inside the string
@@ -280,11 +263,10 @@ class JsonParser(ToolParser):
 
 
 class RequiredCallsParser(ToolParser):
-    """tool_choice "required": its grammar writes a JSON list of {"name", "parameters"}."""
+    """tool_choice "required": its grammar writes a JSON list of {"name", "parameters"}. (The two constrained
+    readers need no markers: their calls begin the reply.)"""
 
     name = "required"
-    markers = ("[",)
-    anchored = True
 
     def calls(self, calls_text: str) -> list[PartialCall]:
         return _list_or_object(calls_text, 0, ("parameters",))
@@ -292,9 +274,6 @@ class RequiredCallsParser(ToolParser):
 
 class NamedCallParser(ToolParser):
     """A named tool_choice: its grammar writes that function's arguments object alone."""
-
-    markers = ("{",)
-    anchored = True
 
     def __init__(self, function: str) -> None:
         self.name = function
@@ -332,6 +311,7 @@ class ToolCallStream:
     start: int | None = None  # where the calls begin, once seen
     settled: bool = False  # an anchored parser has seen that no calls begin the reply
     broken: bool = False  # the calls stopped parsing: nothing more of them goes out
+    parsed: list[PartialCall] = field(default_factory=list)  # the calls as far as the text goes
     announced: list[ToolCall] = field(default_factory=list)  # each call whose id and name went out, with the
     # arguments sent so far
     calls: list[ToolCall] = field(default_factory=list)  # the reply's calls, once it has ended and they parse
@@ -351,8 +331,7 @@ class ToolCallStream:
         if self.start is None:
             return self._release(len(self.text)), []
         deltas = self._call_deltas()
-        complete = self.parser.complete_calls(self.text[self.start:])
-        if complete is not None and not self.broken:
+        if self.parsed and not self.broken and all(call.valid for call in self.parsed):
             self.calls = self.announced
             return "", deltas
         if self.announced and self.streaming:
@@ -376,12 +355,12 @@ class ToolCallStream:
         if self.broken:
             return []
         try:
-            calls = self.parser.calls(self.text[self.start:])
+            self.parsed = self.parser.calls(self.text[self.start:])
         except ValueError:
             self.broken = True
             return []
         deltas = []
-        for index, call in enumerate(calls):
+        for index, call in enumerate(self.parsed):
             if index == len(self.announced):
                 if call.name is None:
                     break

@@ -47,10 +47,22 @@ class GrammarMatcher(ABC):
         """Undo the last `num_tokens` accepted tokens (draft tokens are accepted to find the masks after them,
         then taken back until the check keeps them)."""
 
-    @abstractmethod
     def valid_prefix(self, tokens: list[int]) -> int:
         """How many leading `tokens` the grammar takes one after another without ending (a token after which
         nothing may follow is not counted: no mask exists after it); the matcher is left as it was."""
+        taken, limit = 0, self.safe_to_try(tokens)
+        while taken < limit and self.accept_token(tokens[taken]):
+            taken += 1
+            if self.is_terminated():
+                self.rollback(taken)
+                return taken - 1
+        self.rollback(taken)
+        return taken
+
+    @abstractmethod
+    def safe_to_try(self, tokens: list[int]) -> int:
+        """How many leading `tokens` valid_prefix may feed to accept_token: a library whose refusal or stop
+        cannot be undone says how far that cannot happen."""
 
 
 class GrammarBackend(ABC):

@@ -69,19 +69,11 @@ class GuidanceMatcher(GrammarMatcher):
     def rollback(self, num_tokens: int) -> None:
         self.matcher.rollback(num_tokens)
 
-    def valid_prefix(self, tokens: list[int]) -> int:
+    def safe_to_try(self, tokens: list[int]) -> int:
+        # A refused token leaves the matcher in its error state, and a stop token ends the grammar unrecorded
+        # (it cannot be rolled back): only the valid tokens before the first stop token are tried.
         valid = self.matcher.validate_tokens(tokens)
-        # A stop token ends the grammar unrecorded (it cannot be rolled back): it is never taken here. Other
-        # tokens may end it too, where nothing can follow them.
-        taken = 0
-        while taken < valid and tokens[taken] not in self.stop_token_ids:
-            self.matcher.consume_token(tokens[taken])
-            taken += 1
-            if self.matcher.is_stopped():
-                self.matcher.rollback(taken)
-                return taken - 1
-        self.matcher.rollback(taken)
-        return taken
+        return next((i for i, token in enumerate(tokens[:valid]) if token in self.stop_token_ids), valid)
 
 
 class GuidanceBackend(GrammarBackend):

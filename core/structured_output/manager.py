@@ -10,13 +10,13 @@ their KV), so nothing needs rebuilding.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from paged.model_source import ModelSource
@@ -117,16 +117,18 @@ class StructuredOutputManager:
         matcher's after the drafts before it (accepted for the fill, then rolled back; the drafts were
         checked by allowed_drafts). Fills go round by round, one batch per backend and draft position."""
         drafts = drafts or [[] for _ in states]
-        firsts = np.cumsum([0] + [len(d) + 1 for d in drafts[:-1]])
+        firsts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))  # each sequence's first row
         active = [i for i, state in enumerate(states) if state is not None and state.active]
-        rows = [firsts[i] + j for i in active for j in range(len(drafts[i]) + 1)]
+        slots, rows = {}, []  # sequence -> where its rows start in the bitmask; the logits row of each
+        for i in active:
+            slots[i] = len(rows)
+            rows.extend(range(firsts[i], firsts[i + 1]))
         bitmask = self._words[: len(rows)].numpy()
-        slot = {row: n for n, row in enumerate(rows)}
         for j in range(max(len(drafts[i]) for i in active) + 1):
             here = [i for i in active if len(drafts[i]) >= j]
             for members in _by_backend(states, here):
                 states[members[0]].backend.fill_bitmask([states[i].matcher for i in members], bitmask,
-                                                        [slot[firsts[i] + j] for i in members])
+                                                        [slots[i] + j for i in members])
             for i in here:
                 if j < len(drafts[i]):
                     states[i].matcher.accept_token(drafts[i][j])

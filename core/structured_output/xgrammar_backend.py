@@ -52,15 +52,8 @@ class XGrammarMatcher(GrammarMatcher):
     def rollback(self, num_tokens: int) -> None:
         self.matcher.rollback(num_tokens)
 
-    def valid_prefix(self, tokens: list[int]) -> int:
-        taken = 0  # a refused token leaves xgrammar's matcher as it was
-        while taken < len(tokens) and self.matcher.accept_token(tokens[taken]):
-            taken += 1
-            if self.matcher.is_terminated():
-                self.matcher.rollback(taken)
-                return taken - 1
-        self.matcher.rollback(taken)
-        return taken
+    def safe_to_try(self, tokens: list[int]) -> int:
+        return len(tokens)  # a refused token leaves xgrammar's matcher as it was, and a stop rolls back
 
 
 class XGrammarBackend(GrammarBackend):
